@@ -1,0 +1,19 @@
+"""memfit: fit a PyTorch model's training into a memory budget by compiling the whole step."""
+
+from . import ops as _ops  # noqa: F401  (registers memfit:: ops)
+from . import passes as _passes  # noqa: F401  (registers the built-in passes)
+from .api import Trainer, optimize, parse_budget
+from .errors import BudgetError, ConfigError, KernelError, MemfitError, UnsupportedGraph
+from .frontends.dynamo import backend
+from .graph import StateSpec, TrainGraph
+from .measure import PeakMeasurement, measure_peak
+from .passes.base import MemoryEffect, Pass, PassResult, Pipeline, register_pass, registered_passes
+from .passes.fused_update import SGD, AdamW
+from .runtime.memory import MemoryPlan
+
+__version__ = "0.1.0"
+__all__ = [
+    "SGD", "AdamW", "BudgetError", "ConfigError", "KernelError", "MemfitError", "MemoryEffect", "MemoryPlan",
+    "Pass", "PassResult", "PeakMeasurement", "Pipeline", "StateSpec", "TrainGraph", "Trainer", "UnsupportedGraph",
+    "backend", "measure_peak", "optimize", "parse_budget", "register_pass", "registered_passes",
+]

@@ -1,0 +1,233 @@
+"""The user's doors: ``optimize()`` -> Trainer, and ``backend()`` for torch.compile (frontends.dynamo)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BudgetError, ConfigError, where_what_got
+from .frontends.export import capture, flatten_batch
+from .graph import TrainGraph
+from .measure import PeakMeasurement, measure_peak
+from .passes.base import Pass, Pipeline, make_pass
+from .passes.fused_update import SGD, AdamW
+from .runtime.executor import Executor
+from .runtime.lower import lower
+from .runtime.memory import MemoryPlan, fmt_bytes, plan_memory
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+STATE_FORMAT = "memfit.trainer/1"
+
+
+def parse_budget(budget: int | float | str | None, device: torch.device | None = None) -> int | None:
+    """Bytes from ``12e9``, ``"12GB"``, ``"512MiB"`` or ``"80%"`` (of the device's memory)."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool):
+        raise ConfigError(where_what_got("budget", "bytes, '12GB', '512MiB' or '80%'", budget, "fix the budget"))
+    if isinstance(budget, (int, float)):
+        if budget <= 0:
+            raise ConfigError(where_what_got("budget", "a positive number of bytes", budget, "fix the budget"))
+        return int(budget)
+    if isinstance(budget, str):
+        s = budget.strip().lower().replace(" ", "")
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)%", s)
+        if m:
+            frac = float(m.group(1)) / 100
+            if not 0 < frac <= 1:
+                raise ConfigError(where_what_got("budget", "a percentage in (0, 100]", budget, "e.g. '80%'"))
+            return int(frac * device_memory_bytes(device))
+        m = re.fullmatch(r"(\d+(?:\.\d+)?(?:e\d+)?)([kmgt]i?b|b)?", s)
+        if m and float(m.group(1)) > 0:
+            return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    raise ConfigError(where_what_got("budget", "bytes (12e9), a size ('12GB', '512MiB') or a share ('80%')",
+                                     repr(budget), "fix the budget string"))
+
+
+def device_memory_bytes(device: torch.device | None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Trainer:
+    """One compiled training step of a model: ``step(*batch) -> loss``, with the plan and the state."""
+
+    def __init__(self, model: nn.Module, graph: TrainGraph, example: Sequence[Any], *, micro_steps: int,
+                 optimizer: AdamW | SGD, lr_schedule: Callable[[int], float] | None, budget_bytes: int | None,
+                 device: torch.device):
+        self.model = model
+        self.graph = graph
+        self.optimizer = optimizer
+        self.lr_schedule = lr_schedule
+        self.micro_steps = micro_steps
+        self.device = device
+        self.step_count = 0
+        flat, keys = flatten_batch(example, "memfit.optimize: example_inputs")
+        self._keys = keys
+        self._spec = [(tuple(t.shape), t.dtype, t.device) for t in flat]
+        self.plan: MemoryPlan = plan_memory(graph, budget_bytes)
+        named_params = dict(model.named_parameters(remove_duplicate=True))
+        named_buffers = dict(model.named_buffers(remove_duplicate=True))
+        params = {f: named_params[f].detach() for f in graph.params}
+        buffers = {f: named_buffers[f] for f in graph.buffers}
+        self.lowered = lower(graph.gm, device)
+        self.executor = Executor(graph, self.lowered, params, buffers, device)
+
+    # ---- running -------------------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        return self.lr_schedule(self.step_count + 1) if self.lr_schedule else self.optimizer.lr
+
+    def _check_batch(self, batch: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        flat, keys = flatten_batch(batch, "Trainer.step")
+        if keys != self._keys or len(flat) != len(self._spec):
+            raise ConfigError(where_what_got("Trainer.step", f"a batch like example_inputs ({len(self._spec)} "
+                                             f"tensors{', keys ' + str(self._keys) if self._keys else ''})",
+                                             f"{len(flat)} tensors{', keys ' + str(keys) if keys else ''}",
+                                             "pass the same structure as at optimize()"))
+        for i, (t, (shape, dtype, device)) in enumerate(zip(flat, self._spec, strict=True)):
+            want = (shape[0] * self.micro_steps, *shape[1:]) if shape else shape
+            if tuple(t.shape) != want or t.dtype != dtype or t.device != device:
+                raise ConfigError(where_what_got(
+                    f"Trainer.step: batch[{i}]", f"shape {want}, dtype {dtype}, device {device}",
+                    f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}",
+                    "memfit compiles for the example's shapes: pad/trim the batch or call memfit.optimize again"))
+        return flat
+
+    def step(self, *batch: Any) -> torch.Tensor:
+        """One optimizer step on ``batch`` (forward, backward and update); returns the mean loss."""
+        flat = self._check_batch(batch)
+        lr = self.lr
+        step = self.step_count + 1
+        chunks = [t.chunk(self.micro_steps) for t in flat] if self.micro_steps > 1 else [[t] for t in flat]
+        losses = []
+        for m in range(self.micro_steps):
+            out = self.executor.run([c[m] for c in chunks], {"lr": lr, "step": step, "micro_step": m})
+            losses.append(out.loss)
+        self.step_count = step
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+    def measure_step(self, *batch: Any) -> PeakMeasurement:
+        """Run one step under memfit.measure_peak; records the measured peak in ``self.plan``."""
+        flat = self._check_batch(batch)
+        m = measure_peak(self.step, *batch, existing=[*self.executor.persistent_tensors(), *flat],
+                         device=self.device)
+        self.plan = self.plan.with_measured(m.peak_bytes)
+        return m
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Inference with the trained weights (the model's own forward, no graph, no gradient)."""
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume bit-identically; only tensors, ints and strings (``weights_only=True`` loads it)."""
+        ex = self.executor
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step_count,
+            "passes": list(self.graph.applied),
+            "params": {k: v.detach().clone() for k, v in ex.params.items()},
+            "buffers": {k: v.clone() for k, v in ex.buffers.items()},
+            "state": {k: v.clone() for k, v in ex.state.items()},
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        where = "Trainer.load_state_dict"
+        if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
+            got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
+            raise ConfigError(where_what_got(where, f"a dict with format {STATE_FORMAT!r}", got,
+                                             "pass what Trainer.state_dict() returned"))
+        if list(sd["passes"]) != list(self.graph.applied):
+            raise ConfigError(where_what_got(where, f"state saved with passes {self.graph.applied}",
+                                             sd["passes"], "build the Trainer with the same passes"))
+        ex = self.executor
+        for group, mine in (("params", ex.params), ("buffers", ex.buffers), ("state", ex.state)):
+            theirs = sd[group]
+            if set(theirs) != set(mine):
+                diff = sorted(set(theirs) ^ set(mine))[:5]
+                raise ConfigError(where_what_got(f"{where}[{group!r}]", "the same tensor names", f"differences {diff}",
+                                                 "load a state saved from the same model and passes"))
+            for k, t in theirs.items():
+                if t.shape != mine[k].shape or t.dtype != mine[k].dtype:
+                    raise ConfigError(where_what_got(f"{where}[{group!r}][{k!r}]",
+                                                     f"{tuple(mine[k].shape)} {mine[k].dtype}",
+                                                     f"{tuple(t.shape)} {t.dtype}", "load a matching state"))
+        for group, mine in (("params", ex.params), ("buffers", ex.buffers), ("state", ex.state)):
+            for k, t in sd[group].items():
+                mine[k].copy_(t)
+        self.step_count = int(sd["step"])
+        torch.set_rng_state(sd["rng"])
+
+    def export(self) -> nn.Module:
+        """A plain nn.Module (a copy of the model) holding the trained weights."""
+        return copy.deepcopy(self.model)
+
+    def __repr__(self) -> str:
+        return f"Trainer(step={self.step_count}, {self.graph}, predicted peak {fmt_bytes(self.plan.peak_bytes)})"
+
+
+def _device_of(model: nn.Module, flat: Sequence[torch.Tensor]) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return flat[0].device if flat else torch.device("cpu")
+
+
+def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float | str | None = None,
+             loss_fn: Callable | None = None, optimizer: AdamW | SGD | None = None,
+             passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
+             clip_grad_norm: float | None = None, clip: str = "global", micro_steps: int = 1,
+             lr_schedule: Callable[[int], float] | None = None) -> Trainer:
+    """Compile ``model``'s whole training step under ``budget`` and return a :class:`Trainer`.
+
+    ``example_inputs`` is one batch: ``(inputs..., target)`` with ``loss_fn(output, target)``, or the
+    model's inputs when the model returns its loss (a single dict batch is passed as keywords).
+    Without ``passes=`` memfit applies the lossless defaults: ``freeze`` (when ``frozen`` globs are
+    given) and ``fused_update``. ``micro_steps`` splits each batch into that many micro-batches and
+    accumulates their gradients before one update.
+    """
+    optimizer = AdamW() if optimizer is None else optimizer
+    if not isinstance(optimizer, (AdamW, SGD)):
+        raise ConfigError(where_what_got("memfit.optimize(optimizer=)", "memfit.AdamW(...) or memfit.SGD(...)",
+                                         type(optimizer).__name__, "memfit builds the update into the graph"))
+    if not isinstance(example_inputs, (tuple, list)):
+        raise ConfigError(where_what_got("memfit.optimize(example_inputs=)", "a tuple (one batch)",
+                                         type(example_inputs).__name__, "wrap it: example_inputs=(x, y)"))
+    flat, keys = flatten_batch(example_inputs, "memfit.optimize: example_inputs")
+    device = _device_of(model, flat)
+    budget_bytes = parse_budget(budget, device)
+    if not (isinstance(micro_steps, int) and micro_steps >= 1):
+        raise ConfigError(where_what_got("memfit.optimize(micro_steps=)", "an int >= 1", micro_steps, "e.g. 4"))
+    if micro_steps > 1:
+        if any(t.dim() == 0 or t.shape[0] % micro_steps for t in flat):
+            raise ConfigError(where_what_got("memfit.optimize(micro_steps=)", "batch dim divisible by micro_steps",
+                                             [tuple(t.shape) for t in flat], "pick a divisor of the batch size"))
+        micro = [t.chunk(micro_steps)[0] for t in flat]
+        capture_inputs = (dict(zip(keys, micro, strict=True)),) if keys else tuple(micro)
+    else:
+        capture_inputs = tuple(example_inputs)
+    g = capture(model, capture_inputs, loss_fn)
+    names = ["freeze", "fused_update"] if frozen else ["fused_update"]
+    defaults = dict(optimizer=optimizer, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
+                    frozen=tuple(frozen))
+    specs = list(passes) if passes is not None else names
+    g = Pipeline([make_pass(s, **defaults) for s in specs])(g)
+    trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
+                      lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device)
+    if budget_bytes is not None and trainer.plan.peak_bytes > budget_bytes:
+        raise BudgetError(where_what_got(
+            "memfit.optimize", f"a predicted peak within the budget {fmt_bytes(budget_bytes)}",
+            f"{fmt_bytes(trainer.plan.peak_bytes)} with passes {list(g.applied)} "
+            f"(at peak: {', '.join(f'{k} {fmt_bytes(v)}' for k, v in trainer.plan.at_peak.items() if v)})",
+            "raise the budget, shrink the batch, or freeze parameters (frozen=...)"))
+    return trainer

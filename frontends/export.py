@@ -1,0 +1,200 @@
+"""Whole-step capture: model + loss -> TrainGraph, through ``aot_export_module(trace_joint=True)``.
+
+The model and its loss are wrapped in one module whose only output is the scalar loss; AOTAutograd
+traces forward and backward together into one functional ATen graph and hands back a
+GraphSignature, from which every placeholder and output is named by FQN (never by position).
+
+Batch convention (documented in README): with ``loss_fn=None`` the model is called on the whole
+batch and must return the loss (a 0-dim tensor, a tuple/list whose first item is, or an object/dict
+with ``.loss``/``["loss"]``, as Hugging Face models do when given ``labels``); with ``loss_fn`` the
+model is called on ``batch[:-1]`` and the loss is ``loss_fn(output, batch[-1])``. A batch that is a
+single dict is passed as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..errors import ConfigError, UnsupportedGraph, where_what_got
+from ..graph import NAME_KEY, ROLE_KEY, TrainGraph
+
+_PREFIX = "model."
+
+
+def extract_loss(output: Any, where: str = "memfit.capture") -> torch.Tensor:
+    """The scalar loss inside a model's output, or a ConfigError saying what was found."""
+    candidate = output
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        candidate = output.get("loss") if hasattr(output, "get") else None
+    elif hasattr(output, "loss"):
+        candidate = output.loss
+    elif isinstance(output, (tuple, list)) and output:
+        candidate = output[0]
+    if isinstance(candidate, torch.Tensor) and candidate.dim() == 0 and candidate.is_floating_point():
+        return candidate
+    got = type(output).__name__
+    if isinstance(output, torch.Tensor):
+        got = f"a tensor of shape {tuple(output.shape)}"
+    elif hasattr(output, "keys"):
+        got = f"{type(output).__name__} with keys {list(output.keys())}"
+    raise ConfigError(where_what_got(
+        where, "the model to return a scalar loss (0-dim float tensor, or .loss / ['loss'] / first item)",
+        got, "pass loss_fn=... (called as loss_fn(output, batch[-1])) or make the model return its loss"))
+
+
+class _StepModule(nn.Module):
+    """model + loss as one module returning ``(loss,)``; batch given as flat positional tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable | None, dict_keys: tuple[str, ...] | None):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.dict_keys = dict_keys
+
+    def forward(self, *flat):
+        if self.dict_keys is not None:
+            batch = dict(zip(self.dict_keys, flat, strict=True))
+            if self.loss_fn is not None:
+                raise ConfigError(where_what_got("memfit.capture", "a positional batch when loss_fn is given",
+                                                 "a dict batch", "drop loss_fn or pass (inputs..., target)"))
+            return (extract_loss(self.model(**batch)),)
+        if self.loss_fn is None:
+            return (extract_loss(self.model(*flat)),)
+        if len(flat) < 2:
+            raise ConfigError(where_what_got("memfit.capture", "a batch (inputs..., target) when loss_fn is given",
+                                             f"{len(flat)} tensor(s)", "pass the target as the batch's last item"))
+        out = self.model(*flat[:-1])
+        loss = self.loss_fn(out, flat[-1])
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+            raise ConfigError(where_what_got("memfit.capture: loss_fn", "a 0-dim tensor", type(loss).__name__,
+                                             "reduce the loss (e.g. .mean()) inside loss_fn"))
+        return (loss,)
+
+
+def flatten_batch(batch: Sequence[Any], where: str = "memfit") -> tuple[tuple[torch.Tensor, ...], tuple[str, ...] | None]:
+    """A batch as flat tensors plus the dict keys when the batch is one dict."""
+    if len(batch) == 1 and isinstance(batch[0], dict):
+        keys = tuple(batch[0].keys())
+        values = tuple(batch[0][k] for k in keys)
+    else:
+        keys, values = None, tuple(batch)
+    for i, v in enumerate(values):
+        if not isinstance(v, torch.Tensor):
+            name = keys[i] if keys else f"batch[{i}]"
+            raise ConfigError(where_what_got(where, f"{name} to be a tensor", type(v).__name__,
+                                             "pass tensors only (non-tensor settings belong in the model)"))
+    return values, keys
+
+
+@contextlib.contextmanager
+def _requires_grad(model: nn.Module, frozen: set[str]):
+    """Temporarily set requires_grad=False on frozen FQNs so AOTAutograd never builds their backward."""
+    changed = []
+    for name, p in model.named_parameters():
+        if name in frozen and p.requires_grad:
+            p.requires_grad_(False)
+            changed.append(p)
+    try:
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)
+
+
+def capture(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable | None = None) -> TrainGraph:
+    """Trace one whole training step of ``model`` into a TrainGraph (forward + backward, no update yet)."""
+    from torch._functorch.aot_autograd import aot_export_module
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(where_what_got("memfit.capture", "an nn.Module", type(model).__name__,
+                                         "wrap your function in an nn.Module"))
+    flat, keys = flatten_batch(example_inputs, "memfit.capture: example_inputs")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError(where_what_got("memfit.capture", "at least one parameter with requires_grad=True",
+                                         "none", "unfreeze something to train"))
+    wrapper = _StepModule(model, loss_fn, keys)
+    try:
+        gm, sig = aot_export_module(wrapper, flat, trace_joint=True, output_loss_index=0)
+    except ConfigError:
+        raise
+    except Exception as e:  # surface the model's own error, with where it came from
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise UnsupportedGraph(where_what_got("memfit.capture (aot_export_module)", "a traceable training step",
+                                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                                              "remove data-dependent Python control flow or report the model")
+                               ) from e
+    named = {**dict(wrapper.named_parameters(remove_duplicate=True)), **dict(wrapper.named_buffers())}
+    return _to_train_graph(gm, sig, trainable, named, flat)
+
+
+def _strip(fqn: str) -> str:
+    return fqn[len(_PREFIX):] if fqn.startswith(_PREFIX) else fqn
+
+
+def _to_train_graph(gm: fx.GraphModule, sig, trainable: list[str], named: dict[str, torch.Tensor],
+                    flat: Sequence[torch.Tensor]) -> TrainGraph:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    params: dict[str, fx.Node] = {}
+    buffers: dict[str, fx.Node] = {}
+    inputs: list[fx.Node] = []
+    for name, fqn in sig.inputs_to_parameters.items():
+        params[_strip(fqn)] = nodes[name]
+    for name, fqn in sig.inputs_to_buffers.items():
+        buffers[_strip(fqn)] = nodes[name]
+    for name in sig.user_inputs:
+        inputs.append(nodes[name])
+    for fqn, n in params.items():
+        n.meta[ROLE_KEY], n.meta[NAME_KEY] = "param", fqn
+    for fqn, n in buffers.items():
+        n.meta[ROLE_KEY], n.meta[NAME_KEY] = "buffer", fqn
+    for i, n in enumerate(inputs):
+        n.meta[ROLE_KEY], n.meta[NAME_KEY] = "input", f"batch[{i}]"
+
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    outs = {getattr(a, "name", None): a for a in out_node.args[0]}
+    # The step's only user output is the loss. (GraphSignature.backward_signature.loss_output is not
+    # offset by the buffer mutations in torch 2.13: with BatchNorm it names running_mean.)
+    loss = outs[sig.user_outputs[0]]
+    grad_of = {_strip(fqn): outs[name] for name, fqn in sig.backward_signature.gradients_to_parameters.items()}
+    buffer_updates = {_strip(fqn): outs[name] for name, fqn in sig.buffers_to_mutate.items()}
+    order = list(params)
+    tg = TrainGraph(gm=gm, params=params, buffers=buffers, inputs=inputs, loss=loss,
+                    grad_of=grad_of, grad_outputs=[p for p in order if p in grad_of],
+                    buffer_updates=buffer_updates, trainable=tuple(p for p in order if p in grad_of))
+    missing = [p for p in trainable if p not in grad_of]
+    tg.info["capture"] = {"no_grad_params": missing}
+    _fakeify(tg, sig, named, flat)
+    tg.sync_outputs()
+    tg.graph.lint()
+    tg.recompile()
+    return tg
+
+
+def _fakeify(tg: TrainGraph, sig, named: dict[str, torch.Tensor], flat: Sequence[torch.Tensor]) -> None:
+    """Give every node a FakeTensor ``meta["val"]`` from one FakeTensorMode, kept on the TrainGraph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    real = {}
+    for name, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
+        real[name] = named[fqn]
+    for name, t in zip(sig.user_inputs, flat, strict=True):
+        real[name] = t
+    vals = []
+    for n in tg.placeholders():
+        fake = mode.from_tensor(real[n.name].detach(), static_shapes=True)
+        n.meta["val"] = fake
+        vals.append(fake)
+    tg.fake = mode
+    FakeTensorProp(tg.gm, mode).propagate_dont_convert_inputs(*vals)

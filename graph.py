@@ -1,0 +1,247 @@
+"""TrainGraph: the one IR every part of memfit speaks.
+
+An ATen-level ``torch.fx.GraphModule`` of one whole training step (forward, backward and, once
+``fused_update`` has run, the optimizer update) plus its signature:
+
+* placeholders, each tagged ``node.meta["memfit.role"]`` in {"param", "buffer", "input", "state",
+  "hparam"} and ``node.meta["memfit.name"]`` (the parameter's FQN, the state's name, ...);
+* ``grad_of[fqn]``: the node producing each parameter's gradient;
+* ``grad_outputs``: the FQNs whose gradients are still graph outputs (the rest are consumed in-graph);
+* ``buffer_updates[fqn]``: the new value of each buffer the step mutates (BatchNorm statistics);
+* ``loss``: the loss node; ``meta["val"]`` FakeTensors on every node.
+
+The output node is derived, never edited by hand: passes change the signature and call
+:meth:`TrainGraph.sync_outputs`, which the Pipeline also does after every pass.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import fx
+
+from .errors import UnsupportedGraph, where_what_got
+
+Role = Literal["param", "buffer", "input", "state", "hparam"]
+ROLE_KEY = "memfit.role"
+NAME_KEY = "memfit.name"
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """A persistent tensor a pass adds (optimizer moments, accumulators, projections, masks...)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    owner: str  # the parameter FQN it belongs to, or "" for global state
+    kind: str  # "optimizer", "accumulator", "pass"
+    init: Literal["zeros"] = "zeros"
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for s in self.shape:
+            numel *= int(s)
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class TrainGraph:
+    gm: fx.GraphModule
+    params: dict[str, fx.Node]
+    buffers: dict[str, fx.Node]
+    inputs: list[fx.Node]
+    loss: fx.Node
+    grad_of: dict[str, fx.Node]
+    grad_outputs: list[str]
+    buffer_updates: dict[str, fx.Node]
+    state: dict[str, fx.Node] = field(default_factory=dict)
+    state_specs: dict[str, StateSpec] = field(default_factory=dict)
+    hparams: dict[str, fx.Node] = field(default_factory=dict)
+    updates: dict[str, fx.Node] = field(default_factory=dict)  # fqn -> in-graph update node
+    trainable: tuple[str, ...] = ()  # FQNs that receive updates (requires_grad at capture, minus frozen)
+    applied: list[str] = field(default_factory=list)  # pass names run so far, in order
+    info: dict[str, Any] = field(default_factory=dict)  # per-pass reports (e.g. freeze: dropped bytes)
+    fake: Any = None  # the FakeTensorMode every meta["val"] belongs to
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "placeholder"]
+
+    def role(self, node: fx.Node) -> Role | None:
+        return node.meta.get(ROLE_KEY)
+
+    def match(self, pattern: str | Iterable[str], names: Iterable[str] | None = None) -> list[str]:
+        """Parameter FQNs matching a glob (or any of several globs), in graph order."""
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        pool = list(self.params) if names is None else list(names)
+        return [n for n in pool if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+    def fake_mode(self):
+        return self.fake
+
+    def output_layout(self) -> list[tuple[str, str]]:
+        """(kind, name) of each output, in order: ("loss", ""), ("buffer", fqn), ("grad", fqn)."""
+        return ([("loss", "")] + [("buffer", b) for b in self.buffer_updates]
+                + [("grad", p) for p in self.grad_outputs])
+
+    def backward_nodes(self) -> set[fx.Node]:
+        """Nodes that do not feed the loss or a buffer update: the backward and the update."""
+        forward = self.forward_nodes()
+        return {n for n in self.graph.nodes if n.op == "call_function" and n not in forward}
+
+    def forward_nodes(self) -> set[fx.Node]:
+        seen: set[fx.Node] = set()
+        stack = [self.loss, *self.buffer_updates.values()]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        return {n for n in seen if n.op == "call_function"}
+
+    # ---- edits ---------------------------------------------------------------------------------
+    def _last_placeholder(self) -> fx.Node:
+        return self.placeholders()[-1]
+
+    def add_state(self, name: str, spec: StateSpec) -> fx.Node:
+        """Add a persistent state placeholder (zeros at start; owned, saved and restored by the runtime)."""
+        if name in self.state:
+            raise UnsupportedGraph(where_what_got("TrainGraph.add_state", "a new state name", repr(name),
+                                                  "two passes created the same state; rename one"))
+        mode = self.fake_mode()
+        with self.graph.inserting_after(self._last_placeholder()):
+            node = self.graph.placeholder(_safe_name(name))
+        node.meta[ROLE_KEY] = "state"
+        node.meta[NAME_KEY] = name
+        with mode:
+            node.meta["val"] = torch.empty(spec.shape, dtype=spec.dtype,
+                                           device=self.params[spec.owner].meta["val"].device
+                                           if spec.owner in self.params else "cpu")
+        self.state[name] = node
+        self.state_specs[name] = spec
+        return node
+
+    def add_hparam(self, name: str, example: float | int) -> fx.Node:
+        """A per-step scalar fed by the runtime (learning rate, step count, micro-step index)."""
+        if name in self.hparams:
+            return self.hparams[name]
+        with self.graph.inserting_after(self._last_placeholder()):
+            node = self.graph.placeholder("hp_" + "".join(c if c.isalnum() else "_" for c in name))
+        node.meta[ROLE_KEY] = "hparam"
+        node.meta[NAME_KEY] = name
+        node.meta["val"] = example
+        self.hparams[name] = node
+        return node
+
+    def sync_outputs(self) -> None:
+        """Rewrite the output node from the signature (loss, buffer updates, remaining grads)."""
+        out = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        values = [self.loss, *self.buffer_updates.values(), *(self.grad_of[p] for p in self.grad_outputs)]
+        out.args = (tuple(values),)
+
+    def eliminate_dead_code(self) -> int:
+        """Remove nodes whose values nobody uses (in-place memfit ops are impure and stay)."""
+        before = len(self.graph.nodes)
+        self.graph.eliminate_dead_code()
+        return before - len(self.graph.nodes)
+
+    def recompile(self) -> None:
+        self.gm.recompile()
+
+    def __str__(self) -> str:
+        counts: dict[str, int] = {}
+        for n in self.graph.nodes:
+            if n.op == "call_function":
+                counts[str(n.target)] = counts.get(str(n.target), 0) + 1
+        return (f"TrainGraph({len(self.params)} params, {len(self.buffers)} buffers, {len(self.inputs)} inputs, "
+                f"{len(self.state)} state tensors, {sum(counts.values())} ops, "
+                f"{len(self.updates)} in-graph updates, passes={self.applied})")
+
+
+_UNTRACKED_VIEWS = {"aten::_unsafe_view", "aten::_reshape_alias"}
+
+
+def is_view_op(node: fx.Node) -> bool:
+    """Whether the node's output shares storage with its first input (schema alias info, plus _unsafe_view)."""
+    target = node.target
+    schema = getattr(target, "_schema", None)
+    if schema is None or node.op != "call_function":
+        return False
+    if schema.name in _UNTRACKED_VIEWS:
+        return True
+    return bool(schema.returns) and schema.returns[0].alias_info is not None and not schema.returns[0].alias_info.is_write
+
+
+def aliases(node: fx.Node) -> list[fx.Node]:
+    """The node and every node that is a view of it (transitively)."""
+    out, stack = [], [node]
+    seen: set[fx.Node] = set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        out.append(n)
+        stack.extend(u for u in n.users if is_view_op(u) and u.args and u.args[0] is n)
+    return out
+
+
+def alias_users(node: fx.Node) -> list[fx.Node]:
+    """Every node that reads ``node`` or one of its views."""
+    users: list[fx.Node] = []
+    for a in aliases(node):
+        users.extend(u for u in a.users if not (is_view_op(u) and u.args and u.args[0] is a))
+    return users
+
+
+def storage_root(node: fx.Node) -> fx.Node:
+    """The node that owns the storage ``node`` views (itself when it is no view)."""
+    while is_view_op(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def saved_activations(g: TrainGraph) -> dict[fx.Node, int]:
+    """Forward-produced storages that the backward reads, with their bytes (activations saved for backward)."""
+    fwd, bwd = g.forward_nodes(), g.backward_nodes()
+    saved: dict[fx.Node, int] = {}
+    for n in fwd:
+        root = storage_root(n)
+        if root.op != "call_function" or root in saved:
+            continue
+        if any(u in bwd for a in aliases(root) for u in a.users):
+            saved[root] = value_nbytes(root.meta.get("val"))
+    return saved
+
+
+def value_nbytes(val: Any) -> int:
+    """Bytes a node's value owns: a tensor's storage span, or the sum over a tuple of tensors."""
+    if isinstance(val, torch.Tensor):
+        try:
+            return int(val.untyped_storage().nbytes())
+        except Exception:
+            return val.numel() * val.element_size()
+    if isinstance(val, (tuple, list)):
+        return sum(value_nbytes(v) for v in val)
+    return 0
+
+
+def _safe_name(name: str) -> str:
+    """A Python identifier for a placeholder (FX uniquifies clashes)."""
+    return "s_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def tensor_nbytes(t: Any) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return 0

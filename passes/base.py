@@ -1,0 +1,226 @@
+"""Pass infrastructure: Pass, PassResult, the registry and the Pipeline.
+
+A pass is a frozen, JSON-serializable config dataclass with ``run(g) -> PassResult`` and
+``memory_effect(g) -> MemoryEffect``. The Pipeline orders passes by their ``requires``, runs each,
+then re-derives the graph outputs, lints, refreshes FakeTensor ``meta["val"]`` and verifies the
+TrainGraph; a failure names the pass and the ones that ran before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+
+from ..errors import ConfigError, MemfitError, UnsupportedGraph, where_what_got
+from ..graph import ROLE_KEY, TrainGraph, alias_users, aliases, is_view_op  # noqa: F401 (re-exported)
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+@dataclass(frozen=True)
+class PassResult:
+    graph: TrainGraph
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemoryEffect:
+    """What a pass would change, in bytes, without running it (read by the planner).
+
+    ``persistent`` is the change in state that lives across steps (negative = saved),
+    ``transient`` the change in the step's peak of intermediates, ``per_param`` the same split by FQN.
+    """
+
+    persistent: int = 0
+    transient: int = 0
+    per_param: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class: subclasses are frozen dataclasses registered with :func:`register_pass`."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()  # passes this one must precede when both are present
+    lossless: ClassVar[bool] = True
+
+    def run(self, g: TrainGraph) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def memory_effect(self, g: TrainGraph) -> MemoryEffect:
+        return MemoryEffect()
+
+    def to_json(self) -> str:
+        return json.dumps({"pass": self.name, "config": _jsonable(dataclasses.asdict(self))}, sort_keys=True)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.dtype):
+        return str(x)
+    return x
+
+
+def register_pass(name: str):
+    """Class decorator: make a Pass available by name (``passes=["name"]``)."""
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Pass)):
+            raise ConfigError(where_what_got(f"register_pass({name!r})", "a subclass of memfit.Pass",
+                                             repr(cls), "derive your pass from memfit.Pass"))
+        if not dataclasses.is_dataclass(cls):
+            cls = dataclass(frozen=True)(cls)
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ConfigError(where_what_got("register_pass", f"a new pass name (taken: {sorted(_REGISTRY)})",
+                                             repr(name), "choose another name"))
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    return dict(_REGISTRY)
+
+
+def make_pass(spec: str | Pass | tuple[str, dict], **defaults: Any) -> Pass:
+    """A Pass from a name, ``(name, config dict)`` or an instance; ``defaults`` fill fields the class has."""
+    if isinstance(spec, Pass):
+        return spec
+    if isinstance(spec, tuple):
+        name, cfg = spec
+    elif isinstance(spec, str):
+        name, cfg = spec, {}
+    else:
+        raise ConfigError(where_what_got("passes", "a pass name, (name, config) or memfit.Pass instance",
+                                         type(spec).__name__, "see memfit.registered_passes()"))
+    if name not in _REGISTRY:
+        raise ConfigError(where_what_got("passes", f"one of {sorted(_REGISTRY)}", repr(name),
+                                         "register it with @memfit.register_pass or fix the spelling"))
+    cls = _REGISTRY[name]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(cfg) - names
+    if unknown:
+        raise ConfigError(where_what_got(f"passes[{name!r}]", f"config keys among {sorted(names)}",
+                                         sorted(unknown), "fix the keys"))
+    kwargs = {k: v for k, v in defaults.items() if k in names}
+    kwargs.update(cfg)
+    return cls(**kwargs)
+
+
+class Pipeline:
+    """Runs passes in dependency order with lint, meta refresh and verification after each."""
+
+    def __init__(self, passes: Sequence[Pass]):
+        self.passes = _order(list(passes))
+
+    def __call__(self, g: TrainGraph) -> TrainGraph:
+        check_graph(g, "capture")
+        done: list[str] = []
+        for p in self.passes:
+            missing = [r for r in p.requires if r not in g.applied]
+            if missing:
+                raise ConfigError(where_what_got(f"Pipeline: pass {p.name!r}", f"{missing} to run first",
+                                                 f"passes so far {g.applied}", "add them to passes="))
+            try:
+                result = p.run(g)
+                g = result.graph
+                g.sync_outputs()
+                g.eliminate_dead_code()
+                g.graph.lint()
+                g.recompile()
+                refresh_meta(g)
+                check_graph(g, p.name)
+            except MemfitError as e:
+                raise type(e)(f"{e} [in pass {p.name!r}, after {done or 'capture'}]") from e
+            except Exception as e:
+                raise UnsupportedGraph(f"Pipeline: pass {p.name!r} (after {done or 'capture'}) broke the graph: "
+                                       f"{type(e).__name__}: {e}") from e
+            g.applied.append(p.name)
+            g.info.setdefault("pass_stats", {})[p.name] = {"modified": result.modified, **result.stats}
+            done.append(p.name)
+        return g
+
+
+def _order(passes: list[Pass]) -> list[Pass]:
+    """Stable topological order: after what it ``requires``, before what it names in ``before``."""
+    names = [p.name for p in passes]
+    after = {p.name: set(p.requires) for p in passes}
+    for p in passes:
+        for q in p.before:
+            after.setdefault(q, set()).add(p.name)
+    if len(set(names)) != len(names):
+        raise ConfigError(where_what_got("passes", "each pass once", names, "remove the duplicates"))
+    ordered: list[Pass] = []
+    pending = list(passes)
+    while pending:
+        for p in pending:
+            if all(r not in names or r in [q.name for q in ordered] for r in after[p.name]):
+                ordered.append(p)
+                pending.remove(p)
+                break
+        else:
+            raise ConfigError(where_what_got("passes", "acyclic requires", [p.name for p in pending],
+                                             "break the cycle"))
+    return ordered
+
+
+def refresh_meta(g: TrainGraph) -> None:
+    """Re-propagate FakeTensor ``meta["val"]`` through the whole graph."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = g.fake_mode()
+    vals = [n.meta["val"] for n in g.placeholders()]
+    FakeTensorProp(g.gm, mode).propagate_dont_convert_inputs(*vals)
+
+
+def check_graph(g: TrainGraph, after: str) -> None:
+    """The TrainGraph's invariants; cheap enough to run after every pass."""
+    where = f"TrainGraph check after {after!r}"
+    g.graph.lint()
+    for n in g.placeholders():
+        if n.meta.get(ROLE_KEY) is None:
+            raise UnsupportedGraph(where_what_got(where, "every placeholder tagged with a memfit role",
+                                                  f"untagged placeholder {n.name!r}", "tag it (graph.add_state)"))
+        if "val" not in n.meta:
+            raise UnsupportedGraph(where_what_got(where, "meta['val'] on every placeholder",
+                                                  f"none on {n.name!r}", "set meta['val'] when adding it"))
+    for fqn in g.trainable:
+        if fqn not in g.grad_outputs and fqn not in g.updates:
+            raise UnsupportedGraph(where_what_got(where, f"a gradient output or an update for {fqn!r}",
+                                                  "neither", "a pass dropped a gradient without consuming it"))
+    for fqn, node in g.updates.items():
+        if node.graph is not g.graph:
+            raise UnsupportedGraph(where_what_got(where, f"the update of {fqn!r} in the graph", "a stale node",
+                                                  "keep g.updates in sync"))
+    if os.environ.get("MEMFIT_VERIFY_ALIASING", "1") != "0":
+        _check_updates_after_param_uses(g, where)
+
+
+def _check_updates_after_param_uses(g: TrainGraph, where: str) -> None:
+    """An in-place update must follow every read of its parameter (and of the parameter's views)."""
+    order = {n: i for i, n in enumerate(g.graph.nodes)}
+    for fqn, upd in g.updates.items():
+        for user in alias_users(g.params[fqn]):
+            if user is not upd and order[user] > order[upd]:
+                raise UnsupportedGraph(where_what_got(
+                    where, f"the update of {fqn!r} after every read of it",
+                    f"{user.name} ({user.target}) reads it after {upd.name}", "place the update later"))
+
+
+def targets_of(g: TrainGraph, targets: str | Iterable[str], pool: Iterable[str]) -> list[str]:
+    return g.match(targets, pool)

@@ -1,0 +1,196 @@
+"""fused_update: the optimizer update as graph nodes, placed where each gradient is produced.
+
+Rewrites: every trainable parameter's gradient output into an in-place ``memfit::adamw_update`` or
+``memfit::sgd_update`` node, placed right after the later of (a) the gradient's producer and (b) the
+last read of the parameter or any view of it, so the gradient dies as soon as it is used and no two
+full gradients need be live at once. Adds the optimizer state (fp32 moments) as TrainGraph state
+and the per-step scalars ``lr``, ``step`` and ``micro_step`` as hparam placeholders.
+
+Requires: a captured TrainGraph with gradient outputs. Guarantees: the same parameter trajectory as
+``torch.optim.AdamW`` / ``SGD`` (single-tensor math order) with no gradient left as a graph output.
+
+Gradient clipping by global norm (``clip_grad_norm`` with ``clip="global"``) needs every gradient
+before the first update, so in that mode the updates are placed after the norm is known: exact
+``torch.nn.utils.clip_grad_norm_`` semantics, but the full gradient set is live at once (no memory
+saved on gradients). ``clip="per_param"`` clips each gradient by its own norm right where it is
+produced and keeps the saving. Gradient accumulation over ``micro_steps`` adds each gradient into a
+persistent accumulator inside the update op and updates on the last micro-step with the mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import fx
+
+from ..errors import ConfigError, where_what_got
+from ..graph import StateSpec, TrainGraph
+from .base import MemoryEffect, Pass, PassResult, alias_users, register_pass
+
+
+@dataclass(frozen=True)
+class AdamW:
+    """AdamW settings (decoupled weight decay), as in ``torch.optim.AdamW``."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    kind: Literal["adamw"] = "adamw"
+
+    def __post_init__(self):
+        _check_positive("memfit.AdamW", lr=self.lr, eps=self.eps)
+        b1, b2 = self.betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ConfigError(where_what_got("memfit.AdamW", "betas in [0, 1)", self.betas, "e.g. (0.9, 0.999)"))
+        if self.weight_decay < 0:
+            raise ConfigError(where_what_got("memfit.AdamW", "weight_decay >= 0", self.weight_decay, "use 0 or more"))
+
+    def state_names(self) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class SGD:
+    """SGD with momentum / dampening / Nesterov / weight decay, as in ``torch.optim.SGD``."""
+
+    lr: float = 1e-2
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    kind: Literal["sgd"] = "sgd"
+
+    def __post_init__(self):
+        _check_positive("memfit.SGD", lr=self.lr)
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ConfigError(where_what_got("memfit.SGD", "momentum >= 0 and weight_decay >= 0",
+                                             (self.momentum, self.weight_decay), "use non-negative values"))
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ConfigError(where_what_got("memfit.SGD", "momentum > 0 and dampening == 0 with nesterov",
+                                             (self.momentum, self.dampening), "as torch.optim.SGD requires"))
+
+    def state_names(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.momentum != 0 else ()
+
+
+def _check_positive(where: str, **values: float) -> None:
+    for k, v in values.items():
+        if not v > 0:
+            raise ConfigError(where_what_got(where, f"{k} > 0", v, f"pass a positive {k}"))
+
+
+Optimizer = AdamW | SGD
+
+
+@register_pass("fused_update")
+@dataclass(frozen=True)
+class FusedUpdate(Pass):
+    optimizer: AdamW | SGD = AdamW()
+    clip_grad_norm: float | None = None
+    clip: Literal["global", "per_param"] = "global"
+    micro_steps: int = 1
+    targets: str = "*"
+
+    def __post_init__(self):
+        if isinstance(self.optimizer, dict):  # from JSON
+            kind = self.optimizer.get("kind", "adamw")
+            cfg = {k: v for k, v in self.optimizer.items() if k != "kind"}
+            if "betas" in cfg:
+                cfg["betas"] = tuple(cfg["betas"])
+            object.__setattr__(self, "optimizer", (AdamW if kind == "adamw" else SGD)(**cfg))
+        if not isinstance(self.optimizer, (AdamW, SGD)):
+            raise ConfigError(where_what_got("fused_update.optimizer", "memfit.AdamW(...) or memfit.SGD(...)",
+                                             type(self.optimizer).__name__, "torch.optim objects are not accepted"))
+        if self.clip not in ("global", "per_param"):
+            raise ConfigError(where_what_got("fused_update.clip", "'global' or 'per_param'", self.clip, "pick one"))
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(where_what_got("fused_update.clip_grad_norm", "a positive float or None",
+                                             self.clip_grad_norm, "e.g. 1.0"))
+        if not (isinstance(self.micro_steps, int) and self.micro_steps >= 1):
+            raise ConfigError(where_what_got("fused_update.micro_steps", "an int >= 1", self.micro_steps,
+                                             "use 1 for no accumulation"))
+
+    def memory_effect(self, g: TrainGraph) -> MemoryEffect:
+        per_param = {}
+        for fqn in g.match(self.targets, g.grad_outputs):
+            val = g.params[fqn].meta["val"]
+            nbytes = val.numel() * 4
+            state = nbytes * len(self.optimizer.state_names()) + (nbytes if self.micro_steps > 1 else 0)
+            per_param[fqn] = state
+        transient = 0
+        if not (self.clip_grad_norm is not None and self.clip == "global"):
+            grads = sorted((g.params[f].meta["val"].numel() * g.params[f].meta["val"].element_size()
+                            for f in per_param), reverse=True)
+            transient = -(sum(grads) - (grads[0] if grads else 0))
+        return MemoryEffect(persistent=sum(per_param.values()), transient=transient, per_param=per_param)
+
+    def run(self, g: TrainGraph) -> PassResult:
+        fqns = g.match(self.targets, g.grad_outputs)
+        if not fqns:
+            return PassResult(g, False)
+        lr = g.add_hparam("lr", float(self.optimizer.lr))
+        step = g.add_hparam("step", 1)
+        micro = g.add_hparam("micro_step", 0)
+        order = {n: i for i, n in enumerate(g.graph.nodes)}
+        grads = {f: g.grad_of[f] for f in fqns}
+        coef = None
+        if self.clip_grad_norm is not None and self.clip == "global":
+            coef = self._global_clip_coef(g, list(grads.values()), order)
+            order = {n: i for i, n in enumerate(g.graph.nodes)}
+        for fqn in fqns:
+            grad = grads[fqn]
+            anchor = max([grad, *alias_users(g.params[fqn])], key=lambda n: order[n])
+            if coef is not None and order[coef] > order[anchor]:
+                anchor = coef
+            with g.graph.inserting_before(anchor.next):
+                if coef is not None:
+                    grad = g.graph.call_function(torch.ops.aten.mul.Tensor, (grad, coef))
+                elif self.clip_grad_norm is not None:
+                    grad = self._per_param_clip(g, grad)
+                upd = self._update_node(g, fqn, grad, lr, step, micro)
+            g.updates[fqn] = upd
+            g.grad_outputs.remove(fqn)
+            order = {n: i for i, n in enumerate(g.graph.nodes)}
+        return PassResult(g, True, {"updates": len(fqns), "optimizer": self.optimizer.kind})
+
+    def _update_node(self, g: TrainGraph, fqn: str, grad: fx.Node, lr, step, micro) -> fx.Node:
+        p = g.params[fqn]
+        shape = tuple(p.meta["val"].shape)
+        states = {name: g.add_state(f"{fqn}::{name}", StateSpec(shape, torch.float32, fqn, "optimizer"))
+                  for name in self.optimizer.state_names()}
+        acc = None
+        if self.micro_steps > 1:
+            acc = g.add_state(f"{fqn}::grad_acc", StateSpec(shape, p.meta["val"].dtype, fqn, "accumulator"))
+        o = self.optimizer
+        if isinstance(o, AdamW):
+            args = (p, grad, states["exp_avg"], states["exp_avg_sq"], acc, lr, step, micro,
+                    float(o.betas[0]), float(o.betas[1]), float(o.eps), float(o.weight_decay), self.micro_steps)
+            return g.graph.call_function(torch.ops.memfit.adamw_update.default, args)
+        args = (p, grad, states.get("momentum_buffer"), acc, lr, step, micro, float(o.momentum),
+                float(o.dampening), bool(o.nesterov), float(o.weight_decay), self.micro_steps)
+        return g.graph.call_function(torch.ops.memfit.sgd_update.default, args)
+
+    def _global_clip_coef(self, g: TrainGraph, grads: list[fx.Node], order) -> fx.Node:
+        """clip_grad_norm_'s coefficient: clamp(max_norm / (||(||g_i||)_i|| + 1e-6), max=1)."""
+        aten = torch.ops.aten
+        last = max(grads, key=lambda n: order[n])
+        with g.graph.inserting_before(last.next):
+            norms = [g.graph.call_function(aten.linalg_vector_norm.default, (gr, 2.0)) for gr in grads]
+            stacked = g.graph.call_function(aten.stack.default, (norms,))
+            total = g.graph.call_function(aten.linalg_vector_norm.default, (stacked, 2.0))
+            coef = self._coef(g, total)
+        return coef
+
+    def _coef(self, g: TrainGraph, norm: fx.Node) -> fx.Node:
+        aten = torch.ops.aten
+        denom = g.graph.call_function(aten.add.Tensor, (norm, 1e-6))
+        ratio = g.graph.call_function(aten.reciprocal.default, (denom,))
+        scaled = g.graph.call_function(aten.mul.Tensor, (ratio, float(self.clip_grad_norm)))
+        return g.graph.call_function(aten.clamp.default, (scaled, None, 1.0))
+
+    def _per_param_clip(self, g: TrainGraph, grad: fx.Node) -> fx.Node:
+        norm = g.graph.call_function(torch.ops.aten.linalg_vector_norm.default, (grad, 2.0))
+        return g.graph.call_function(torch.ops.aten.mul.Tensor, (grad, self._coef(g, norm)))

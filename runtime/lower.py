@@ -1,0 +1,143 @@
+"""Lowering: a TrainGraph (or any ATen fx graph) -> a Python callable that frees at last use.
+
+Each memfit op becomes its Triton launcher on CUDA (or when ``MEMFIT_TRITON_INTERPRET=1``, under
+Triton's interpreter) and its plain-torch reference on CPU; every other ATen op runs as ATen. An op
+with no kernel for the device raises UnsupportedGraph naming the op, the node and the model source
+line it came from. The lowered graph uses FX's boxed calling convention (``fn(list_of_args)``, the
+list cleared on entry) and FX's codegen, which drops every value at its last use.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .. import ops as memfit_ops
+from ..errors import UnsupportedGraph, where_what_got
+
+log = logging.getLogger("memfit.lower")
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+_COMPOSITE = ("CompositeExplicitAutograd", "CompositeImplicitAutograd", "CompositeExplicitAutogradNonFunctional")
+
+
+@dataclass
+class Lowered:
+    """A runnable step: ``fn(args)`` with args in placeholder order; ``kernels`` says what each memfit op uses."""
+
+    fn: Callable[[list], tuple]
+    gm: fx.GraphModule
+    kernels: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, args: list):
+        return self.fn(args)
+
+
+def use_triton(device: torch.device) -> bool:
+    if os.environ.get("MEMFIT_TRITON_INTERPRET") == "1":
+        return True
+    return device.type == "cuda" and os.environ.get("MEMFIT_DISABLE_TRITON") != "1"
+
+
+def _kernel_impls(triton: bool) -> dict:
+    """memfit op -> (callable with the op's signature, label)."""
+    if triton:
+        from ..kernels.adamw import adamw
+        from ..kernels.sgd import sgd
+    else:
+        from ..kernels.adamw import adamw_ref as adamw
+        from ..kernels.sgd import sgd_ref as sgd
+    label = "triton" if triton else "reference"
+    return {
+        torch.ops.memfit.adamw_update.default: (_bind(memfit_ops.run_adamw_update, adamw, label), label),
+        torch.ops.memfit.sgd_update.default: (_bind(memfit_ops.run_sgd_update, sgd, label), label),
+    }
+
+
+def _bind(runner: Callable, kernel: Callable, label: str) -> Callable:
+    """``runner`` with its elementwise kernel fixed, named so FX codegen can reference it."""
+
+    @functools.wraps(runner)
+    def bound(*args, **kwargs):
+        return runner(kernel, *args, **kwargs)
+
+    bound.__name__ = f"{runner.__name__}_{label}"
+    bound.__qualname__ = bound.__name__
+    return bound
+
+
+def source_line(node: fx.Node) -> str:
+    """The model source line a node was traced from (last frame of its stack trace), or '?'."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    frames = [ln for ln in lines if ln.startswith("File ")]
+    if frames:
+        idx = lines.index(frames[-1])
+        code = lines[idx + 1] if idx + 1 < len(lines) else ""
+        return f"{frames[-1]}: {code}"
+    return "?"
+
+
+def check_lowerable(node: fx.Node, device: torch.device) -> None:
+    target = node.target
+    if node.op in ("placeholder", "output", "get_attr"):
+        return
+    if node.op != "call_function":
+        raise UnsupportedGraph(where_what_got(f"memfit.lower: node {node.name!r}", "call_function nodes",
+                                              f"{node.op} {target}", "capture at ATen level (frontends.export)"))
+    if target is operator.getitem or getattr(target, "namespace", None) == "memfit":
+        return
+    if isinstance(target, torch._ops.OpOverload):
+        name = target.name()
+        key = _DISPATCH_KEYS.get(device.type, "CPU")
+        if any(torch._C._dispatch_has_kernel_for_dispatch_key(name, k) for k in (key, *_COMPOSITE)):
+            return
+        if target.py_kernels:  # python-registered decompositions/impls
+            return
+        raise UnsupportedGraph(where_what_got(
+            f"memfit.lower: node {node.name!r} (from {source_line(node)})",
+            f"an op with a {device.type} kernel", f"{name} with none",
+            f"register a {device.type} implementation for {name} or keep that code out of the step"))
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        raise UnsupportedGraph(where_what_got(
+            f"memfit.lower: node {node.name!r} (from {source_line(node)})", "ATen ops",
+            f"higher-order op {target}", "capture without control-flow operators"))
+    if callable(target):
+        return
+    raise UnsupportedGraph(where_what_got(f"memfit.lower: node {node.name!r}", "a callable target", repr(target),
+                                          "report this graph"))
+
+
+def lower(gm: fx.GraphModule, device: torch.device | str = "cpu") -> Lowered:
+    """Copy ``gm``, swap memfit ops for kernels, check every op can run on ``device``, compile boxed."""
+    device = torch.device(device)
+    triton = use_triton(device)
+    impls = _kernel_impls(triton)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    kernels: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        check_lowerable(node, device)
+        new = graph.node_copy(node, lambda n: env[n])
+        if node.op == "call_function" and node.target in impls:
+            fn, label = impls[node.target]
+            new.target = fn
+            kernels[node.name] = label
+        env[node] = new
+    graph.set_codegen(fx.graph._BoxedCodeGen())
+    lowered = fx.GraphModule(gm, graph)
+    log.debug("lowered %d nodes for %s; memfit ops: %s", len(graph.nodes), device, kernels)
+
+    def run(args: list):
+        with torch.no_grad():
+            return lowered(args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return Lowered(run, lowered, kernels)

@@ -1,0 +1,148 @@
+"""Memory accounting over a TrainGraph: bytes per storage, liveness in schedule order, predicted peak.
+
+Each storage is owned by the node that allocates it (views share their base's storage; tuple
+outputs own one storage per element, taken by the ``getitem`` that reads it). A storage is live from
+its producer to the last node reading it or any of its views, which is exactly when the lowered code
+drops it. Placeholders (parameters, buffers, optimizer/pass state, the batch) are live throughout.
+The predicted peak is the persistent bytes plus the largest sum of live intermediates at any node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from ..graph import TrainGraph, is_view_op, saved_activations, storage_root, value_nbytes
+
+PERSISTENT = {"param": "parameters", "buffer": "buffers", "input": "batch", "hparam": "batch"}
+INTERMEDIATE = ("gradients", "saved activations", "temporaries")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted (and, once run, measured) memory of one training step."""
+
+    peak_bytes: int
+    persistent: dict[str, int]
+    at_peak: dict[str, int]
+    peak_node: str
+    saved_activation_bytes: int
+    gradient_bytes: int
+    passes: tuple[str, ...]
+    budget_bytes: int | None = None
+    measured_peak_bytes: int | None = None
+    timeline: tuple[int, ...] = field(default=(), repr=False)
+
+    def with_measured(self, peak_bytes: int) -> MemoryPlan:
+        return dataclasses.replace(self, measured_peak_bytes=int(peak_bytes))
+
+    def __str__(self) -> str:
+        rows = [("category", "at peak")]
+        for k, v in self.at_peak.items():
+            rows.append((k, fmt_bytes(v)))
+        rows.append(("predicted peak", fmt_bytes(self.peak_bytes)))
+        if self.measured_peak_bytes is not None:
+            err = (self.measured_peak_bytes - self.peak_bytes) / max(self.peak_bytes, 1)
+            rows.append(("measured peak", f"{fmt_bytes(self.measured_peak_bytes)} ({err:+.1%} vs predicted)"))
+        if self.budget_bytes is not None:
+            rows.append(("budget", fmt_bytes(self.budget_bytes)))
+        width = max(len(r[0]) for r in rows)
+        lines = [f"MemoryPlan (passes: {', '.join(self.passes) or 'none'}; peak at node {self.peak_node})"]
+        lines += [f"  {a:<{width}}  {b:>12}" for a, b in rows]
+        lines.append(f"  {'saved activations (all)':<{width}}  {fmt_bytes(self.saved_activation_bytes):>12}")
+        lines.append(f"  {'gradients (all)':<{width}}  {fmt_bytes(self.gradient_bytes):>12}")
+        return "\n".join(lines)
+
+
+def fmt_bytes(n: int | float) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _owner(node: fx.Node) -> Any:
+    """Key of the storage a node's value lives in."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        base = node.args[0]
+        if isinstance(base, fx.Node) and is_view_op(base):  # split/unbind: elements view the input
+            return _owner(storage_root(base.args[0]))
+        return node
+    return storage_root(node)
+
+
+def plan_memory(g: TrainGraph, budget_bytes: int | None = None) -> MemoryPlan:
+    """Predicted peak of one step of ``g`` as it is scheduled now."""
+    nodes = list(g.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    persistent: dict[str, int] = {}
+    for n in g.placeholders():
+        role = n.meta.get("memfit.role")
+        if role == "state":
+            spec = g.state_specs[n.meta["memfit.name"]]
+            cat = {"optimizer": "optimizer state", "accumulator": "gradient accumulators"}.get(spec.kind, "pass state")
+        else:
+            cat = PERSISTENT.get(role, "batch")
+        persistent[cat] = persistent.get(cat, 0) + value_nbytes(n.meta.get("val"))
+
+    out_node = nodes[-1]
+    last_use: dict[Any, int] = {}
+    alloc: dict[int, list[tuple[Any, int]]] = {}
+    seen_owner: set[Any] = set()
+    for n in nodes:
+        if n.op != "call_function":
+            continue
+        owner = _owner(n)
+        if owner is n and owner not in seen_owner:
+            seen_owner.add(owner)
+            nbytes = 0 if (n.target is not operator.getitem and isinstance(n.meta.get("val"), (tuple, list))
+                           and any(u.target is operator.getitem for u in n.users)) else value_nbytes(n.meta.get("val"))
+            if isinstance(n.meta.get("val"), (tuple, list)) and nbytes == 0:
+                # elements nobody reads still occupy memory until the tuple dies
+                read = {u.args[1] for u in n.users if u.target is operator.getitem}
+                nbytes = sum(value_nbytes(v) for i, v in enumerate(n.meta["val"]) if i not in read)
+            alloc.setdefault(index[n], []).append((owner, nbytes))
+        for inp in n.all_input_nodes:
+            key = _owner(inp)
+            last_use[key] = max(last_use.get(key, -1), index[n])
+        last_use.setdefault(owner, index[n])
+    for inp in out_node.all_input_nodes:
+        last_use[_owner(inp)] = len(nodes)
+
+    grad_roots = {_owner(v) for v in g.grad_of.values()}
+    saved = {_owner(k) for k in saved_activations(g)}
+    category = {}
+    for owners in alloc.values():
+        for owner, _ in owners:
+            category[owner] = ("gradients" if owner in grad_roots else
+                               "saved activations" if owner in saved else "temporaries")
+    frees: dict[int, list[Any]] = {}
+    for owner, i in last_use.items():
+        if owner in category:
+            frees.setdefault(i, []).append(owner)
+
+    live = dict.fromkeys(INTERMEDIATE, 0)
+    sizes = {o: b for owners in alloc.values() for o, b in owners}
+    base = sum(persistent.values())
+    best, best_at, best_node = -1, dict(live), "-"
+    timeline = []
+    for i, n in enumerate(nodes):
+        for owner, nbytes in alloc.get(i, ()):
+            live[category[owner]] += nbytes
+        total = sum(live.values())
+        timeline.append(base + total)
+        if total > best:
+            best, best_at, best_node = total, dict(live), n.name
+        for owner in frees.get(i, ()):
+            live[category[owner]] -= sizes[owner]
+    at_peak = {**persistent, **best_at}
+    grads_total = sum(sizes[o] for o in grad_roots if o in sizes)
+    return MemoryPlan(peak_bytes=base + max(best, 0), persistent=persistent, at_peak=at_peak, peak_node=best_node,
+                      saved_activation_bytes=sum(sizes.get(o, 0) for o in saved), gradient_bytes=grads_total,
+                      passes=tuple(g.applied), budget_bytes=budget_bytes, timeline=tuple(timeline))
