@@ -74,8 +74,8 @@ class Trainer:
         self._keys = keys
         self._spec = [(tuple(t.shape), t.dtype, t.device) for t in flat]
         self.plan: MemoryPlan = plan_memory(graph, budget_bytes)
-        named_params = dict(model.named_parameters(remove_duplicate=True))
-        named_buffers = dict(model.named_buffers(remove_duplicate=True))
+        named_params = dict(model.named_parameters(remove_duplicate=False))
+        named_buffers = dict(model.named_buffers(remove_duplicate=False))
         params = {f: named_params[f].detach() for f in graph.params}
         buffers = {f: named_buffers[f] for f in graph.buffers}
         self.lowered = lower(graph.gm, device)

@@ -67,6 +67,12 @@ class TrainGraph:
     applied: list[str] = field(default_factory=list)  # pass names run so far, in order
     info: dict[str, Any] = field(default_factory=dict)  # per-pass reports (e.g. freeze: dropped bytes)
     fake: Any = None  # the FakeTensorMode every meta["val"] belongs to
+    tied: dict[str, str] = field(default_factory=dict)  # tied-weight FQN -> the canonical FQN it shares
+
+    def param_readers(self, fqn: str) -> list[fx.Node]:
+        """Every node reading the parameter's storage: through its placeholder, its views or a tied alias."""
+        names = [fqn, *(t for t, c in self.tied.items() if c == fqn)]
+        return [u for n in names for u in alias_users(self.params[n])]
 
     # ---- queries -------------------------------------------------------------------------------
     @property

@@ -133,8 +133,11 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable |
                                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                                               "remove data-dependent Python control flow or report the model")
                                ) from e
-    named = {**dict(wrapper.named_parameters(remove_duplicate=True)), **dict(wrapper.named_buffers())}
-    return _to_train_graph(gm, sig, trainable, named, flat)
+    named = {**dict(wrapper.named_parameters(remove_duplicate=False)),
+             **dict(wrapper.named_buffers(remove_duplicate=False))}
+    tg = _to_train_graph(gm, sig, trainable, named, flat)
+    _merge_tied(tg, model)
+    return tg
 
 
 def _strip(fqn: str) -> str:
@@ -198,3 +201,34 @@ def _fakeify(tg: TrainGraph, sig, named: dict[str, torch.Tensor], flat: Sequence
         vals.append(fake)
     tg.fake = mode
     FakeTensorProp(tg.gm, mode).propagate_dont_convert_inputs(*vals)
+
+
+def _merge_tied(tg: TrainGraph, model: nn.Module) -> None:
+    """Tied weights (one tensor under several FQNs) get one gradient: the sum, under the first FQN.
+
+    AOTAutograd exports each FQN of a tied tensor as its own parameter with its own gradient; eager
+    autograd accumulates them into one ``.grad``. We add the gradients in the graph so every later pass
+    sees one parameter, one gradient and (after fused_update) one update.
+    """
+    canonical: dict[int, str] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        canon = canonical.setdefault(id(p), fqn)
+        if canon != fqn and fqn in tg.params:
+            tg.tied[fqn] = canon
+    for dup, canon in tg.tied.items():
+        if dup in tg.grad_of and canon in tg.grad_of:
+            a, b = tg.grad_of[canon], tg.grad_of[dup]
+            order = {n: i for i, n in enumerate(tg.graph.nodes)}
+            first, last = (a, b) if order[a] < order[b] else (b, a)
+            with tg.graph.inserting_after(last):
+                summed = tg.graph.call_function(torch.ops.aten.add.Tensor, (first, last))
+            summed.meta["val"] = a.meta.get("val")
+            tg.grad_of[canon] = summed
+        tg.grad_of.pop(dup, None)
+        if dup in tg.grad_outputs:
+            tg.grad_outputs.remove(dup)
+        tg.trainable = tuple(p for p in tg.trainable if p != dup)
+    if tg.tied:
+        tg.sync_outputs()
+        tg.graph.lint()
+        tg.recompile()

@@ -215,7 +215,7 @@ def _check_updates_after_param_uses(g: TrainGraph, where: str) -> None:
     """An in-place update must follow every read of its parameter (and of the parameter's views)."""
     order = {n: i for i, n in enumerate(g.graph.nodes)}
     for fqn, upd in g.updates.items():
-        for user in alias_users(g.params[fqn]):
+        for user in g.param_readers(fqn):
             if user is not upd and order[user] > order[upd]:
                 raise UnsupportedGraph(where_what_got(
                     where, f"the update of {fqn!r} after every read of it",

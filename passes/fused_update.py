@@ -27,7 +27,7 @@ from torch import fx
 
 from ..errors import ConfigError, where_what_got
 from ..graph import StateSpec, TrainGraph
-from .base import MemoryEffect, Pass, PassResult, alias_users, register_pass
+from .base import MemoryEffect, Pass, PassResult, register_pass
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class FusedUpdate(Pass):
             order = {n: i for i, n in enumerate(g.graph.nodes)}
         for fqn in fqns:
             grad = grads[fqn]
-            anchor = max([grad, *alias_users(g.params[fqn])], key=lambda n: order[n])
+            anchor = max([grad, *g.param_readers(fqn)], key=lambda n: order[n])
             if coef is not None and order[coef] > order[anchor]:
                 anchor = coef
             with g.graph.inserting_before(anchor.next):

@@ -1,0 +1,94 @@
+"""Models built from configs, no weights downloaded: presets, HF configs and ``module:factory`` specs.
+
+LLaMA presets follow the GaLore paper's table (60M ... 7B, vocabulary 32000); ``tiny-llama`` is the
+byte-level model the demo, the tests and the benchmarks share.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, where_what_got
+
+# name -> (hidden, intermediate, heads, layers, vocab)
+LLAMA_PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny-llama": (256, 688, 4, 4, 256),
+    "llama-60m": (512, 1376, 8, 8, 32000),
+    "llama-130m": (768, 2048, 12, 12, 32000),
+    "llama-350m": (1024, 2736, 16, 24, 32000),
+    "llama-1b": (2048, 5461, 32, 24, 32000),
+    "llama-7b": (4096, 11008, 32, 32, 32000),
+}
+
+
+def llama_config(name: str = "tiny-llama", max_seq: int = 2048, **overrides: Any):
+    from transformers import LlamaConfig
+
+    if name not in LLAMA_PRESETS:
+        raise ConfigError(where_what_got("memfit.models.llama_config", f"one of {sorted(LLAMA_PRESETS)}",
+                                         repr(name), "pick a preset or pass a transformers config"))
+    hidden, inter, heads, layers, vocab = LLAMA_PRESETS[name]
+    cfg = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+               num_key_value_heads=heads, num_hidden_layers=layers, max_position_embeddings=max_seq,
+               attention_dropout=0.0, tie_word_embeddings=False)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def build_llama(name: str = "tiny-llama", seed: int = 0, **overrides: Any) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` from a preset (seeded, eager attention off: SDPA)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(name, **overrides))
+
+
+def build_gpt2_small(seed: int = 0, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, vocab: int = 256) -> nn.Module:
+    """A small byte-level ``GPT2LMHeadModel`` (dropout off so it is deterministic)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=512,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def build(spec: str, **kwargs: Any) -> nn.Module:
+    """A model from a preset name or ``package.module:factory``."""
+    if spec in LLAMA_PRESETS:
+        return build_llama(spec, **kwargs)
+    if ":" in spec:
+        mod, _, fn = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(where_what_got("memfit.models.build", "an importable module:factory", spec,
+                                             f"check the spelling ({e})")) from e
+        return factory(**kwargs)
+    raise ConfigError(where_what_got("memfit.models.build", f"a preset {sorted(LLAMA_PRESETS)} or module:factory",
+                                     repr(spec), "fix the model name"))
+
+
+def lm_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
+    """Next-byte cross entropy for a causal LM's output (``.logits`` or a tensor)."""
+    logits = output.logits if hasattr(output, "logits") else output
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+
+
+def build_mlp(seed: int = 0, d_in: int = 32, hidden: int = 64, d_out: int = 10) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, d_out))
+
+
+def build_cnn(seed: int = 0, channels: int = 16, classes: int = 10) -> nn.Module:
+    """Conv-BN-ReLU x2, pooled, linear head: a CNN whose BatchNorm buffers the step must update."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+        nn.Conv2d(channels, channels * 2, 3, stride=2, padding=1), nn.BatchNorm2d(channels * 2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels * 2, classes))

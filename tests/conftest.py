@@ -1,0 +1,37 @@
+"""Test setup: Triton's interpreter when there is no GPU, fixed seeds, shared tiny models."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+
+import torch  # noqa: E402
+
+DEVICE = "cuda" if _HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+    yield
