@@ -73,7 +73,7 @@ class Trainer:
         flat, keys = flatten_batch(example, "memfit.optimize: example_inputs")
         self._keys = keys
         self._spec = [(tuple(t.shape), t.dtype, t.device) for t in flat]
-        self.plan: MemoryPlan = plan_memory(graph, budget_bytes)
+        self.plan: MemoryPlan = plan_memory(graph, budget_bytes, device)
         named_params = dict(model.named_parameters(remove_duplicate=False))
         named_buffers = dict(model.named_buffers(remove_duplicate=False))
         params = {f: named_params[f].detach() for f in graph.params}
@@ -193,7 +193,7 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     ``example_inputs`` is one batch: ``(inputs..., target)`` with ``loss_fn(output, target)``, or the
     model's inputs when the model returns its loss (a single dict batch is passed as keywords).
     Without ``passes=`` memfit applies the lossless defaults: ``freeze`` (when ``frozen`` globs are
-    given) and ``fused_update``. ``micro_steps`` splits each batch into that many micro-batches and
+    given), ``remat`` (recompute what costs no memory) and ``fused_update``. ``micro_steps`` splits each batch into that many micro-batches and
     accumulates their gradients before one update.
     """
     optimizer = AdamW() if optimizer is None else optimizer
@@ -217,7 +217,7 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     else:
         capture_inputs = tuple(example_inputs)
     g = capture(model, capture_inputs, loss_fn)
-    names = ["freeze", "fused_update"] if frozen else ["fused_update"]
+    names = (["freeze"] if frozen else []) + ["remat", "fused_update"]
     defaults = dict(optimizer=optimizer, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
                     frozen=tuple(frozen))
     specs = list(passes) if passes is not None else names

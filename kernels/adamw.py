@@ -245,7 +245,8 @@ def adamw_ref(
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
     bias_correction2_sqrt = bias_correction2**0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    denom = exp_avg_sq.sqrt()  # the one param-sized temporary; the in-place div/add round as torch's do
+    denom.div_(bias_correction2_sqrt).add_(eps)
     work.addcdiv_(exp_avg, denom, value=-step_size)
 
     if work is not param:

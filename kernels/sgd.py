@@ -207,13 +207,17 @@ def sgd_ref(
     """
     work = param if param.dtype == torch.float32 else param.float()
     g = grad if grad.dtype == torch.float32 else grad.float()
+    owned = g is not grad  # once g is our own temporary, later steps update it in place (same rounding)
     if grad_scale != 1.0:
-        g = g * grad_scale
+        g = g.mul_(grad_scale) if owned else g * grad_scale
+        owned = True
     if maximize:
-        g = -g
+        g = g.neg_() if owned else -g
+        owned = True
 
     if weight_decay != 0:
-        g = g.add(work, alpha=weight_decay)
+        g = g.add_(work, alpha=weight_decay) if owned else g.add(work, alpha=weight_decay)
+        owned = True
     if momentum != 0:
         if momentum_buffer is None:
             raise KernelError(where_what_got(_WHERE, "a `momentum_buffer` tensor when momentum != 0", None,
@@ -222,7 +226,10 @@ def sgd_ref(
             momentum_buffer.copy_(g)
         else:
             momentum_buffer.mul_(momentum).add_(g, alpha=1 - dampening)
-        g = g.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
+        if nesterov:
+            g = g.add_(momentum_buffer, alpha=momentum) if owned else g.add(momentum_buffer, alpha=momentum)
+        else:
+            g = momentum_buffer
     work.add_(g, alpha=-lr)
 
     if work is not param:

@@ -141,3 +141,31 @@ def lower(gm: fx.GraphModule, device: torch.device | str = "cpu") -> Lowered:
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return Lowered(run, lowered, kernels)
+
+
+def workspace_bytes(node: fx.Node, device: torch.device | str = "cpu") -> int:
+    """Bytes a memfit op allocates and frees while it runs, for the implementation ``lower`` picks.
+
+    Update ops copy a non-contiguous gradient (e.g. a transposed weight gradient) to a contiguous
+    one; the CPU references add their own param-sized temporaries (AdamW's ``denom``; SGD's first
+    owned gradient temporary when it scales, decays or uses Nesterov; an fp32 working copy of a
+    low-precision parameter). The Triton kernels keep everything else in registers.
+    """
+    target = node.target
+    if target not in (torch.ops.memfit.adamw_update.default, torch.ops.memfit.sgd_update.default):
+        return 0
+    param, grad = node.args[0].meta["val"], node.args[1].meta["val"]
+    micro_steps = node.args[-1]
+    fp32 = param.numel() * 4
+    total = 0
+    if micro_steps <= 1 and not grad.is_contiguous():
+        total += grad.numel() * grad.element_size()
+    if use_triton(torch.device(device)):
+        return total
+    if param.dtype != torch.float32:
+        total += fp32
+    if target is torch.ops.memfit.adamw_update.default:
+        return total + fp32 + (fp32 if micro_steps > 1 else 0)
+    momentum, nesterov, weight_decay = node.args[7], node.args[9], node.args[10]
+    owns_temp = micro_steps > 1 or weight_decay != 0 or (momentum != 0 and nesterov)
+    return total + (fp32 if owns_temp else 0)

@@ -14,9 +14,11 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx
 
 from ..graph import TrainGraph, is_view_op, saved_activations, storage_root, value_nbytes
+from .lower import workspace_bytes
 
 PERSISTENT = {"param": "parameters", "buffer": "buffers", "input": "batch", "hparam": "batch"}
 INTERMEDIATE = ("gradients", "saved activations", "temporaries")
@@ -77,8 +79,9 @@ def _owner(node: fx.Node) -> Any:
     return storage_root(node)
 
 
-def plan_memory(g: TrainGraph, budget_bytes: int | None = None) -> MemoryPlan:
-    """Predicted peak of one step of ``g`` as it is scheduled now."""
+def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
+                device: torch.device | str = "cpu") -> MemoryPlan:
+    """Predicted peak of one step of ``g`` as it is scheduled now, lowered for ``device``."""
     nodes = list(g.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     persistent: dict[str, int] = {}
@@ -127,7 +130,7 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None) -> MemoryPlan:
         if owner in category:
             frees.setdefault(i, []).append(owner)
 
-    live = dict.fromkeys(INTERMEDIATE, 0)
+    live = dict.fromkeys((*INTERMEDIATE, "kernel workspace"), 0)
     sizes = {o: b for owners in alloc.values() for o, b in owners}
     base = sum(persistent.values())
     best, best_at, best_node = -1, dict(live), "-"
@@ -135,10 +138,12 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None) -> MemoryPlan:
     for i, n in enumerate(nodes):
         for owner, nbytes in alloc.get(i, ()):
             live[category[owner]] += nbytes
+        live["kernel workspace"] = workspace_bytes(n, device)
         total = sum(live.values())
         timeline.append(base + total)
         if total > best:
             best, best_at, best_node = total, dict(live), n.name
+        live["kernel workspace"] = 0
         for owner in frees.get(i, ()):
             live[category[owner]] -= sizes[owner]
     at_peak = {**persistent, **best_at}
