@@ -17,6 +17,7 @@ The output node is derived, never edited by hand: passes change the signature an
 from __future__ import annotations
 
 import fnmatch
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -188,6 +189,15 @@ def is_view_op(node: fx.Node) -> bool:
     return bool(schema.returns) and schema.returns[0].alias_info is not None and not schema.returns[0].alias_info.is_write
 
 
+def _views_input(node: fx.Node) -> bool:
+    """``node`` is a view of its first argument: a view op, or an element of a view op's tuple (split)."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target is operator.getitem:
+        return is_view_op(node.args[0])
+    return is_view_op(node)
+
+
 def aliases(node: fx.Node) -> list[fx.Node]:
     """The node and every node that is a view of it (transitively)."""
     out, stack = [], [node]
@@ -198,7 +208,7 @@ def aliases(node: fx.Node) -> list[fx.Node]:
             continue
         seen.add(n)
         out.append(n)
-        stack.extend(u for u in n.users if is_view_op(u) and u.args and u.args[0] is n)
+        stack.extend(u for u in n.users if _views_input(u) and u.args[0] is n)
     return out
 
 
@@ -206,13 +216,13 @@ def alias_users(node: fx.Node) -> list[fx.Node]:
     """Every node that reads ``node`` or one of its views."""
     users: list[fx.Node] = []
     for a in aliases(node):
-        users.extend(u for u in a.users if not (is_view_op(u) and u.args and u.args[0] is a))
+        users.extend(u for u in a.users if not (_views_input(u) and u.args[0] is a))
     return users
 
 
 def storage_root(node: fx.Node) -> fx.Node:
     """The node that owns the storage ``node`` views (itself when it is no view)."""
-    while is_view_op(node) and node.args and isinstance(node.args[0], fx.Node):
+    while _views_input(node):
         node = node.args[0]
     return node
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..graph import TrainGraph, is_view_op, saved_activations, storage_root, value_nbytes
+from ..graph import TrainGraph, saved_activations, storage_root, value_nbytes
 from .lower import workspace_bytes
 
 PERSISTENT = {"param": "parameters", "buffer": "buffers", "input": "batch", "hparam": "batch"}
@@ -70,12 +70,7 @@ def fmt_bytes(n: int | float) -> str:
 
 
 def _owner(node: fx.Node) -> Any:
-    """Key of the storage a node's value lives in."""
-    if node.op == "call_function" and node.target is operator.getitem:
-        base = node.args[0]
-        if isinstance(base, fx.Node) and is_view_op(base):  # split/unbind: elements view the input
-            return _owner(storage_root(base.args[0]))
-        return node
+    """Key of the storage a node's value lives in: the node that allocated it."""
     return storage_root(node)
 
 
@@ -87,6 +82,8 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
     persistent: dict[str, int] = {}
     for n in g.placeholders():
         role = n.meta.get("memfit.role")
+        if role == "param" and n.meta.get("memfit.name") in g.tied:
+            continue  # one tensor under two names: counted once, under the canonical FQN
         if role == "state":
             spec = g.state_specs[n.meta["memfit.name"]]
             cat = {"optimizer": "optimizer state", "accumulator": "gradient accumulators"}.get(spec.kind, "pass state")
@@ -102,15 +99,19 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
         if n.op != "call_function":
             continue
         owner = _owner(n)
+        val = n.meta.get("val")
         if owner is n and owner not in seen_owner:
             seen_owner.add(owner)
-            nbytes = 0 if (n.target is not operator.getitem and isinstance(n.meta.get("val"), (tuple, list))
-                           and any(u.target is operator.getitem for u in n.users)) else value_nbytes(n.meta.get("val"))
-            if isinstance(n.meta.get("val"), (tuple, list)) and nbytes == 0:
-                # elements nobody reads still occupy memory until the tuple dies
+            if n.target is operator.getitem:
+                # a tuple element exists from the moment the tuple op ran, owned by the getitem reading it
+                alloc.setdefault(index[n.args[0]], []).append((owner, value_nbytes(val)))
+            elif isinstance(val, (tuple, list)):
+                # elements nobody reads live as long as the tuple itself
                 read = {u.args[1] for u in n.users if u.target is operator.getitem}
-                nbytes = sum(value_nbytes(v) for i, v in enumerate(n.meta["val"]) if i not in read)
-            alloc.setdefault(index[n], []).append((owner, nbytes))
+                alloc.setdefault(index[n], []).append(
+                    (owner, sum(value_nbytes(v) for i, v in enumerate(val) if i not in read)))
+            else:
+                alloc.setdefault(index[n], []).append((owner, value_nbytes(val)))
         for inp in n.all_input_nodes:
             key = _owner(inp)
             last_use[key] = max(last_use.get(key, -1), index[n])
