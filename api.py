@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -11,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BudgetError, ConfigError, where_what_got
-from .frontends.export import capture, flatten_batch
+from .errors import BudgetError, ConfigError, UnsupportedGraph, where_what_got
+from .frontends.export import capture, flatten_batch, locate_op_source
 from .graph import TrainGraph
 from .measure import PeakMeasurement, measure_peak
 from .passes.base import Pass, Pipeline, make_pass
@@ -33,9 +34,7 @@ def parse_budget(budget: int | float | str | None, device: torch.device | None =
     if isinstance(budget, bool):
         raise ConfigError(where_what_got("budget", "bytes, '12GB', '512MiB' or '80%'", budget, "fix the budget"))
     if isinstance(budget, (int, float)):
-        if budget <= 0:
-            raise ConfigError(where_what_got("budget", "a positive number of bytes", budget, "fix the budget"))
-        return int(budget)
+        return _whole_bytes(float(budget), budget)
     if isinstance(budget, str):
         s = budget.strip().lower().replace(" ", "")
         m = re.fullmatch(r"(\d+(?:\.\d+)?)%", s)
@@ -45,10 +44,17 @@ def parse_budget(budget: int | float | str | None, device: torch.device | None =
                 raise ConfigError(where_what_got("budget", "a percentage in (0, 100]", budget, "e.g. '80%'"))
             return int(frac * device_memory_bytes(device))
         m = re.fullmatch(r"(\d+(?:\.\d+)?(?:e\d+)?)([kmgt]i?b|b)?", s)
-        if m and float(m.group(1)) > 0:
-            return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+        if m:
+            return _whole_bytes(float(m.group(1)) * _UNITS[m.group(2) or ""], budget)
     raise ConfigError(where_what_got("budget", "bytes (12e9), a size ('12GB', '512MiB') or a share ('80%')",
                                      repr(budget), "fix the budget string"))
+
+
+def _whole_bytes(value: float, given: object) -> int:
+    if not (math.isfinite(value) and value >= 1):
+        raise ConfigError(where_what_got("budget", "a finite size of at least 1 byte", repr(given),
+                                         "e.g. 12e9, '12GB' or '80%'"))
+    return int(value)
 
 
 def device_memory_bytes(device: torch.device | None) -> int:
@@ -148,12 +154,26 @@ class Trainer:
             got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
             raise ConfigError(where_what_got(where, f"a dict with format {STATE_FORMAT!r}", got,
                                              "pass what Trainer.state_dict() returned"))
+        missing = [k for k in ("step", "passes", "params", "buffers", "state", "rng") if k not in sd]
+        if missing:
+            raise ConfigError(where_what_got(where, "keys step, passes, params, buffers, state, rng",
+                                             f"a dict missing {missing}", "pass what Trainer.state_dict() returned"))
+        if not (isinstance(sd["step"], int) and sd["step"] >= 0):
+            raise ConfigError(where_what_got(f"{where}['step']", "an int >= 0", repr(sd["step"]),
+                                             "pass what Trainer.state_dict() returned"))
+        rng = sd["rng"]
+        if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.dim() == 1):
+            raise ConfigError(where_what_got(f"{where}['rng']", "a 1-D uint8 tensor (torch.get_rng_state())",
+                                             type(rng).__name__, "pass what Trainer.state_dict() returned"))
         if list(sd["passes"]) != list(self.graph.applied):
             raise ConfigError(where_what_got(where, f"state saved with passes {self.graph.applied}",
                                              sd["passes"], "build the Trainer with the same passes"))
         ex = self.executor
         for group, mine in (("params", ex.params), ("buffers", ex.buffers), ("state", ex.state)):
             theirs = sd[group]
+            if not isinstance(theirs, dict) or not all(isinstance(t, torch.Tensor) for t in theirs.values()):
+                raise ConfigError(where_what_got(f"{where}[{group!r}]", "a dict of tensors", type(theirs).__name__,
+                                                 "pass what Trainer.state_dict() returned"))
             if set(theirs) != set(mine):
                 diff = sorted(set(theirs) ^ set(mine))[:5]
                 raise ConfigError(where_what_got(f"{where}[{group!r}]", "the same tensor names", f"differences {diff}",
@@ -166,8 +186,8 @@ class Trainer:
         for group, mine in (("params", ex.params), ("buffers", ex.buffers), ("state", ex.state)):
             for k, t in sd[group].items():
                 mine[k].copy_(t)
-        self.step_count = int(sd["step"])
-        torch.set_rng_state(sd["rng"])
+        self.step_count = sd["step"]
+        torch.set_rng_state(rng)
 
     def export(self) -> nn.Module:
         """A plain nn.Module (a copy of the model) holding the trained weights."""
@@ -193,8 +213,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     ``example_inputs`` is one batch: ``(inputs..., target)`` with ``loss_fn(output, target)``, or the
     model's inputs when the model returns its loss (a single dict batch is passed as keywords).
     Without ``passes=`` memfit applies the lossless defaults: ``freeze`` (when ``frozen`` globs are
-    given), ``remat`` (recompute what costs no memory) and ``fused_update``. ``micro_steps`` splits each batch into that many micro-batches and
-    accumulates their gradients before one update.
+    given), ``remat`` (recompute what costs no memory) and ``fused_update``. ``micro_steps`` splits
+    each batch into that many micro-batches and accumulates their gradients before one update.
     """
     optimizer = AdamW() if optimizer is None else optimizer
     if not isinstance(optimizer, (AdamW, SGD)):
@@ -207,7 +227,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     device = _device_of(model, flat)
     budget_bytes = parse_budget(budget, device)
     if not (isinstance(micro_steps, int) and micro_steps >= 1):
-        raise ConfigError(where_what_got("memfit.optimize(micro_steps=)", "an int >= 1", micro_steps, "e.g. 4"))
+        raise ConfigError(where_what_got("memfit.optimize(micro_steps=)", "an int >= 1", micro_steps,
+                                         "e.g. 4"))
     if micro_steps > 1:
         if any(t.dim() == 0 or t.shape[0] % micro_steps for t in flat):
             raise ConfigError(where_what_got("memfit.optimize(micro_steps=)", "batch dim divisible by micro_steps",
@@ -222,12 +243,19 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
                     frozen=tuple(frozen))
     specs = list(passes) if passes is not None else names
     g = Pipeline([make_pass(s, **defaults) for s in specs])(g)
-    trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
-                      lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device)
+    try:
+        trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
+                          lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device)
+    except UnsupportedGraph as e:
+        where = locate_op_source(model, capture_inputs, loss_fn, e.op) if e.op else None
+        if where is None:
+            raise
+        raise UnsupportedGraph(f"{e} [op called at {where}]", op=e.op, node=e.node) from e
     if budget_bytes is not None and trainer.plan.peak_bytes > budget_bytes:
         raise BudgetError(where_what_got(
             "memfit.optimize", f"a predicted peak within the budget {fmt_bytes(budget_bytes)}",
             f"{fmt_bytes(trainer.plan.peak_bytes)} with passes {list(g.applied)} "
-            f"(at peak: {', '.join(f'{k} {fmt_bytes(v)}' for k, v in trainer.plan.at_peak.items() if v)})",
+            f"(at peak: {', '.join(f'{k} {fmt_bytes(v)}' for k, v in trainer.plan.at_peak.items() if v)}); "
+            f"largest live at the peak: {trainer.plan.describe_largest()}",
             "raise the budget, shrink the batch, or freeze parameters (frozen=...)"))
     return trainer

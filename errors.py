@@ -15,7 +15,15 @@ class ConfigError(MemfitError, ValueError):
 
 
 class UnsupportedGraph(MemfitError):
-    """The captured graph holds something memfit cannot capture, rewrite or lower."""
+    """The captured graph holds something memfit cannot capture, rewrite or lower.
+
+    ``op`` and ``node`` name the offending op and node when there is one.
+    """
+
+    def __init__(self, message: str, *, op: str | None = None, node: str | None = None):
+        super().__init__(message)
+        self.op = op
+        self.node = node
 
 
 class BudgetError(MemfitError):

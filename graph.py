@@ -186,7 +186,8 @@ def is_view_op(node: fx.Node) -> bool:
         return False
     if schema.name in _UNTRACKED_VIEWS:
         return True
-    return bool(schema.returns) and schema.returns[0].alias_info is not None and not schema.returns[0].alias_info.is_write
+    alias = schema.returns[0].alias_info if schema.returns else None
+    return alias is not None and not alias.is_write
 
 
 def _views_input(node: fx.Node) -> bool:
@@ -250,6 +251,18 @@ def value_nbytes(val: Any) -> int:
     if isinstance(val, (tuple, list)):
         return sum(value_nbytes(v) for v in val)
     return 0
+
+
+def user_frame(stack_trace: str) -> str | None:
+    """The innermost frame of a recorded stack that is model code (not torch, not generated code)."""
+    lines = [ln.rstrip() for ln in stack_trace.splitlines() if ln.strip()]
+    best = None
+    for i, ln in enumerate(lines):
+        s = ln.strip()
+        if s.startswith("File ") and "<eval_with_key>" not in s and "/torch/" not in s and "memfit" not in s:
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].strip().startswith("File ") else ""
+            best = f"{s}: {code}" if code else s
+    return best
 
 
 def _safe_name(name: str) -> str:

@@ -47,7 +47,8 @@ def build_llama(name: str = "tiny-llama", seed: int = 0, **overrides: Any) -> nn
     return LlamaForCausalLM(llama_config(name, **overrides))
 
 
-def build_gpt2_small(seed: int = 0, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, vocab: int = 256) -> nn.Module:
+def build_gpt2_small(seed: int = 0, n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
+                     vocab: int = 256) -> nn.Module:
     """A small byte-level ``GPT2LMHeadModel`` (dropout off so it is deterministic)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -23,7 +23,7 @@ from memfit import models
 from memfit.runtime.memory import fmt_bytes
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import median_time, write_table  # noqa: E402
+from _common import median_time, write_table
 
 
 def eager_step(model, opt, x, y):

@@ -13,15 +13,15 @@ single dict is passed as keyword arguments.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from ..errors import ConfigError, UnsupportedGraph, where_what_got
-from ..graph import NAME_KEY, ROLE_KEY, TrainGraph
+from ..graph import NAME_KEY, ROLE_KEY, TrainGraph, user_frame
 
 _PREFIX = "model."
 
@@ -71,12 +71,14 @@ class _StepModule(nn.Module):
         out = self.model(*flat[:-1])
         loss = self.loss_fn(out, flat[-1])
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
-            raise ConfigError(where_what_got("memfit.capture: loss_fn", "a 0-dim tensor", type(loss).__name__,
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(where_what_got("memfit.capture: loss_fn", "a 0-dim tensor", got,
                                              "reduce the loss (e.g. .mean()) inside loss_fn"))
         return (loss,)
 
 
-def flatten_batch(batch: Sequence[Any], where: str = "memfit") -> tuple[tuple[torch.Tensor, ...], tuple[str, ...] | None]:
+def flatten_batch(batch: Sequence[Any], where: str = "memfit"
+                  ) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...] | None]:
     """A batch as flat tensors plus the dict keys when the batch is one dict."""
     if len(batch) == 1 and isinstance(batch[0], dict):
         keys = tuple(batch[0].keys())
@@ -89,21 +91,6 @@ def flatten_batch(batch: Sequence[Any], where: str = "memfit") -> tuple[tuple[to
             raise ConfigError(where_what_got(where, f"{name} to be a tensor", type(v).__name__,
                                              "pass tensors only (non-tensor settings belong in the model)"))
     return values, keys
-
-
-@contextlib.contextmanager
-def _requires_grad(model: nn.Module, frozen: set[str]):
-    """Temporarily set requires_grad=False on frozen FQNs so AOTAutograd never builds their backward."""
-    changed = []
-    for name, p in model.named_parameters():
-        if name in frozen and p.requires_grad:
-            p.requires_grad_(False)
-            changed.append(p)
-    try:
-        yield
-    finally:
-        for p in changed:
-            p.requires_grad_(True)
 
 
 def capture(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable | None = None) -> TrainGraph:
@@ -119,8 +106,10 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable |
         raise ConfigError(where_what_got("memfit.capture", "at least one parameter with requires_grad=True",
                                          "none", "unfreeze something to train"))
     wrapper = _StepModule(model, loss_fn, keys)
+    mode, fakes, fake_inputs = _fake_world(wrapper, flat)
     try:
-        gm, sig = aot_export_module(wrapper, flat, trace_joint=True, output_loss_index=0)
+        with _reparametrize_module(wrapper, fakes, tie_weights=True):
+            gm, sig = aot_export_module(wrapper, fake_inputs, trace_joint=True, output_loss_index=0)
     except ConfigError:
         raise
     except Exception as e:  # surface the model's own error, with where it came from
@@ -133,19 +122,37 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable |
                                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                                               "remove data-dependent Python control flow or report the model")
                                ) from e
-    named = {**dict(wrapper.named_parameters(remove_duplicate=False)),
-             **dict(wrapper.named_buffers(remove_duplicate=False))}
-    tg = _to_train_graph(gm, sig, trainable, named, flat)
+    tg = _to_train_graph(gm, sig, trainable)
+    tg.fake = mode
     _merge_tied(tg, model)
     return tg
+
+
+def _fake_world(wrapper: nn.Module, flat: Sequence[torch.Tensor]):
+    """FakeTensors for every parameter, buffer and input: capture traces shapes, allocates nothing.
+
+    Tied tensors map to one fake tensor, so AOTAutograd sees the tie. Tensors the model creates while
+    running (``torch.arange`` positions, constants) are converted by the mode (allow_non_fake_inputs).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    memo: dict[int, torch.Tensor] = {}
+    fakes: dict[str, torch.Tensor] = {}
+    named = [*wrapper.named_parameters(remove_duplicate=False), *wrapper.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if id(t) not in memo:
+            memo[id(t)] = mode.from_tensor(t, static_shapes=True)
+        fakes[name] = memo[id(t)]
+    fake_inputs = tuple(mode.from_tensor(t, static_shapes=True) for t in flat)
+    return mode, fakes, fake_inputs
 
 
 def _strip(fqn: str) -> str:
     return fqn[len(_PREFIX):] if fqn.startswith(_PREFIX) else fqn
 
 
-def _to_train_graph(gm: fx.GraphModule, sig, trainable: list[str], named: dict[str, torch.Tensor],
-                    flat: Sequence[torch.Tensor]) -> TrainGraph:
+def _to_train_graph(gm: fx.GraphModule, sig, trainable: list[str]) -> TrainGraph:
     nodes = {n.name: n for n in gm.graph.nodes}
     params: dict[str, fx.Node] = {}
     buffers: dict[str, fx.Node] = {}
@@ -176,31 +183,10 @@ def _to_train_graph(gm: fx.GraphModule, sig, trainable: list[str], named: dict[s
                     buffer_updates=buffer_updates, trainable=tuple(p for p in order if p in grad_of))
     missing = [p for p in trainable if p not in grad_of]
     tg.info["capture"] = {"no_grad_params": missing}
-    _fakeify(tg, sig, named, flat)
     tg.sync_outputs()
     tg.graph.lint()
     tg.recompile()
     return tg
-
-
-def _fakeify(tg: TrainGraph, sig, named: dict[str, torch.Tensor], flat: Sequence[torch.Tensor]) -> None:
-    """Give every node a FakeTensor ``meta["val"]`` from one FakeTensorMode, kept on the TrainGraph."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
-    real = {}
-    for name, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
-        real[name] = named[fqn]
-    for name, t in zip(sig.user_inputs, flat, strict=True):
-        real[name] = t
-    vals = []
-    for n in tg.placeholders():
-        fake = mode.from_tensor(real[n.name].detach(), static_shapes=True)
-        n.meta["val"] = fake
-        vals.append(fake)
-    tg.fake = mode
-    FakeTensorProp(tg.gm, mode).propagate_dont_convert_inputs(*vals)
 
 
 def _merge_tied(tg: TrainGraph, model: nn.Module) -> None:
@@ -232,3 +218,27 @@ def _merge_tied(tg: TrainGraph, model: nn.Module) -> None:
         tg.sync_outputs()
         tg.graph.lint()
         tg.recompile()
+
+
+def locate_op_source(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable | None,
+                     op_name: str) -> str | None:
+    """The model source line of the first call that produced ``op_name`` (e.g. ``"aten::mm"``), or None.
+
+    The joint graph's nodes carry AOTAutograd's generated code as their stack, not the model's, so this
+    re-traces the forward alone (fake tensors, stack traces recorded) and reads the first matching node.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    flat, keys = flatten_batch(example_inputs)
+    wrapper = _StepModule(model, loss_fn, keys)
+    mode, fakes, fake_inputs = _fake_world(wrapper, flat)
+    try:
+        with _reparametrize_module(wrapper, fakes, tie_weights=True), mode:
+            gm = make_fx(wrapper, record_stack_traces=True)(*fake_inputs)
+    except Exception:
+        return None
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.name == op_name:
+            return user_frame(node.meta.get("stack_trace") or "")
+    return None

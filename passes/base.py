@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import fx
 
 from ..errors import ConfigError, MemfitError, UnsupportedGraph, where_what_got
 from ..graph import ROLE_KEY, TrainGraph, alias_users, aliases, is_view_op  # noqa: F401 (re-exported)

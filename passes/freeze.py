@@ -46,6 +46,7 @@ class Freeze(Pass):
         before_nodes = len(g.graph.nodes)
         for fqn in hit:
             g.grad_outputs.remove(fqn)
+            del g.grad_of[fqn]  # its node is about to be dead-code-eliminated
         g.trainable = tuple(p for p in g.trainable if p not in hit)
         g.sync_outputs()
         g.eliminate_dead_code()

@@ -21,6 +21,7 @@ from torch import fx
 
 from .. import ops as memfit_ops
 from ..errors import UnsupportedGraph, where_what_got
+from ..graph import user_frame
 
 log = logging.getLogger("memfit.lower")
 
@@ -74,15 +75,8 @@ def _bind(runner: Callable, kernel: Callable, label: str) -> Callable:
 
 
 def source_line(node: fx.Node) -> str:
-    """The model source line a node was traced from (last frame of its stack trace), or '?'."""
-    trace = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    frames = [ln for ln in lines if ln.startswith("File ")]
-    if frames:
-        idx = lines.index(frames[-1])
-        code = lines[idx + 1] if idx + 1 < len(lines) else ""
-        return f"{frames[-1]}: {code}"
-    return "?"
+    """The model source line a node was traced from (innermost model frame of its stack), or '?'."""
+    return user_frame(node.meta.get("stack_trace") or "") or "?"
 
 
 def check_lowerable(node: fx.Node, device: torch.device) -> None:
@@ -104,7 +98,8 @@ def check_lowerable(node: fx.Node, device: torch.device) -> None:
         raise UnsupportedGraph(where_what_got(
             f"memfit.lower: node {node.name!r} (from {source_line(node)})",
             f"an op with a {device.type} kernel", f"{name} with none",
-            f"register a {device.type} implementation for {name} or keep that code out of the step"))
+            f"register a {device.type} implementation for {name} or keep that code out of the step"),
+            op=name, node=node.name)
     if isinstance(target, torch._ops.HigherOrderOperator):
         raise UnsupportedGraph(where_what_got(
             f"memfit.lower: node {node.name!r} (from {source_line(node)})", "ATen ops",

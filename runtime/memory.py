@@ -37,6 +37,7 @@ class MemoryPlan:
     passes: tuple[str, ...]
     budget_bytes: int | None = None
     measured_peak_bytes: int | None = None
+    largest_at_peak: tuple[tuple[str, int, str], ...] = ()  # (tensor, bytes, category), five largest
     timeline: tuple[int, ...] = field(default=(), repr=False)
 
     def with_measured(self, peak_bytes: int) -> MemoryPlan:
@@ -57,7 +58,12 @@ class MemoryPlan:
         lines += [f"  {a:<{width}}  {b:>12}" for a, b in rows]
         lines.append(f"  {'saved activations (all)':<{width}}  {fmt_bytes(self.saved_activation_bytes):>12}")
         lines.append(f"  {'gradients (all)':<{width}}  {fmt_bytes(self.gradient_bytes):>12}")
+        if self.largest_at_peak:
+            lines.append("  largest live at the peak: " + self.describe_largest())
         return "\n".join(lines)
+
+    def describe_largest(self) -> str:
+        return ", ".join(f"{name} {fmt_bytes(b)} ({cat})" for name, b, cat in self.largest_at_peak)
 
 
 def fmt_bytes(n: int | float) -> str:
@@ -80,6 +86,7 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
     nodes = list(g.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     persistent: dict[str, int] = {}
+    resident: list[tuple[str, int, str]] = []
     for n in g.placeholders():
         role = n.meta.get("memfit.role")
         if role == "param" and n.meta.get("memfit.name") in g.tied:
@@ -90,6 +97,7 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
         else:
             cat = PERSISTENT.get(role, "batch")
         persistent[cat] = persistent.get(cat, 0) + value_nbytes(n.meta.get("val"))
+        resident.append((n.meta.get("memfit.name", n.name), value_nbytes(n.meta.get("val")), cat))
 
     out_node = nodes[-1]
     last_use: dict[Any, int] = {}
@@ -134,21 +142,26 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
     live = dict.fromkeys((*INTERMEDIATE, "kernel workspace"), 0)
     sizes = {o: b for owners in alloc.values() for o, b in owners}
     base = sum(persistent.values())
-    best, best_at, best_node = -1, dict(live), "-"
+    best, best_at, best_node, best_live = -1, dict(live), "-", []
+    live_owners: dict[Any, int] = {}
     timeline = []
     for i, n in enumerate(nodes):
         for owner, nbytes in alloc.get(i, ()):
             live[category[owner]] += nbytes
+            live_owners[owner] = nbytes
         live["kernel workspace"] = workspace_bytes(n, device)
         total = sum(live.values())
         timeline.append(base + total)
         if total > best:
             best, best_at, best_node = total, dict(live), n.name
+            best_live = [(o.name, b, category[o]) for o, b in live_owners.items()]
         live["kernel workspace"] = 0
         for owner in frees.get(i, ()):
             live[category[owner]] -= sizes[owner]
+            live_owners.pop(owner, None)
     at_peak = {**persistent, **best_at}
     grads_total = sum(sizes[o] for o in grad_roots if o in sizes)
     return MemoryPlan(peak_bytes=base + max(best, 0), persistent=persistent, at_peak=at_peak, peak_node=best_node,
                       saved_activation_bytes=sum(sizes.get(o, 0) for o in saved), gradient_bytes=grads_total,
-                      passes=tuple(g.applied), budget_bytes=budget_bytes, timeline=tuple(timeline))
+                      passes=tuple(g.applied), budget_bytes=budget_bytes, timeline=tuple(timeline),
+                      largest_at_peak=tuple(sorted(resident + best_live, key=lambda t: -t[1])[:5]))

@@ -16,7 +16,17 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 
-import torch  # noqa: E402
+import sys
+from pathlib import Path
+
+import torch
+
+import memfit
+
+# The repository root is the package and holds an __init__.py, so pytest may import it a second time
+# under the folder's name (e.g. `main`), re-registering memfit's ops and replacing the objects behind
+# torch.ops.memfit.*. Aliasing that name to the installed package keeps one copy.
+sys.modules.setdefault(Path(memfit.__file__).resolve().parent.name, memfit)
 
 DEVICE = "cuda" if _HAS_CUDA else "cpu"
 

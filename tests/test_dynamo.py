@@ -57,11 +57,11 @@ def test_compile_backend_gradients_match_eager(name):
 def test_backend_object_and_entry_point():
     torch._dynamo.reset()
     assert "memfit" in torch._dynamo.list_backends(), "entry point torch_dynamo_backends:memfit not installed"
-    model, (x, y), loss_fn = _case("mlp")
+    model, (x, _), _ = _case("mlp")
     compiled = torch.compile(copy.deepcopy(model), backend=memfit.backend())
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_backend_refuses_what_it_cannot_honour():
-    with pytest.raises(memfit.ConfigError, match="memfit.backend: expected no budget and no passes"):
+    with pytest.raises(memfit.ConfigError, match=r"memfit\.backend: expected no budget and no passes"):
         memfit.backend(budget="8GB")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from memfit.errors import ConfigError
 from memfit.measure import LiveBytesTracker, PeakMeasurement, measure_peak, profiler_peak_bytes
-from torch import nn
 
 MIB = 1 << 20
 FLOATS_PER_MIB = MIB // 4
