@@ -69,6 +69,11 @@ class TrainGraph:
     info: dict[str, Any] = field(default_factory=dict)  # per-pass reports (e.g. freeze: dropped bytes)
     fake: Any = None  # the FakeTensorMode every meta["val"] belongs to
     tied: dict[str, str] = field(default_factory=dict)  # tied-weight FQN -> the canonical FQN it shares
+    # A joint graph from torch.compile (AOTAutograd's partition hook): its output node is AOTAutograd's
+    # (forward outputs, then one gradient slot per input) and is kept as is; the backward is seeded by
+    # tangent inputs rather than by the loss.
+    joint: bool = False
+    forward_outputs: list[fx.Node] = field(default_factory=list)
 
     def param_readers(self, fqn: str) -> list[fx.Node]:
         """Every node reading the parameter's storage: through its placeholder, its views or a tied alias."""
@@ -107,7 +112,7 @@ class TrainGraph:
 
     def forward_nodes(self) -> set[fx.Node]:
         seen: set[fx.Node] = set()
-        stack = [self.loss, *self.buffer_updates.values()]
+        stack = [self.loss, *self.buffer_updates.values(), *self.forward_outputs]
         while stack:
             n = stack.pop()
             if n in seen:
@@ -152,6 +157,8 @@ class TrainGraph:
 
     def sync_outputs(self) -> None:
         """Rewrite the output node from the signature (loss, buffer updates, remaining grads)."""
+        if self.joint:
+            return
         out = next(n for n in reversed(self.graph.nodes) if n.op == "output")
         values = [self.loss, *self.buffer_updates.values(), *(self.grad_of[p] for p in self.grad_outputs)]
         out.args = (tuple(values),)

@@ -50,6 +50,7 @@ class Pass:
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()  # passes this one must precede when both are present
+    joint_ok: ClassVar[bool] = False  # runs on torch.compile joint graphs (keeps the output structure)
     lossless: ClassVar[bool] = True
 
     def run(self, g: TrainGraph) -> PassResult:  # pragma: no cover - abstract

@@ -44,6 +44,7 @@ def is_cheap(node: fx.Node) -> bool:
 class Remat(Pass):
     mode: Literal["free"] = "free"
     before = ("fused_update",)
+    joint_ok = True  # also runs on torch.compile's joint graphs
 
     def __post_init__(self):
         if self.mode != "free":
@@ -56,7 +57,7 @@ class Remat(Pass):
         index = {n: i for i, n in enumerate(nodes)}
         forward = g.forward_nodes()
         backward = g.backward_nodes()
-        protected = {storage_root(v) for v in (g.loss, *g.buffer_updates.values())}
+        protected = {storage_root(v) for v in (g.loss, *g.buffer_updates.values(), *g.forward_outputs)}
         saved = saved_activations(g)
 
         def backward_readers(root: fx.Node) -> list[fx.Node]:
