@@ -203,6 +203,41 @@ def _device_of(model: nn.Module, flat: Sequence[torch.Tensor]) -> torch.device:
     return flat[0].device if flat else torch.device("cpu")
 
 
+def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Callable | None = None,
+                optimizer: AdamW | SGD | None = None, passes: Sequence[str | Pass | tuple[str, dict]] | None = None,
+                frozen: Sequence[str] = (), clip_grad_norm: float | None = None, clip: str = "global",
+                micro_steps: int = 1) -> TrainGraph:
+    """Capture and rewrite one training step (fake tensors throughout: nothing of the model's size is allocated)."""
+    optimizer = AdamW() if optimizer is None else optimizer
+    if not isinstance(optimizer, (AdamW, SGD)):
+        raise ConfigError(where_what_got("memfit.optimize(optimizer=)", "memfit.AdamW(...) or memfit.SGD(...)",
+                                         type(optimizer).__name__, "memfit builds the update into the graph"))
+    g = capture(model, example_inputs, loss_fn)
+    names = (["freeze"] if frozen else []) + ["remat", "fused_update"]
+    defaults = dict(optimizer=optimizer, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
+                    frozen=tuple(frozen))
+    specs = list(passes) if passes is not None else names
+    return Pipeline([make_pass(s, **defaults) for s in specs])(g)
+
+
+def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float | str | None = None,
+         loss_fn: Callable | None = None, optimizer: AdamW | SGD | None = None,
+         passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
+         device: torch.device | str | None = None) -> MemoryPlan:
+    """The memory plan of one training step, without running it or allocating the model's tensors.
+
+    ``model`` and ``example_inputs`` may live on the ``meta`` device (build the model under
+    ``torch.device("meta")``), which is how 7B-scale models are planned on a laptop; ``device`` says
+    which runtime the plan is for (kernel workspaces differ), default the inputs' device or CPU.
+    """
+    flat, _ = flatten_batch(example_inputs, "memfit.plan: example_inputs")
+    dev = torch.device(device) if device is not None else _device_of(model, flat)
+    if dev.type == "meta":
+        dev = torch.device("cpu")
+    g = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen)
+    return plan_memory(g, parse_budget(budget, dev), dev)
+
+
 def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float | str | None = None,
              loss_fn: Callable | None = None, optimizer: AdamW | SGD | None = None,
              passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
@@ -217,9 +252,6 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     each batch into that many micro-batches and accumulates their gradients before one update.
     """
     optimizer = AdamW() if optimizer is None else optimizer
-    if not isinstance(optimizer, (AdamW, SGD)):
-        raise ConfigError(where_what_got("memfit.optimize(optimizer=)", "memfit.AdamW(...) or memfit.SGD(...)",
-                                         type(optimizer).__name__, "memfit builds the update into the graph"))
     if not isinstance(example_inputs, (tuple, list)):
         raise ConfigError(where_what_got("memfit.optimize(example_inputs=)", "a tuple (one batch)",
                                          type(example_inputs).__name__, "wrap it: example_inputs=(x, y)"))
@@ -237,12 +269,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         capture_inputs = (dict(zip(keys, micro, strict=True)),) if keys else tuple(micro)
     else:
         capture_inputs = tuple(example_inputs)
-    g = capture(model, capture_inputs, loss_fn)
-    names = (["freeze"] if frozen else []) + ["remat", "fused_update"]
-    defaults = dict(optimizer=optimizer, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
-                    frozen=tuple(frozen))
-    specs = list(passes) if passes is not None else names
-    g = Pipeline([make_pass(s, **defaults) for s in specs])(g)
+    g = build_graph(model, capture_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen,
+                    clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps)
     try:
         trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
                           lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device)

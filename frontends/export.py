@@ -142,10 +142,21 @@ def _fake_world(wrapper: nn.Module, flat: Sequence[torch.Tensor]):
     named = [*wrapper.named_parameters(remove_duplicate=False), *wrapper.named_buffers(remove_duplicate=False)]
     for name, t in named:
         if id(t) not in memo:
-            memo[id(t)] = mode.from_tensor(t, static_shapes=True)
+            memo[id(t)] = _to_fake(mode, t)
         fakes[name] = memo[id(t)]
-    fake_inputs = tuple(mode.from_tensor(t, static_shapes=True) for t in flat)
+    fake_inputs = tuple(_to_fake(mode, t) for t in flat)
     return mode, fakes, fake_inputs
+
+
+def _to_fake(mode, t: torch.Tensor) -> torch.Tensor:
+    """A FakeTensor of ``t``; a ``meta`` tensor (a model planned without allocating) becomes a CPU fake,
+    so the trace takes the same kernels (SDPA, decompositions) as a CPU run would."""
+    if t.device.type != "meta":
+        return mode.from_tensor(t, static_shapes=True)
+    fake = mode.fake_tensor_converter.from_meta_and_device(mode, t, torch.device("cpu"))
+    if t.requires_grad:
+        fake.requires_grad_(True)
+    return fake
 
 
 def _strip(fqn: str) -> str:

@@ -38,6 +38,9 @@ class MemoryPlan:
     budget_bytes: int | None = None
     measured_peak_bytes: int | None = None
     largest_at_peak: tuple[tuple[str, int, str], ...] = ()  # (tensor, bytes, category), five largest
+    # bytes per category at every node of the schedule (persistent categories are constant lines)
+    category_timeline: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    node_names: tuple[str, ...] = field(default=(), repr=False)
     timeline: tuple[int, ...] = field(default=(), repr=False)
 
     def with_measured(self, peak_bytes: int) -> MemoryPlan:
@@ -145,6 +148,7 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
     best, best_at, best_node, best_live = -1, dict(live), "-", []
     live_owners: dict[Any, int] = {}
     timeline = []
+    per_cat: dict[str, list[int]] = {k: [] for k in live}
     for i, n in enumerate(nodes):
         for owner, nbytes in alloc.get(i, ()):
             live[category[owner]] += nbytes
@@ -152,6 +156,8 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
         live["kernel workspace"] = workspace_bytes(n, device)
         total = sum(live.values())
         timeline.append(base + total)
+        for k, v in live.items():
+            per_cat[k].append(v)
         if total > best:
             best, best_at, best_node = total, dict(live), n.name
             best_live = [(o.name, b, category[o]) for o, b in live_owners.items()]
@@ -164,4 +170,7 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
     return MemoryPlan(peak_bytes=base + max(best, 0), persistent=persistent, at_peak=at_peak, peak_node=best_node,
                       saved_activation_bytes=sum(sizes.get(o, 0) for o in saved), gradient_bytes=grads_total,
                       passes=tuple(g.applied), budget_bytes=budget_bytes, timeline=tuple(timeline),
-                      largest_at_peak=tuple(sorted(resident + best_live, key=lambda t: -t[1])[:5]))
+                      largest_at_peak=tuple(sorted(resident + best_live, key=lambda t: -t[1])[:5]),
+                      category_timeline={**{k: (v,) * len(nodes) for k, v in persistent.items()},
+                                         **{k: tuple(v) for k, v in per_cat.items()}},
+                      node_names=tuple(n.name for n in nodes))
