@@ -10,10 +10,11 @@ from .measure import PeakMeasurement, measure_peak
 from .passes.base import MemoryEffect, Pass, PassResult, Pipeline, register_pass, registered_passes
 from .passes.fused_update import SGD, AdamW
 from .runtime.memory import MemoryPlan
+from .runtime.plot import plot_memory
 
 __version__ = "0.1.0"
 __all__ = [
     "SGD", "AdamW", "BudgetError", "ConfigError", "KernelError", "MemfitError", "MemoryEffect", "MemoryPlan",
     "Pass", "PassResult", "PeakMeasurement", "Pipeline", "StateSpec", "TrainGraph", "Trainer", "UnsupportedGraph",
-    "backend", "measure_peak", "optimize", "parse_budget", "plan", "register_pass", "registered_passes",
+    "backend", "measure_peak", "optimize", "parse_budget", "plan", "plot_memory", "register_pass", "registered_passes",
 ]

@@ -12,15 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BudgetError, ConfigError, UnsupportedGraph, where_what_got
+from .errors import ConfigError, UnsupportedGraph, where_what_got
 from .frontends.export import capture, flatten_batch, locate_op_source
 from .graph import TrainGraph
 from .measure import PeakMeasurement, measure_peak
-from .passes.base import Pass, Pipeline, make_pass
+from .passes.base import Pass, make_pass
 from .passes.fused_update import SGD, AdamW
 from .runtime.executor import Executor
 from .runtime.lower import lower
 from .runtime.memory import MemoryPlan, fmt_bytes, plan_memory
+from .runtime.planner import choose
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -206,18 +207,26 @@ def _device_of(model: nn.Module, flat: Sequence[torch.Tensor]) -> torch.device:
 def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Callable | None = None,
                 optimizer: AdamW | SGD | None = None, passes: Sequence[str | Pass | tuple[str, dict]] | None = None,
                 frozen: Sequence[str] = (), clip_grad_norm: float | None = None, clip: str = "global",
-                micro_steps: int = 1) -> TrainGraph:
-    """Capture and rewrite one training step (fake tensors throughout: nothing of the model's size is allocated)."""
+                micro_steps: int = 1, budget_bytes: int | None = None,
+                device: torch.device | str = "cpu") -> tuple[TrainGraph, MemoryPlan]:
+    """Capture one training step and let the planner rewrite it to fit ``budget_bytes`` (fake tensors
+    throughout: nothing of the model's size is allocated). Returns the graph and its plan."""
     optimizer = AdamW() if optimizer is None else optimizer
     if not isinstance(optimizer, (AdamW, SGD)):
         raise ConfigError(where_what_got("memfit.optimize(optimizer=)", "memfit.AdamW(...) or memfit.SGD(...)",
                                          type(optimizer).__name__, "memfit builds the update into the graph"))
     g = capture(model, example_inputs, loss_fn)
-    names = (["freeze"] if frozen else []) + ["remat", "fused_update"]
     defaults = dict(optimizer=optimizer, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
                     frozen=tuple(frozen))
-    specs = list(passes) if passes is not None else names
-    return Pipeline([make_pass(s, **defaults) for s in specs])(g)
+
+    def make(spec):
+        return make_pass(spec, **defaults)
+
+    explicit = [make(s) for s in passes] if passes is not None else None
+    choice = choose(g, budget_bytes, device=device, make=make, head=("freeze",) if frozen else (),
+                    explicit=explicit)
+    choice.graph.info["planner"] = {"trials": [t.__dict__ for t in choice.trials]}
+    return choice.graph, choice.plan
 
 
 def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float | str | None = None,
@@ -234,8 +243,9 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     dev = torch.device(device) if device is not None else _device_of(model, flat)
     if dev.type == "meta":
         dev = torch.device("cpu")
-    g = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen)
-    return plan_memory(g, parse_budget(budget, dev), dev)
+    _, p = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen,
+                       budget_bytes=parse_budget(budget, dev), device=dev)
+    return p
 
 
 def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float | str | None = None,
@@ -269,8 +279,9 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         capture_inputs = (dict(zip(keys, micro, strict=True)),) if keys else tuple(micro)
     else:
         capture_inputs = tuple(example_inputs)
-    g = build_graph(model, capture_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen,
-                    clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps)
+    g, _ = build_graph(model, capture_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen,
+                       clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps, budget_bytes=budget_bytes,
+                       device=device)
     try:
         trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
                           lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device)
@@ -279,11 +290,4 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         if where is None:
             raise
         raise UnsupportedGraph(f"{e} [op called at {where}]", op=e.op, node=e.node) from e
-    if budget_bytes is not None and trainer.plan.peak_bytes > budget_bytes:
-        raise BudgetError(where_what_got(
-            "memfit.optimize", f"a predicted peak within the budget {fmt_bytes(budget_bytes)}",
-            f"{fmt_bytes(trainer.plan.peak_bytes)} with passes {list(g.applied)} "
-            f"(at peak: {', '.join(f'{k} {fmt_bytes(v)}' for k, v in trainer.plan.at_peak.items() if v)}); "
-            f"largest live at the peak: {trainer.plan.describe_largest()}",
-            "raise the budget, shrink the batch, or freeze parameters (frozen=...)"))
     return trainer

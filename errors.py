@@ -5,6 +5,8 @@ Every message reads ``"<where>: expected <what>, got <actual>; <what to do>"``.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MemfitError(Exception):
     """Base of every error memfit raises on purpose."""
@@ -27,7 +29,17 @@ class UnsupportedGraph(MemfitError):
 
 
 class BudgetError(MemfitError):
-    """No choice of rewrites fits the memory budget."""
+    """No choice of rewrites fits the memory budget.
+
+    ``plan`` is the MemoryPlan of the smallest peak reached, when the raiser has one (``memfit plan``
+    prints and draws it); ``smallest_peak_bytes`` its peak and ``budget_bytes`` the budget.
+    """
+
+    def __init__(self, message: str, *, plan: Any = None, budget_bytes: int | None = None):
+        super().__init__(message)
+        self.plan = plan
+        self.budget_bytes = budget_bytes
+        self.smallest_peak_bytes = getattr(plan, "peak_bytes", None)
 
 
 class KernelError(MemfitError, ValueError):

@@ -75,6 +75,35 @@ class TrainGraph:
     joint: bool = False
     forward_outputs: list[fx.Node] = field(default_factory=list)
 
+    def clone(self) -> TrainGraph:
+        """An independent copy (new graph and nodes; FakeTensor values and state specs shared)."""
+        import copy as _copy
+
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        out = graph.graph_copy(self.graph, env)
+        graph.output(out)
+        env_get = env.__getitem__
+        gm = fx.GraphModule(self.gm, graph)
+        new = _copy.copy(self)
+        new.gm = gm
+        new.params = {k: env_get(v) for k, v in self.params.items()}
+        new.buffers = {k: env_get(v) for k, v in self.buffers.items()}
+        new.inputs = [env_get(v) for v in self.inputs]
+        new.loss = env_get(self.loss)
+        new.grad_of = {k: env_get(v) for k, v in self.grad_of.items()}
+        new.grad_outputs = list(self.grad_outputs)
+        new.buffer_updates = {k: env_get(v) for k, v in self.buffer_updates.items()}
+        new.state = {k: env_get(v) for k, v in self.state.items()}
+        new.state_specs = dict(self.state_specs)
+        new.hparams = {k: env_get(v) for k, v in self.hparams.items()}
+        new.updates = {k: env_get(v) for k, v in self.updates.items()}
+        new.applied = list(self.applied)
+        new.info = _copy.deepcopy(self.info)
+        new.tied = dict(self.tied)
+        new.forward_outputs = [env_get(v) for v in self.forward_outputs]
+        return new
+
     def param_readers(self, fqn: str) -> list[fx.Node]:
         """Every node reading the parameter's storage: through its placeholder, its views or a tied alias."""
         names = [fqn, *(t for t, c in self.tied.items() if c == fqn)]
@@ -226,6 +255,37 @@ def alias_users(node: fx.Node) -> list[fx.Node]:
     for a in aliases(node):
         users.extend(u for u in a.users if not (_views_input(u) and u.args[0] is a))
     return users
+
+
+def node_flops(node: fx.Node) -> int:
+    """FLOPs to (re)compute a node: torch's FLOP formulas for matmuls, convolutions and attention, the
+    output's element count for everything else (pointwise, reductions, copies); 0 for views."""
+    from torch.utils.flop_counter import flop_registry
+
+    target = node.target
+    if node.op != "call_function" or _views_input(node) or target is operator.getitem:
+        return 0
+    val = node.meta.get("val")
+    packet = getattr(target, "overloadpacket", None)
+    if packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+        b, h, s_q, d = q.shape
+        return int(4 * b * h * s_q * k.shape[-2] * d)  # QK^T and PV, 2 FLOPs per multiply-add
+    if packet in flop_registry:
+        def meta(a):
+            return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+        args = fx.map_arg(node.args, meta)
+        kwargs = fx.map_arg(node.kwargs, meta)
+        try:
+            return int(flop_registry[packet](*args, **kwargs, out_val=val))
+        except Exception:
+            pass
+    if isinstance(val, torch.Tensor):
+        return int(val.numel())
+    if isinstance(val, (tuple, list)):
+        return int(sum(v.numel() for v in val if isinstance(v, torch.Tensor)))
+    return 0
 
 
 def storage_root(node: fx.Node) -> fx.Node:

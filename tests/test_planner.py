@@ -1,0 +1,57 @@
+"""The planner under budgets: loose, medium and tight budgets fit (measured <= budget, predicted within 5%
+of measured); an impossible one raises BudgetError naming the smallest reachable peak."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memfit
+from memfit import models
+
+
+def _case(name):
+    g = torch.Generator().manual_seed(0)
+    if name == "cnn":
+        return models.build_cnn(), (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)), \
+            F.cross_entropy
+    batch = (torch.randint(0, 256, (4, 64), generator=g), torch.randint(0, 256, (4, 64), generator=g))
+    return (models.build_llama() if name == "llama" else models.build_gpt2_small()), batch, models.lm_loss
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "cnn"])
+def test_budgets_loose_medium_tight_fit_and_are_predicted(name):
+    model, batch, loss_fn = _case(name)
+    lossless = memfit.plan(model, example_inputs=batch, loss_fn=loss_fn).peak_bytes
+    with pytest.raises(memfit.BudgetError) as err:
+        memfit.plan(model, example_inputs=batch, loss_fn=loss_fn, budget=1)
+    smallest = err.value.smallest_peak_bytes
+    assert smallest <= lossless
+    budgets = {"loose": 2 * lossless, "medium": (lossless + smallest) // 2 + 1, "tight": smallest}
+    for label, budget in budgets.items():
+        trainer = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=loss_fn, budget=budget)
+        trainer.step(*batch)
+        measured = trainer.measure_step(*batch).peak_bytes
+        print(f"{name} {label}: budget {budget} B, predicted {trainer.plan.peak_bytes} B, measured {measured} B, "
+              f"passes {trainer.graph.applied}, recomputed FLOPs {trainer.graph.info.get('remat', {})}")
+        assert measured <= budget, f"{name}/{label}: measured {measured} B over the budget {budget} B"
+        assert trainer.plan.peak_bytes == pytest.approx(measured, rel=0.05)
+
+
+def test_impossible_budget_names_the_smallest_peak_and_largest_tensors():
+    model, batch, loss_fn = _case("llama")
+    with pytest.raises(memfit.BudgetError, match=r"smallest reachable peak of [\d.]+ MiB .*largest live at the peak: "
+                                                 r"(.+ \(.+\), ){4}.+ \(.+\); raise the budget") as err:
+        memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, budget="10MiB")
+    assert err.value.budget_bytes == 10 * 2**20 and err.value.smallest_peak_bytes > err.value.budget_bytes
+
+
+def test_explicit_passes_are_respected_not_changed():
+    model, batch, loss_fn = _case("gpt2")
+    trainer = memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, passes=["fused_update"], budget="1GB")
+    assert trainer.graph.applied == ["fused_update"]
+    with pytest.raises(memfit.BudgetError, match="with the passes given"):
+        memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, passes=["fused_update"], budget=1000)
