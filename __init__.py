@@ -2,7 +2,7 @@
 
 from . import ops as _ops  # noqa: F401  (registers memfit:: ops)
 from . import passes as _passes  # noqa: F401  (registers the built-in passes)
-from .api import Trainer, optimize, parse_budget, plan
+from .api import Trainer, optimize, parse_budget, plan, size_model
 from .errors import BudgetError, ConfigError, KernelError, MemfitError, UnsupportedGraph
 from .frontends.dynamo import backend
 from .graph import StateSpec, TrainGraph
@@ -16,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SGD", "AdamW", "BudgetError", "ConfigError", "KernelError", "MemfitError", "MemoryEffect", "MemoryPlan",
     "Pass", "PassResult", "PeakMeasurement", "Pipeline", "StateSpec", "TrainGraph", "Trainer", "UnsupportedGraph",
-    "backend", "measure_peak", "optimize", "parse_budget", "plan", "plot_memory", "register_pass", "registered_passes",
+    "backend", "measure_peak", "optimize", "parse_budget", "plan", "plot_memory", "size_model", "register_pass", "registered_passes",
 ]

@@ -20,7 +20,7 @@ from .passes.base import Pass, make_pass
 from .passes.fused_update import SGD, AdamW
 from .runtime.executor import Executor
 from .runtime.lower import lower
-from .runtime.memory import MemoryPlan, fmt_bytes, plan_memory
+from .runtime.memory import MemoryPlan, fit_size_model, fmt_bytes, plan_memory
 from .runtime.planner import choose
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -246,6 +246,47 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     _, p = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen,
                        budget_bytes=parse_budget(budget, dev), device=dev)
     return p
+
+
+def size_model(model: nn.Module, *, example_inputs: Sequence[Any], dim: str = "batch", loss_fn: Callable | None = None,
+               optimizer: AdamW | SGD | None = None, passes: Sequence[str | Pass | tuple[str, dict]] | None = None,
+               frozen: Sequence[str] = (), limit: int | None = None, device: torch.device | str | None = None):
+    """The predicted peak as a function of the batch size (``dim="batch"``, dim 0 of every input) or the
+    sequence length (``dim="seq"``, dim 1), as a :class:`~memfit.runtime.memory.SizeModel`.
+
+    Plans the step (without running it) at 2 batch sizes or 3 sequence lengths with the same passes and
+    fits each node's bytes exactly; ``.expr`` is the sympy expression, ``.largest_fitting(budget)`` the
+    answer to "how large can it be". Returns None when the schedule changes with the size.
+    """
+    flat, keys = flatten_batch(example_inputs, "memfit.size_model: example_inputs")
+    if dim not in ("batch", "seq"):
+        raise ConfigError(where_what_got("memfit.size_model(dim=)", "'batch' or 'seq'", repr(dim), "pick one"))
+    axis = 0 if dim == "batch" else 1
+    if any(t.dim() <= axis for t in flat):
+        raise ConfigError(where_what_got("memfit.size_model", f"every input with a dim {axis} ({dim})",
+                                         [tuple(t.shape) for t in flat], "pass batch-first (batch, seq, ...) inputs"))
+    base = flat[0].shape[axis]
+    sizes = [base, 2 * base] if dim == "batch" else [base, 2 * base, 3 * base]
+    dev = torch.device(device) if device is not None else _device_of(model, flat)
+    dev = torch.device("cpu") if dev.type == "meta" else dev
+    plans = []
+    for size in sizes:
+        resized = [_resize(t, axis, size) for t in flat]
+        batch = (dict(zip(keys, resized, strict=True)),) if keys else tuple(resized)
+        _, p = build_graph(model, batch, loss_fn=loss_fn, optimizer=optimizer,
+                           passes=passes if passes is not None else ["remat", "fused_update"], frozen=frozen,
+                           device=dev)
+        plans.append(p)
+    default_limit = 4096 if dim == "batch" else int(getattr(getattr(model, "config", None),
+                                                            "max_position_embeddings", 4 * sizes[-1]))
+    return fit_size_model(dim, sizes, plans, limit or default_limit)
+
+
+def _resize(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """``t`` with dimension ``axis`` made ``size`` long (repeating it), on the same device."""
+    reps = -(-size // t.shape[axis])
+    return t.repeat_interleave(reps, dim=axis).narrow(axis, 0, size) if t.device.type != "meta" else \
+        torch.empty((*t.shape[:axis], size, *t.shape[axis + 1:]), dtype=t.dtype, device="meta")
 
 
 def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float | str | None = None,

@@ -174,3 +174,58 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
                       category_timeline={**{k: (v,) * len(nodes) for k, v in persistent.items()},
                                          **{k: tuple(v) for k, v in per_cat.items()}},
                       node_names=tuple(n.name for n in nodes))
+
+
+@dataclass(frozen=True)
+class SizeModel:
+    """Predicted peak as a function of one size (batch or sequence length), fitted exactly from plans.
+
+    Every node's live bytes are a polynomial in the size (affine in batch; at most quadratic in sequence
+    length, for attention-shaped tensors), so plans at ``degree + 1`` sizes with the same schedule
+    determine each node's polynomial; the peak is their maximum. ``expr`` is that maximum as a sympy
+    expression (only the polynomials that are the maximum somewhere in ``[1, limit]`` are kept).
+    """
+
+    symbol: str
+    expr: Any  # sympy expression in Symbol(symbol)
+    polys: tuple[tuple[float, ...], ...]  # per node: coefficients (c0, c1, c2) of size**0, size**1, size**2
+    limit: int
+
+    def peak_at(self, size: int) -> int:
+        return int(round(max(sum(c * size**k for k, c in enumerate(p)) for p in self.polys)))
+
+    def largest_fitting(self, budget_bytes: int) -> int:
+        """The largest size in [1, limit] whose predicted peak fits; 0 if even size 1 does not."""
+        if self.peak_at(1) > budget_bytes:
+            return 0
+        lo, hi = 1, self.limit
+        if self.peak_at(hi) <= budget_bytes:
+            return hi
+        while hi - lo > 1:  # the peak is non-decreasing in the size: bisect
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.peak_at(mid) <= budget_bytes else (lo, mid)
+        return lo
+
+
+def fit_size_model(symbol: str, sizes: list[int], plans: list[MemoryPlan], limit: int) -> SizeModel | None:
+    """Fit per-node polynomials through plans at ``sizes`` (same schedule); None if the schedules differ."""
+    import sympy
+
+    names = plans[0].node_names
+    if any(p.node_names != names for p in plans[1:]) or len(set(sizes)) != len(sizes):
+        return None
+    degree = len(sizes) - 1
+    rows = [[float(s) ** k for k in range(degree + 1)] for s in sizes]
+    inv = sympy.Matrix(rows).inv()
+    columns = list(zip(*(p.timeline for p in plans), strict=True))
+    polys = []
+    for values in columns:
+        coeffs = inv * sympy.Matrix(values)
+        polys.append(tuple(float(c) for c in coeffs))
+    # keep only the polynomials that are the maximum at some integer size (sampled densely), deduplicated
+    samples = sorted({1, limit, *sizes, *range(1, limit + 1, max(1, limit // 256))})
+    winners = {max(range(len(polys)), key=lambda i: sum(c * s**k for k, c in enumerate(polys[i]))) for s in samples}
+    x = sympy.Symbol(symbol, positive=True, integer=True)
+    terms = {tuple(round(c, 6) for c in polys[i]) for i in winners}
+    expr = sympy.Max(*(sum(sympy.nsimplify(c, rational=False) * x**k for k, c in enumerate(t)) for t in terms))
+    return SizeModel(symbol=symbol, expr=expr, polys=tuple(polys[i] for i in sorted(winners)), limit=limit)
