@@ -12,8 +12,6 @@ install:
 demo: install
 	$(PYTHON) examples/train_tiny_llama.py --steps 200
 
-# plain `pytest`, not `python -m pytest`: the latter puts the repo root on sys.path, where memfit's
-# kernels/ shadows the Hugging Face `kernels` package that transformers probes for.
 test: install
 	pytest -q
 
