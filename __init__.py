@@ -16,5 +16,6 @@ __version__ = "0.1.0"
 __all__ = [
     "SGD", "AdamW", "BudgetError", "ConfigError", "KernelError", "MemfitError", "MemoryEffect", "MemoryPlan",
     "Pass", "PassResult", "PeakMeasurement", "Pipeline", "StateSpec", "TrainGraph", "Trainer", "UnsupportedGraph",
-    "backend", "measure_peak", "optimize", "parse_budget", "plan", "plot_memory", "size_model", "register_pass", "registered_passes",
+    "backend", "measure_peak", "optimize", "parse_budget", "plan", "plot_memory", "register_pass", "registered_passes",
+    "size_model",
 ]

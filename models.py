@@ -7,6 +7,8 @@ byte-level model the demo, the tests and the benchmarks share.
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,10 +60,31 @@ def build_gpt2_small(seed: int = 0, n_layer: int = 2, n_embd: int = 128, n_head:
     return GPT2LMHeadModel(cfg)
 
 
+def build_from_hf_config(path: str | os.PathLike, seed: int = 0) -> nn.Module:
+    """A randomly initialised causal LM from a Hugging Face ``config.json`` (or the folder holding one)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = "memfit.models.build_from_hf_config"
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(where_what_got(where, "an existing config.json or a folder holding one", str(p),
+                                         "check the path"))
+    try:
+        cfg = AutoConfig.from_pretrained(str(p))
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(cfg)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(where_what_got(where, "a Hugging Face causal-LM config", f"{p} ({e})",
+                                         "point at a config.json with a model_type transformers builds "
+                                         "as AutoModelForCausalLM")) from e
+
+
 def build(spec: str, **kwargs: Any) -> nn.Module:
-    """A model from a preset name or ``package.module:factory``."""
+    """A model from a preset name, a Hugging Face ``config.json`` (file or folder) or ``package.module:factory``."""
     if spec in LLAMA_PRESETS:
         return build_llama(spec, **kwargs)
+    if spec.endswith(".json") or os.path.isdir(spec):
+        return build_from_hf_config(spec, **kwargs)
     if ":" in spec:
         mod, _, fn = spec.partition(":")
         try:
@@ -70,7 +93,8 @@ def build(spec: str, **kwargs: Any) -> nn.Module:
             raise ConfigError(where_what_got("memfit.models.build", "an importable module:factory", spec,
                                              f"check the spelling ({e})")) from e
         return factory(**kwargs)
-    raise ConfigError(where_what_got("memfit.models.build", f"a preset {sorted(LLAMA_PRESETS)} or module:factory",
+    raise ConfigError(where_what_got("memfit.models.build",
+                                     f"a preset {sorted(LLAMA_PRESETS)}, a config.json path or module:factory",
                                      repr(spec), "fix the model name"))
 
 

@@ -140,7 +140,8 @@ def main(argv=None) -> None:
         best_flops = min((m["recomputed_flops"] for m in at_peak), default=None)
         best_peak = min((m["peak_bytes"] for m in at_flops), default=None)
         lines.append(
-            f"torch budget {budget}: peak {fmt_bytes(t['peak_bytes'])}, recomputed {t['recomputed_flops'] / 1e6:.1f} MFLOP"
+            f"torch budget {budget}: peak {fmt_bytes(t['peak_bytes'])}, "
+            f"recomputed {t['recomputed_flops'] / 1e6:.1f} MFLOP"
             f" | memfit at peak <= that: fewest recomputed "
             f"{'n/a' if best_flops is None else f'{best_flops / 1e6:.1f} MFLOP'}"
             f" ({'no more' if best_flops is not None and best_flops <= t['recomputed_flops'] else 'MORE'})"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +43,13 @@ class MemoryPlan:
     # bytes per category at every node of the schedule (persistent categories are constant lines)
     category_timeline: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     node_names: tuple[str, ...] = field(default=(), repr=False)
+    backward_start: int | None = None  # index of the first node after the loss
+
+    def plot(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
+        """Draw the memory timeline of one step to ``path`` (needs matplotlib: pip install memfit[plot])."""
+        from .plot import plot_memory  # lazy: plot imports this module
+
+        return plot_memory(self, path, title=title)
     timeline: tuple[int, ...] = field(default=(), repr=False)
 
     def with_measured(self, peak_bytes: int) -> MemoryPlan:
@@ -173,7 +182,7 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
                       largest_at_peak=tuple(sorted(resident + best_live, key=lambda t: -t[1])[:5]),
                       category_timeline={**{k: (v,) * len(nodes) for k, v in persistent.items()},
                                          **{k: tuple(v) for k, v in per_cat.items()}},
-                      node_names=tuple(n.name for n in nodes))
+                      node_names=tuple(n.name for n in nodes), backward_start=index[g.loss] + 1)
 
 
 @dataclass(frozen=True)
@@ -192,7 +201,7 @@ class SizeModel:
     limit: int
 
     def peak_at(self, size: int) -> int:
-        return int(round(max(sum(c * size**k for k, c in enumerate(p)) for p in self.polys)))
+        return round(max(sum(c * size**k for k, c in enumerate(p)) for p in self.polys))
 
     def largest_fitting(self, budget_bytes: int) -> int:
         """The largest size in [1, limit] whose predicted peak fits; 0 if even size 1 does not."""

@@ -22,6 +22,7 @@ from ..errors import BudgetError, where_what_got
 from ..graph import TrainGraph
 from ..passes.base import Pass, Pipeline, make_pass
 from .memory import MemoryPlan, fmt_bytes, plan_memory
+from .schedule import sink
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Choice:
 
 def _run(base: TrainGraph, passes: list[Pass], budget: int | None, device) -> tuple[TrainGraph, MemoryPlan, Trial]:
     g = Pipeline(passes)(base.clone())
+    g.info["schedule"] = {"sunk": sink(g)}
     p = plan_memory(g, budget, device)
     flops = int(g.info.get("remat", {}).get("recomputed_flops", 0))
     trial = Trial(tuple(q.to_json() for q in passes), p.peak_bytes, flops, budget is None or p.peak_bytes <= budget)
@@ -64,6 +66,10 @@ def choose(base: TrainGraph, budget_bytes: int | None, *, device: torch.device |
     trials = [t]
     if t.fits:
         return Choice(g, p, tuple(trials))
+    persistent = sum(p.persistent.values())
+    if persistent > budget_bytes:  # no lever on the ladder shrinks parameters or optimizer state (yet)
+        raise _budget_error(p, budget_bytes, f"(parameters, optimizer state and batch alone take "
+                                             f"{fmt_bytes(persistent)}, which recomputation cannot reduce)")
     best: tuple[TrainGraph, MemoryPlan, Trial] | None = None
     smallest = (g, p, t)
     saved = p.saved_activation_bytes

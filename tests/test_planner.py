@@ -16,8 +16,8 @@ from memfit import models
 def _case(name):
     g = torch.Generator().manual_seed(0)
     if name == "cnn":
-        return models.build_cnn(), (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)), \
-            F.cross_entropy
+        batch = (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+        return models.build_cnn(), batch, F.cross_entropy
     batch = (torch.randint(0, 256, (4, 64), generator=g), torch.randint(0, 256, (4, 64), generator=g))
     return (models.build_llama() if name == "llama" else models.build_gpt2_small()), batch, models.lm_loss
 
