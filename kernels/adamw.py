@@ -13,11 +13,11 @@ rounded (off by one ulp on ~17% of inputs with AVX512), so ``param`` can differ 
 by an ulp of the update.
 """
 
-import struct
 
 import torch
 
 from ..errors import KernelError, where_what_got
+from ._checks import check_update_tensors, to_f32
 
 try:
     import triton
@@ -27,7 +27,6 @@ except ImportError:  # no triton wheel on this platform (e.g. macOS); adamw_ref 
     tl = None
 
 _WHERE = "memfit.kernels.adamw"
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 if triton is not None:
@@ -100,44 +99,10 @@ _BLOCK_SIZE = 1024
 _NUM_WARPS = 4
 
 
-def _f32(x: float) -> float:
-    """Round a Python double to the nearest fp32 value, as torch does with scalar arguments."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
 def _check_tensors(
     param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int
 ) -> None:
-    named = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    for name, tensor in named.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise KernelError(where_what_got(_WHERE, f"`{name}` to be a torch.Tensor", type(tensor).__name__,
-                                             "pass the tensor itself"))
-    if param.numel() < 1:
-        raise KernelError(where_what_got(_WHERE, "`param` with at least one element", tuple(param.shape),
-                                         "skip empty parameters before calling the kernel"))
-    for name, tensor in named.items():
-        if tensor.shape != param.shape:
-            raise KernelError(where_what_got(_WHERE, f"`{name}` of the same shape as `param` {tuple(param.shape)}",
-                                             tuple(tensor.shape), "pass state allocated with torch.zeros_like(param)"))
-        if tensor.device != param.device:
-            raise KernelError(where_what_got(_WHERE, f"`{name}` on the device of `param` ({param.device})",
-                                             tensor.device, "move all four tensors to one device"))
-        if not tensor.is_contiguous():
-            raise KernelError(where_what_got(_WHERE, f"contiguous `{name}`",
-                                             f"strides {tuple(tensor.stride())} for shape {tuple(tensor.shape)}",
-                                             "call .contiguous() first"))
-    if param.dtype not in _PARAM_DTYPES:
-        raise KernelError(where_what_got(_WHERE, "`param` of dtype float32, bfloat16 or float16", param.dtype,
-                                         "keep other dtypes on torch.optim.AdamW"))
-    if grad.dtype not in (param.dtype, torch.float32):
-        allowed = " or ".join(str(dtype) for dtype in dict.fromkeys((param.dtype, torch.float32)))
-        raise KernelError(where_what_got(_WHERE, f"`grad` of dtype {allowed}", grad.dtype,
-                                         "cast the gradient to the param dtype or to float32"))
-    for name in ("exp_avg", "exp_avg_sq"):
-        if named[name].dtype != torch.float32:
-            raise KernelError(where_what_got(_WHERE, f"`{name}` of dtype float32", named[name].dtype,
-                                             "keep optimizer state in float32"))
+    check_update_tensors(_WHERE, "torch.optim.AdamW", param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise KernelError(where_what_got(_WHERE, "`step` an int >= 1 (the count after this update)", step,
                                          "pass 1 on the first update and increment it after each"))
@@ -179,7 +144,7 @@ def adamw(
     bias_correction2_sqrt = bias_correction2**0.5
     param_decay = 1 - lr * weight_decay if weight_decay != 0 else 1.0
     # torch's lerp rounds the weight to fp32, then picks its formula on |w| < 0.5.
-    lerp_weight = _f32(1 - beta1)
+    lerp_weight = to_f32(1 - beta1)
     lerp_from_end = not abs(lerp_weight) < 0.5
     if lerp_from_end:
         lerp_weight = lerp_weight - 1.0  # exact in fp32 for 0.5 <= w <= 1 (Sterbenz)
@@ -192,14 +157,14 @@ def adamw(
         exp_avg,
         exp_avg_sq,
         n_elements,
-        _f32(grad_scale),
-        _f32(param_decay),
-        _f32(lerp_weight),
-        _f32(beta2),
-        _f32(1 - beta2),
-        _f32(-step_size),
-        _f32(bias_correction2_sqrt),
-        _f32(eps),
+        to_f32(grad_scale),
+        to_f32(param_decay),
+        to_f32(lerp_weight),
+        to_f32(beta2),
+        to_f32(1 - beta2),
+        to_f32(-step_size),
+        to_f32(bias_correction2_sqrt),
+        to_f32(eps),
         MAXIMIZE=bool(maximize),
         LERP_FROM_END=lerp_from_end,
         PARAM_IS_BF16=param.dtype == torch.bfloat16,

@@ -8,11 +8,11 @@ torch's CPU ``add(other, alpha=a)`` rounds through a fused multiply-add (``fma(o
 so the kernel uses ``tl.fma`` in the same four places; every other op rounds once, as in torch.
 """
 
-import struct
 
 import torch
 
 from ..errors import KernelError, where_what_got
+from ._checks import check_update_tensors, to_f32
 
 try:
     import triton
@@ -22,7 +22,6 @@ except ImportError:  # no triton wheel on this platform (e.g. macOS); sgd_ref st
     tl = None
 
 _WHERE = "memfit.kernels.sgd"
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 if triton is not None:
@@ -89,11 +88,6 @@ _BLOCK_SIZE = 1024
 _NUM_WARPS = 4
 
 
-def _f32(x: float) -> float:
-    """Round a Python double to the nearest fp32 value, as torch does with scalar arguments."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
 def _check_tensors(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,
                    momentum: float) -> None:
     named = {"param": param, "grad": grad}
@@ -102,34 +96,8 @@ def _check_tensors(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: tor
             raise KernelError(where_what_got(_WHERE, "a `momentum_buffer` tensor when momentum != 0", None,
                                              "pass torch.zeros_like(param, dtype=torch.float32)"))
         named["momentum_buffer"] = momentum_buffer
-    for name, tensor in named.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise KernelError(where_what_got(_WHERE, f"`{name}` to be a torch.Tensor", type(tensor).__name__,
-                                             "pass the tensor itself"))
-    if param.numel() < 1:
-        raise KernelError(where_what_got(_WHERE, "`param` with at least one element", tuple(param.shape),
-                                         "skip empty parameters before calling the kernel"))
-    for name, tensor in named.items():
-        if tensor.shape != param.shape:
-            raise KernelError(where_what_got(_WHERE, f"`{name}` of the same shape as `param` {tuple(param.shape)}",
-                                             tuple(tensor.shape), "pass state allocated with torch.zeros_like(param)"))
-        if tensor.device != param.device:
-            raise KernelError(where_what_got(_WHERE, f"`{name}` on the device of `param` ({param.device})",
-                                             tensor.device, "move all tensors to one device"))
-        if not tensor.is_contiguous():
-            raise KernelError(where_what_got(_WHERE, f"contiguous `{name}`",
-                                             f"strides {tuple(tensor.stride())} for shape {tuple(tensor.shape)}",
-                                             "call .contiguous() first"))
-    if param.dtype not in _PARAM_DTYPES:
-        raise KernelError(where_what_got(_WHERE, "`param` of dtype float32, bfloat16 or float16", param.dtype,
-                                         "keep other dtypes on torch.optim.SGD"))
-    if grad.dtype not in (param.dtype, torch.float32):
-        allowed = " or ".join(str(dtype) for dtype in dict.fromkeys((param.dtype, torch.float32)))
-        raise KernelError(where_what_got(_WHERE, f"`grad` of dtype {allowed}", grad.dtype,
-                                         "cast the gradient to the param dtype or to float32"))
-    if "momentum_buffer" in named and momentum_buffer.dtype != torch.float32:
-        raise KernelError(where_what_got(_WHERE, "`momentum_buffer` of dtype float32", momentum_buffer.dtype,
-                                         "keep optimizer state in float32"))
+    state = {"momentum_buffer": momentum_buffer} if "momentum_buffer" in named else {}
+    check_update_tensors(_WHERE, "torch.optim.SGD", param, grad, state)
 
 
 def sgd(
@@ -169,11 +137,11 @@ def sgd(
         grad,
         momentum_buffer if has_momentum else param,  # never dereferenced without momentum
         n_elements,
-        _f32(grad_scale),
-        _f32(weight_decay),
-        _f32(momentum),
-        _f32(1 - dampening),
-        _f32(-lr),
+        to_f32(grad_scale),
+        to_f32(weight_decay),
+        to_f32(momentum),
+        to_f32(1 - dampening),
+        to_f32(-lr),
         MAXIMIZE=bool(maximize),
         HAS_WEIGHT_DECAY=weight_decay != 0,
         HAS_MOMENTUM=has_momentum,
