@@ -239,6 +239,9 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     ``torch.device("meta")``), which is how 7B-scale models are planned on a laptop; ``device`` says
     which runtime the plan is for (kernel workspaces differ), default the inputs' device or CPU.
     """
+    if not isinstance(example_inputs, (tuple, list)):
+        raise ConfigError(where_what_got("memfit.plan(example_inputs=)", "a tuple (one batch)",
+                                         type(example_inputs).__name__, "wrap it: example_inputs=(x, y)"))
     flat, _ = flatten_batch(example_inputs, "memfit.plan: example_inputs")
     dev = torch.device(device) if device is not None else _device_of(model, flat)
     if dev.type == "meta":

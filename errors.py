@@ -32,14 +32,18 @@ class BudgetError(MemfitError):
     """No choice of rewrites fits the memory budget.
 
     ``plan`` is the MemoryPlan of the smallest peak reached, when the raiser has one (``memfit plan``
-    prints and draws it); ``smallest_peak_bytes`` its peak and ``budget_bytes`` the budget.
+    prints and draws it); ``smallest_peak_bytes`` its peak and ``budget_bytes`` the budget. When the
+    budget is below what no lever can reduce (parameters, optimizer state), the planner stops early:
+    ``floor_only`` is True and ``smallest_peak_bytes`` is None (the search that finds it was skipped).
     """
 
-    def __init__(self, message: str, *, plan: Any = None, budget_bytes: int | None = None):
+    def __init__(self, message: str, *, plan: Any = None, budget_bytes: int | None = None,
+                 floor_only: bool = False):
         super().__init__(message)
         self.plan = plan
         self.budget_bytes = budget_bytes
-        self.smallest_peak_bytes = getattr(plan, "peak_bytes", None)
+        self.floor_only = floor_only
+        self.smallest_peak_bytes = None if floor_only else getattr(plan, "peak_bytes", None)
 
 
 class KernelError(MemfitError, ValueError):

@@ -1,6 +1,6 @@
 """The planner: which rewrites, with which settings, make the step fit the budget.
 
-Levers in order of cost (DESIGN.md, Planner): the lossless ones first (``remat`` free recomputation
+Levers in order of cost (shared/DESIGN.md, Planner): the lossless ones first (``remat`` free recomputation
 and ``fused_update``), then recomputation of saved activations that costs FLOPs (``remat`` in
 ``"budget"`` mode, searched over how many bytes to free). Each trial is a Pipeline run on a clone
 of the captured graph plus the liveness plan of the result, so the figure the planner compares with
@@ -68,8 +68,13 @@ def choose(base: TrainGraph, budget_bytes: int | None, *, device: torch.device |
         return Choice(g, p, tuple(trials))
     persistent = sum(p.persistent.values())
     if persistent > budget_bytes:  # no lever on the ladder shrinks parameters or optimizer state (yet)
-        raise _budget_error(p, budget_bytes, f"(parameters, optimizer state and batch alone take "
-                                             f"{fmt_bytes(persistent)}, which recomputation cannot reduce)")
+        at = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.persistent.items() if v)
+        raise BudgetError(where_what_got(
+            "memfit planner", f"a step that fits the budget {fmt_bytes(budget_bytes)}",
+            f"a floor of {fmt_bytes(persistent)} that no lever reduces yet ({at}); without a budget the peak is "
+            f"{fmt_bytes(p.peak_bytes)}; largest live at the peak: {p.describe_largest()}",
+            "raise the budget above the floor, or freeze parameters (frozen=...) to drop their optimizer state"),
+            plan=p, budget_bytes=budget_bytes, floor_only=True)
     best: tuple[TrainGraph, MemoryPlan, Trial] | None = None
     smallest = (g, p, t)
     saved = p.saved_activation_bytes

@@ -25,11 +25,14 @@ def _case(name):
 @pytest.mark.parametrize("name", ["llama", "gpt2", "cnn"])
 def test_budgets_loose_medium_tight_fit_and_are_predicted(name):
     model, batch, loss_fn = _case(name)
-    lossless = memfit.plan(model, example_inputs=batch, loss_fn=loss_fn).peak_bytes
-    with pytest.raises(memfit.BudgetError) as err:
-        memfit.plan(model, example_inputs=batch, loss_fn=loss_fn, budget=1)
+    plan = memfit.plan(model, example_inputs=batch, loss_fn=loss_fn)
+    lossless, floor = plan.peak_bytes, sum(plan.persistent.values())
+    with pytest.raises(memfit.BudgetError) as err:  # just above the floor: the planner searches, then fails
+        memfit.plan(model, example_inputs=batch, loss_fn=loss_fn, budget=floor + 1)
     smallest = err.value.smallest_peak_bytes
-    assert smallest <= lossless
+    assert not err.value.floor_only and smallest <= lossless
+    if name != "cnn":  # the CNN has nothing worth recomputing; the transformers do
+        assert smallest < lossless
     budgets = {"loose": 2 * lossless, "medium": (lossless + smallest) // 2 + 1, "tight": smallest}
     for label, budget in budgets.items():
         trainer = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=loss_fn, budget=budget)
@@ -43,10 +46,19 @@ def test_budgets_loose_medium_tight_fit_and_are_predicted(name):
 
 def test_impossible_budget_names_the_smallest_peak_and_largest_tensors():
     model, batch, loss_fn = _case("llama")
+    floor = sum(memfit.plan(model, example_inputs=batch, loss_fn=loss_fn).persistent.values())
     with pytest.raises(memfit.BudgetError, match=r"smallest reachable peak of [\d.]+ MiB .*largest live at the peak: "
                                                  r"(.+ \(.+\), ){4}.+ \(.+\); raise the budget") as err:
+        memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, budget=floor + 1)
+    assert err.value.budget_bytes == floor + 1 and err.value.smallest_peak_bytes > err.value.budget_bytes
+
+
+def test_budget_below_the_floor_stops_early_and_says_so():
+    model, batch, loss_fn = _case("llama")
+    with pytest.raises(memfit.BudgetError,
+                       match=r"a floor of [\d.]+ MiB that no lever reduces yet \(parameters") as err:
         memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, budget="10MiB")
-    assert err.value.budget_bytes == 10 * 2**20 and err.value.smallest_peak_bytes > err.value.budget_bytes
+    assert err.value.floor_only and err.value.smallest_peak_bytes is None and err.value.plan is not None
 
 
 def test_explicit_passes_are_respected_not_changed():
