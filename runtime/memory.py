@@ -40,6 +40,7 @@ class MemoryPlan:
     budget_bytes: int | None = None
     measured_peak_bytes: int | None = None
     largest_at_peak: tuple[tuple[str, int, str], ...] = ()  # (tensor, bytes, category), five largest
+    by_layer: dict[str, int] = field(default_factory=dict)  # bytes live at the peak, per layer (node_layers)
     # bytes per category at every node of the schedule (persistent categories are constant lines)
     category_timeline: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     node_names: tuple[str, ...] = field(default=(), repr=False)
@@ -72,6 +73,10 @@ class MemoryPlan:
         lines.append(f"  {'gradients (all)':<{width}}  {fmt_bytes(self.gradient_bytes):>12}")
         if self.largest_at_peak:
             lines.append("  largest live at the peak: " + self.describe_largest())
+        if self.by_layer:
+            top = sorted(self.by_layer.items(), key=lambda kv: -kv[1])[:6]
+            lines.append("  by layer at the peak: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in top)
+                         + (f", ... ({len(self.by_layer)} layers)" if len(self.by_layer) > 6 else ""))
         return "\n".join(lines)
 
     def describe_largest(self) -> str:
@@ -85,6 +90,48 @@ def fmt_bytes(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def layer_of_fqn(fqn: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``; ``lm_head.weight`` -> ``lm_head``."""
+    parts = fqn.split("::")[0].split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or parts[0]
+
+
+def node_layers(g: TrainGraph) -> dict[fx.Node, str]:
+    """A layer label for every node, from parameter FQNs (captured graphs carry no module stack).
+
+    Parameters and their state take the layer of their FQN. A forward value takes the deepest layer
+    feeding it (the layer order is that of first use in the forward); a backward value the shallowest
+    layer it reads, since a layer's backward reads the gradient from the layer above and its own saved
+    values. Values fed by no parameter are labelled "(inputs)".
+    """
+    labels: dict[fx.Node, str] = {}
+    for fqn, n in g.params.items():
+        labels[n] = layer_of_fqn(g.tied.get(fqn, fqn))
+    for name, n in g.state.items():
+        labels[n] = layer_of_fqn(g.state_specs[name].owner or name)
+    forward = g.forward_nodes()
+    order: dict[str, int] = {}
+    for n in g.graph.nodes:
+        if n in forward:
+            for inp in n.all_input_nodes:
+                if inp in labels and labels[inp] not in order and inp.op == "placeholder":
+                    order[labels[inp]] = len(order)
+    for n in g.graph.nodes:
+        if n.op == "placeholder":
+            labels.setdefault(n, "(inputs)")
+            continue
+        seen = [labels[i] for i in n.all_input_nodes if labels.get(i) in order]
+        if not seen:
+            labels[n] = "(inputs)" if n in forward else "(loss)"
+        else:
+            pick = max if n in forward else min
+            labels[n] = pick(seen, key=order.__getitem__)
+    return labels
 
 
 def _owner(node: fx.Node) -> Any:
@@ -154,7 +201,7 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
     live = dict.fromkeys((*INTERMEDIATE, "kernel workspace"), 0)
     sizes = {o: b for owners in alloc.values() for o, b in owners}
     base = sum(persistent.values())
-    best, best_at, best_node, best_live = -1, dict(live), "-", []
+    best, best_at, best_node, best_live, best_owners = -1, dict(live), "-", [], {}
     live_owners: dict[Any, int] = {}
     timeline = []
     per_cat: dict[str, list[int]] = {k: [] for k in live}
@@ -170,16 +217,26 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
         if total > best:
             best, best_at, best_node = total, dict(live), n.name
             best_live = [(o.name, b, category[o]) for o, b in live_owners.items()]
+            best_owners = dict(live_owners)
         live["kernel workspace"] = 0
         for owner in frees.get(i, ()):
             live[category[owner]] -= sizes[owner]
             live_owners.pop(owner, None)
     at_peak = {**persistent, **best_at}
+    labels = node_layers(g)
+    by_layer: dict[str, int] = {}
+    for n in g.placeholders():
+        if n.meta.get("memfit.role") == "param" and n.meta.get("memfit.name") in g.tied:
+            continue
+        by_layer[labels[n]] = by_layer.get(labels[n], 0) + value_nbytes(n.meta.get("val"))
+    for owner, nbytes in best_owners.items():
+        by_layer[labels[owner]] = by_layer.get(labels[owner], 0) + nbytes
     grads_total = sum(sizes[o] for o in grad_roots if o in sizes)
     return MemoryPlan(peak_bytes=base + max(best, 0), persistent=persistent, at_peak=at_peak, peak_node=best_node,
                       saved_activation_bytes=sum(sizes.get(o, 0) for o in saved), gradient_bytes=grads_total,
                       passes=tuple(g.applied), budget_bytes=budget_bytes, timeline=tuple(timeline),
                       largest_at_peak=tuple(sorted(resident + best_live, key=lambda t: -t[1])[:5]),
+                      by_layer=by_layer,
                       category_timeline={**{k: (v,) * len(nodes) for k, v in persistent.items()},
                                          **{k: tuple(v) for k, v in per_cat.items()}},
                       node_names=tuple(n.name for n in nodes), backward_start=index[g.loss] + 1)

@@ -94,3 +94,14 @@ def test_freeze_drops_saved_activations_and_beats_eager(llama_8x128):
     print(f"freeze: saved {info['saved_bytes_before']} -> {info['saved_bytes_after']} B; "
           f"peak eager {eager} B, memfit {ours} B")
     assert ours < eager
+
+
+def test_plan_breaks_the_peak_down_by_layer():
+    model, (x, y) = models.build_llama("tiny-llama"), _lm_batch(4, 64)
+    plan = memfit.plan(model, example_inputs=(x, y), loss_fn=models.lm_loss)
+    assert sum(plan.by_layer.values()) == plan.peak_bytes - plan.at_peak["kernel workspace"]
+    layers = [f"model.layers.{i}" for i in range(4)]
+    assert set(layers) <= set(plan.by_layer) and {"model.embed_tokens", "lm_head"} <= set(plan.by_layer)
+    # identical decoder layers hold identical bytes at the peak (the last one also holds the loss head's backward)
+    assert plan.by_layer[layers[0]] == plan.by_layer[layers[1]] == plan.by_layer[layers[2]] > 0
+    assert "by layer at the peak: " in str(plan)
