@@ -125,7 +125,7 @@ class Trainer:
     def measure_step(self, *batch: Any) -> PeakMeasurement:
         """Run one step under memfit.measure_peak; records the measured peak in ``self.plan``."""
         flat = self._check_batch(batch)
-        m = measure_peak(self.step, *batch, existing=[*self.executor.persistent_tensors(), *flat],
+        m = measure_peak(self.step, *batch, existing=iter([*self.executor.persistent_tensors(), *flat]),
                          device=self.device)
         self.plan = self.plan.with_measured(m.peak_bytes)
         return m

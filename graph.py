@@ -335,9 +335,3 @@ def user_frame(stack_trace: str) -> str | None:
 def _safe_name(name: str) -> str:
     """A Python identifier for a placeholder (FX uniquifies clashes)."""
     return "s_" + "".join(c if c.isalnum() else "_" for c in name)
-
-
-def tensor_nbytes(t: Any) -> int:
-    if isinstance(t, torch.Tensor):
-        return t.numel() * t.element_size()
-    return 0

@@ -315,7 +315,8 @@ def profiler_peak_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> in
         fn(*args, **kwargs)
     results = prof.profiler.kineto_results if prof.profiler is not None else None
     if results is None:
-        raise RuntimeError("profiler_peak_bytes: the profiler returned no results")
+        raise RuntimeError(where_what_got("profiler_peak_bytes", "the profiler's results after fn ran", "none",
+                                          "run on a torch build with the Kineto profiler"))
 
     events: list[tuple[int, int, int]] = []  # (time ns, order seen, index)
     sizes: list[tuple[int, int]] = []  # (pointer, signed size)

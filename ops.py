@@ -108,5 +108,3 @@ def run_sgd_update(kernel, param, grad, momentum_buffer, grad_acc, lr, step, mic
     if grad_acc is not None and micro_steps > 1:
         grad_acc.zero_()
 
-
-UPDATE_OPS = (torch.ops.memfit.adamw_update.default, torch.ops.memfit.sgd_update.default)

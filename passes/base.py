@@ -8,10 +8,11 @@ TrainGraph; a failure names the pass and the ones that ran before it.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -44,7 +45,7 @@ class MemoryEffect:
 
 
 @dataclass(frozen=True)
-class Pass:
+class Pass(abc.ABC):
     """Base class: subclasses are frozen dataclasses registered with :func:`register_pass`."""
 
     name: ClassVar[str] = ""
@@ -53,8 +54,9 @@ class Pass:
     joint_ok: ClassVar[bool] = False  # runs on torch.compile joint graphs (keeps the output structure)
     lossless: ClassVar[bool] = True
 
-    def run(self, g: TrainGraph) -> PassResult:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__}.run")
+    @abc.abstractmethod
+    def run(self, g: TrainGraph) -> PassResult:
+        """Rewrite ``g`` (in place or into a new TrainGraph) and say whether anything changed."""
 
     def memory_effect(self, g: TrainGraph) -> MemoryEffect:
         return MemoryEffect()
@@ -145,11 +147,14 @@ class Pipeline:
                 g.recompile()
                 refresh_meta(g)
                 check_graph(g, p.name)
-            except MemfitError as e:
-                raise type(e)(f"{e} [in pass {p.name!r}, after {done or 'capture'}]") from e
+            except MemfitError as e:  # same error, same attributes (op/node, plan), plus where it happened
+                e.args = (f"{e} [in pass {p.name!r}, after {done or 'capture'}]",)
+                raise
             except Exception as e:
-                raise UnsupportedGraph(f"Pipeline: pass {p.name!r} (after {done or 'capture'}) broke the graph: "
-                                       f"{type(e).__name__}: {e}") from e
+                raise UnsupportedGraph(where_what_got(
+                    f"Pipeline: pass {p.name!r} (after {done or 'capture'})",
+                    "a graph that lints, re-propagates FakeTensor meta and passes the TrainGraph checks",
+                    f"{type(e).__name__}: {e}", "fix the pass, or drop it from passes= and report the model")) from e
             g.applied.append(p.name)
             g.info.setdefault("pass_stats", {})[p.name] = {"modified": result.modified, **result.stats}
             done.append(p.name)
@@ -220,7 +225,3 @@ def _check_updates_after_param_uses(g: TrainGraph, where: str) -> None:
                 raise UnsupportedGraph(where_what_got(
                     where, f"the update of {fqn!r} after every read of it",
                     f"{user.name} ({user.target}) reads it after {upd.name}", "place the update later"))
-
-
-def targets_of(g: TrainGraph, targets: str | Iterable[str], pool: Iterable[str]) -> list[str]:
-    return g.match(targets, pool)

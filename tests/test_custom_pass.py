@@ -52,3 +52,40 @@ def test_pass_config_is_json_serializable():
     assert p.to_json() == '{"config": {"factor": 0.5}, "pass": "test_scale_loss"}'
     with pytest.raises(memfit.ConfigError, match="config keys among"):
         memfit.passes.base.make_pass(("test_scale_loss", {"factr": 0.5}))
+
+
+@memfit.register_pass("test_breaks_graph")
+@dataclass(frozen=True)
+class BreaksGraph(memfit.Pass):
+    """Makes the loss read a node defined after it: the Pipeline's lint must catch it."""
+
+    def run(self, g: memfit.TrainGraph) -> memfit.PassResult:
+        last = list(g.graph.nodes)[-2]
+        with g.graph.inserting_before(g.loss):
+            g.graph.call_function(torch.ops.aten.clone.default, (last,))
+        return memfit.PassResult(g, True)
+
+
+@memfit.register_pass("test_refuses")
+@dataclass(frozen=True)
+class Refuses(memfit.Pass):
+    def run(self, g: memfit.TrainGraph) -> memfit.PassResult:
+        raise memfit.UnsupportedGraph("test_refuses: expected nothing, got a graph; stop", op="aten::mm", node="mm")
+
+
+def test_pipeline_names_the_pass_that_broke_the_graph_and_the_ones_before():
+    x, y = torch.randn(8, 32), torch.randint(0, 10, (8,))
+    with pytest.raises(memfit.UnsupportedGraph,
+                       match=r"(?s)^Pipeline: pass 'test_breaks_graph' \(after \['remat'\]\): "
+                             r"expected a graph that lints.*"
+                             r", got .*; fix the pass"):
+        memfit.optimize(models.build_mlp(), example_inputs=(x, y), loss_fn=F.cross_entropy,
+                        passes=["remat", "test_breaks_graph", "fused_update"])
+
+
+def test_pipeline_keeps_a_memfit_errors_attributes_and_adds_where():
+    x, y = torch.randn(8, 32), torch.randint(0, 10, (8,))
+    with pytest.raises(memfit.UnsupportedGraph, match=r"\[in pass 'test_refuses', after capture\]$") as err:
+        memfit.optimize(models.build_mlp(), example_inputs=(x, y), loss_fn=F.cross_entropy,
+                        passes=["test_refuses", "fused_update"])
+    assert (err.value.op, err.value.node) == ("aten::mm", "mm")

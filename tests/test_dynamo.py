@@ -36,7 +36,6 @@ def test_compile_backend_gradients_match_eager(name):
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     eopt = torch.optim.SGD(eager.parameters(), lr=1e-2)
     for step in range(3):  # an ordinary loop: backward, step, zero_grad
-        dynamo.LAST_STATS.clear() if step == 0 else None
         loss = loss_fn(compiled(x), y)
         loss.backward()
         eloss = loss_fn(eager(x), y)
