@@ -172,6 +172,16 @@ class TrainGraph:
         self.state_specs[name] = spec
         return node
 
+    def remove_state(self, name: str) -> None:
+        """Drop a state placeholder nobody reads any more (a pass replaced the op that used it)."""
+        node = self.state.pop(name)
+        del self.state_specs[name]
+        if node.users:
+            raise UnsupportedGraph(where_what_got("TrainGraph.remove_state", f"state {name!r} with no readers",
+                                                  f"readers {[u.name for u in node.users]}",
+                                                  "rewire its readers before removing it"))
+        self.graph.erase_node(node)
+
     def add_hparam(self, name: str, example: float | int) -> fx.Node:
         """A per-step scalar fed by the runtime (learning rate, step count, micro-step index)."""
         if name in self.hparams:

@@ -11,8 +11,13 @@ by ``1 / micro_steps`` and zeroes the accumulator.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
+from . import projection as pj
 from .kernels.adamw import adamw_ref
 from .kernels.sgd import sgd_ref
 
@@ -108,3 +113,323 @@ def run_sgd_update(kernel, param, grad, momentum_buffer, grad_acc, lr, step, mic
     if grad_acc is not None and micro_steps > 1:
         grad_acc.zero_()
 
+
+
+# ---- low-rank projected update (GaLore / APOLLO / Fira / FRUGAL, Q-GaLore options) -----------------
+
+SCHED_LEN = 10  # float64 per parameter: see _Sched
+_SCHED_NEXT, _SCHED_GAP, _SCHED_COUNT, _SCHED_NORM, _SCHED_COS, _SCHED_NCOS = 0, 1, 2, 3, 4, 9
+LAZY_WINDOW = 5
+
+
+@dataclass(frozen=True)
+class QuantKernels:
+    """The block-wise quantization kernels an op body uses (Triton launchers or references)."""
+
+    quantize: Callable
+    dequantize: Callable
+    pack_int4: Callable
+    unpack_int4: Callable
+
+
+def reference_quant_kernels() -> QuantKernels:
+    from .kernels.quant import dequantize_blockwise_ref, pack_int4_ref, quantize_blockwise_ref, unpack_int4_ref
+
+    return QuantKernels(quantize_blockwise_ref, dequantize_blockwise_ref, pack_int4_ref, unpack_int4_ref)
+
+
+_CODES: dict[tuple[bool, int, torch.device], torch.Tensor] = {}
+
+
+def code_map(signed: bool, bits: int, device: torch.device) -> torch.Tensor:
+    """The code map of a quantized moment: dynamic (tree) maps, except Adam's second moment at 4 bits,
+    which takes the linear map without zero, (i + 1) / 16: with only 16 levels a zero code would turn
+    small second moments into 0 and the step into lr * m / eps (the zero-point problem of 4-bit Adam)."""
+    key = (signed, bits, torch.device(device))
+    if key not in _CODES:
+        from .kernels.quant import dynamic_code
+
+        linear = not signed and bits == 4
+        code = torch.arange(1, 17, dtype=torch.float32) / 16 if linear else dynamic_code(signed, bits)
+        _CODES[key] = code.to(device)
+    return _CODES[key]
+
+
+def state_block(bits: int) -> int:
+    """Block size of quantized optimizer state: 256 for 8-bit, 128 for 4-bit (as in the papers)."""
+    return 256 if bits == 8 else 128
+
+
+def _load_moments(qk: QuantKernels, exp_avg, exp_avg_sq, absmax, shape, bits):
+    if bits == 32:
+        return exp_avg, exp_avg_sq
+    block = state_block(bits)
+    numel = math.prod(shape)
+    out = []
+    for q, row, signed in ((exp_avg, absmax[0], True), (exp_avg_sq, absmax[1], False)):
+        if bits == 4:
+            q = qk.unpack_int4(q, numel)
+        out.append(qk.dequantize(q, row, code_map(signed, bits, q.device), block, shape))
+    return out[0], out[1]
+
+
+def _store_moments(qk: QuantKernels, m, v, exp_avg, exp_avg_sq, absmax, bits) -> None:
+    if bits == 32:
+        return
+    block = state_block(bits)
+    for t, q_out, row, signed in ((m, exp_avg, absmax[0], True), (v, exp_avg_sq, absmax[1], False)):
+        q, amax = qk.quantize(t.contiguous(), code_map(signed, bits, t.device), block)
+        q_out.copy_(qk.pack_int4(q) if bits == 4 else q)
+        row.copy_(amax)
+
+
+@torch.library.custom_op(f"{_LIB}::lowrank_update", mutates_args=(
+    "param", "proj", "proj_meta", "exp_avg", "exp_avg_sq", "absmax", "sched", "grad_acc", "dct"))
+def lowrank_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    grad_right: torch.Tensor | None,
+    proj: torch.Tensor | None,
+    proj_meta: torch.Tensor | None,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    absmax: torch.Tensor | None,
+    sched: torch.Tensor,
+    grad_acc: torch.Tensor | None,
+    dct: torch.Tensor | None,
+    lr: float,
+    step: int,
+    micro_step: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    micro_steps: int,
+    rank: int,
+    gap: int,
+    offset: int,
+    scale: float,
+    projector: str,
+    rule: str,
+    scaling: str,
+    moments: str,
+    lazy_threshold: float,
+    proj_bits: int,
+    state_bits: int,
+    seed: int,
+    limiter: float,
+) -> None:
+    from .kernels.lowrank import lowrank_apply_ref
+
+    run_lowrank_update(lowrank_apply_ref, reference_quant_kernels(), param, grad, grad_right, proj, proj_meta,
+                       exp_avg, exp_avg_sq, absmax, sched, grad_acc, dct, lr, step, micro_step, beta1, beta2, eps,
+                       weight_decay, micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments,
+                       lazy_threshold, proj_bits, state_bits, seed, limiter)
+
+
+@lowrank_update.register_fake
+def _(*args, **kwargs):
+    return None
+
+
+def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, proj_meta, exp_avg, exp_avg_sq,
+                       absmax, sched, grad_acc, dct, lr, step, micro_step, beta1, beta2, eps, weight_decay,
+                       micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments, lazy_threshold,
+                       proj_bits, state_bits, seed, limiter) -> None:
+    """Body of ``memfit::lowrank_update``: refresh the subspace when due, Adam on the projected
+    gradient, then the rule's weight update (``apply`` is the fused project-back + update kernel)."""
+    G: pj.Grad = grad if grad_right is None else (grad, grad_right)
+    if micro_steps > 1:
+        if isinstance(G, tuple):
+            grad_acc.addmm_(G[0], G[1])
+        else:
+            grad_acc.add_(G)
+        if micro_step < micro_steps - 1:
+            return
+        G = grad_acc.float().mul_(1.0 / micro_steps)
+    shape = tuple(param.shape)
+    side = pj.side_of(shape)
+    low = pj.low_shape(shape, rank)
+    sv = sched.tolist()
+    if sv[_SCHED_GAP] == 0:
+        sv[_SCHED_GAP] = float(gap)
+    m, v = _load_moments(qk, exp_avg, exp_avg_sq, absmax, low, state_bits)
+
+    def current(count: int) -> torch.Tensor:
+        if projector == "random":
+            return pj.random_projector(shape, rank, seed, count, param.device)
+        if projector == "dct":
+            return pj.dct_projector(_dct_basis(dct), proj)
+        if proj_bits == 4:
+            return pj.dequantize_int4(proj, proj_meta, pj.proj_shape(shape, rank), qk.unpack_int4)
+        return proj
+
+    count = int(sv[_SCHED_COUNT])
+    if count == 0 or step >= sv[_SCHED_NEXT]:
+        P_old = current(count - 1) if count > 0 else None
+        P = _refresh(qk, G, shape, side, rank, projector, proj, proj_meta, dct, proj_bits, seed, count, P_old)
+        if P_old is not None:
+            if lazy_threshold > 0:
+                _lazy_gap(sv, P, P_old, lazy_threshold)
+            if moments == "reset":
+                m.zero_()
+                v.zero_()
+            elif moments == "rotate":
+                pj.rotate_moments(m, v, P_old, P, side)
+        sv[_SCHED_NEXT] = step + (sv[_SCHED_GAP] - offset if count == 0 and offset else sv[_SCHED_GAP])
+        sv[_SCHED_COUNT] = count + 1
+    else:
+        P = current(count - 1)
+    R = pj.project(G, P, side)
+    bias1 = 1 - beta1**step
+    bias2_sqrt = math.sqrt(1 - beta2**step)
+    m.lerp_(R, 1 - beta1)
+    v.mul_(beta2).addcmul_(R, R, value=1 - beta2)
+    N = (m / bias1).div_(v.sqrt().div_(bias2_sqrt).add_(eps))
+    _store_moments(qk, m, v, exp_avg, exp_avg_sq, absmax, state_bits)
+    if rule == "galore":
+        apply(param, P, N, lr=lr, weight_decay=weight_decay, scale=scale, side=side)
+    else:
+        Gf = pj.full(G)
+        if rule == "apollo":
+            # APOLLO: the raw gradient scaled per channel by how Adam rescales its projection.
+            upd = Gf.mul_(pj.channel_norm_ratio(N, R, side, scaling))
+            if scale != 1.0:
+                upd.mul_(math.sqrt(scale))
+            if limiter > 0:
+                upd, sv[_SCHED_NORM] = pj.limit_growth(upd, sv[_SCHED_NORM], limiter)
+        else:
+            resid = Gf.sub_(pj.project_back(R, P, side))
+            if rule == "fira":
+                resid.mul_(pj.channel_norm_ratio(N, R, side, "channel"))
+                if limiter > 0:
+                    resid, sv[_SCHED_NORM] = pj.limit_growth(resid, sv[_SCHED_NORM], limiter)
+            else:  # frugal: state-free signSGD outside the subspace
+                resid.sign_()
+            upd = resid.add_(pj.project_back(N, P, side), alpha=scale)
+        _apply_full(param, upd, lr, weight_decay)
+    sched.copy_(torch.tensor(sv, dtype=sched.dtype))
+    if grad_acc is not None and micro_steps > 1:
+        grad_acc.zero_()
+
+
+def _apply_full(param: torch.Tensor, upd: torch.Tensor, lr: float, weight_decay: float) -> None:
+    if param.dtype == torch.float32:
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        param.add_(upd, alpha=-lr)
+        return
+    p = param.float()
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    param.copy_(p.add_(upd, alpha=-lr))
+
+
+def _dct_basis(dct: torch.Tensor) -> torch.Tensor:
+    """The shared DCT basis state, filled on first use (all zeros means not yet computed)."""
+    if not bool(dct[0, 0] != 0):
+        dct.copy_(pj.dct_matrix(dct.shape[0], dct.device))
+    return dct
+
+
+def _refresh(qk, G, shape, side, rank, projector, proj, proj_meta, dct, proj_bits, seed, count, P_old):
+    """A new projector from G (stored in ``proj``), returned as the fp32 matrix the step uses."""
+    if projector == "random":
+        return pj.random_projector(shape, rank, seed, count, proj.device if proj is not None else
+                                   (G[0] if isinstance(G, tuple) else G).device)
+    if projector == "dct":
+        Q = _dct_basis(dct)
+        idx = pj.dct_indices(G, rank, side, Q)
+        proj.copy_(idx)
+        return pj.dct_projector(Q, idx)
+    if projector == "svd":
+        A = pj.full(G)
+        if not (bool(torch.isfinite(A).all()) and bool(A.abs().amax() > 0)):
+            # SVD of a zero / non-finite gradient is meaningless (and may not converge): keep the subspace.
+            if P_old is not None:
+                return P_old
+            P = _orthonormal(shape, side, rank, seed, A.device)
+        else:
+            P = pj.svd_projector(A, rank, side)
+    else:
+        P = pj.randomized_projector(G, rank, side, pj.seeded_generator(seed, count))
+    if proj_bits == 4:
+        packed, meta = pj.quantize_int4(P, qk.pack_int4)
+        proj.copy_(packed)
+        proj_meta.copy_(meta)
+        return pj.dequantize_int4(proj, proj_meta, tuple(P.shape), qk.unpack_int4)
+    proj.copy_(P)
+    return proj
+
+
+def _orthonormal(shape, side, rank, seed, device) -> torch.Tensor:
+    gen = pj.seeded_generator(seed, -1)
+    rows = pj.proj_shape(shape, rank)[0]
+    Q, _ = torch.linalg.qr(torch.randn(rows, rank, generator=gen))
+    return Q.to(device)
+
+
+def _lazy_gap(sv: list[float], P: torch.Tensor, P_old: torch.Tensor, threshold: float) -> None:
+    """Q-GaLore's lazy refresh: when the leading directions of the last LAZY_WINDOW refreshes agree
+    (mean |cos| >= threshold), the subspace is stable; double the gap and start a new window."""
+    a, b = P[:, 0], P_old[:, 0]
+    cos = float((a @ b).abs() / (a.norm() * b.norm() + 1e-12))
+    n = int(sv[_SCHED_NCOS])
+    sv[_SCHED_COS + n % LAZY_WINDOW] = cos
+    n += 1
+    if n >= LAZY_WINDOW and sum(sv[_SCHED_COS:_SCHED_COS + LAZY_WINDOW]) / LAZY_WINDOW >= threshold:
+        sv[_SCHED_GAP] *= 2
+        n = 0
+    sv[_SCHED_NCOS] = n
+
+
+# ---- AdamW with block-wise quantized (8- or 4-bit) moments --------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::adam8bit_update", mutates_args=("param", "q_m", "q_v", "absmax", "grad_acc"))
+def adam8bit_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    q_m: torch.Tensor,
+    q_v: torch.Tensor,
+    absmax: torch.Tensor,
+    grad_acc: torch.Tensor | None,
+    lr: float,
+    step: int,
+    micro_step: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    micro_steps: int,
+    bits: int,
+) -> None:
+    from .kernels.adam8bit import adam8bit_ref
+
+    run_adam8bit_update(adam8bit_ref, reference_quant_kernels(), param, grad, q_m, q_v, absmax, grad_acc, lr, step,
+                        micro_step, beta1, beta2, eps, weight_decay, micro_steps, bits)
+
+
+@adam8bit_update.register_fake
+def _(*args, **kwargs):
+    return None
+
+
+def run_adam8bit_update(kernel, qk: QuantKernels, param, grad, q_m, q_v, absmax, grad_acc, lr, step, micro_step,
+                        beta1, beta2, eps, weight_decay, micro_steps, bits) -> None:
+    """Body of ``memfit::adam8bit_update``: 8-bit goes through the fused kernel (dequantize, update and
+    requantize one block in registers); 4-bit unpacks, updates with the AdamW reference, repacks."""
+    g, gscale = _accumulated(grad, grad_acc, micro_step, micro_steps)
+    if g is None:
+        return
+    if not g.is_contiguous():
+        g = g.contiguous()
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=gscale)
+    if bits == 8:
+        kernel(param, g, q_m, absmax[0], q_v, absmax[1], code_map(True, 8, param.device),
+               code_map(False, 8, param.device), block=state_block(8), **hp)
+    else:
+        m, v = _load_moments(qk, q_m, q_v, absmax, tuple(param.shape), bits)
+        adamw_ref(param, g, m, v, **hp)
+        _store_moments(qk, m, v, q_m, q_v, absmax, bits)
+    if grad_acc is not None and micro_steps > 1:
+        grad_acc.zero_()

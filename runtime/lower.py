@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import operator
 import os
 from collections.abc import Callable
@@ -50,24 +51,36 @@ def use_triton(device: torch.device) -> bool:
 def _kernel_impls(triton: bool) -> dict:
     """memfit op -> (callable with the op's signature, label)."""
     if triton:
+        from ..kernels.adam8bit import adam8bit
         from ..kernels.adamw import adamw
+        from ..kernels.lowrank import lowrank_apply
+        from ..kernels.quant import dequantize_blockwise, pack_int4, quantize_blockwise, unpack_int4
         from ..kernels.sgd import sgd
+
+        quant = memfit_ops.QuantKernels(quantize_blockwise, dequantize_blockwise, pack_int4, unpack_int4)
     else:
+        from ..kernels.adam8bit import adam8bit_ref as adam8bit
         from ..kernels.adamw import adamw_ref as adamw
+        from ..kernels.lowrank import lowrank_apply_ref as lowrank_apply
         from ..kernels.sgd import sgd_ref as sgd
+
+        quant = memfit_ops.reference_quant_kernels()
     label = "triton" if triton else "reference"
+    ops = torch.ops.memfit
     return {
-        torch.ops.memfit.adamw_update.default: (_bind(memfit_ops.run_adamw_update, adamw, label), label),
-        torch.ops.memfit.sgd_update.default: (_bind(memfit_ops.run_sgd_update, sgd, label), label),
+        ops.adamw_update.default: (_bind(memfit_ops.run_adamw_update, label, adamw), label),
+        ops.sgd_update.default: (_bind(memfit_ops.run_sgd_update, label, sgd), label),
+        ops.adam8bit_update.default: (_bind(memfit_ops.run_adam8bit_update, label, adam8bit, quant), label),
+        ops.lowrank_update.default: (_bind(memfit_ops.run_lowrank_update, label, lowrank_apply, quant), label),
     }
 
 
-def _bind(runner: Callable, kernel: Callable, label: str) -> Callable:
-    """``runner`` with its elementwise kernel fixed, named so FX codegen can reference it."""
+def _bind(runner: Callable, label: str, *kernels: Callable) -> Callable:
+    """``runner`` with its kernels fixed, named so FX codegen can reference it."""
 
     @functools.wraps(runner)
     def bound(*args, **kwargs):
-        return runner(kernel, *args, **kwargs)
+        return runner(*kernels, *args, **kwargs)
 
     bound.__name__ = f"{runner.__name__}_{label}"
     bound.__qualname__ = bound.__name__
@@ -144,9 +157,14 @@ def workspace_bytes(node: fx.Node, device: torch.device | str = "cpu") -> int:
     Update ops copy a non-contiguous gradient (e.g. a transposed weight gradient) to a contiguous
     one; the CPU references add their own param-sized temporaries (AdamW's ``denom``; SGD's first
     owned gradient temporary when it scales, decays or uses Nesterov; an fp32 working copy of a
-    low-precision parameter). The Triton kernels keep everything else in registers.
+    low-precision parameter). The Triton kernels keep everything else in registers. The low-rank
+    update is costed at its worst step, a subspace refresh.
     """
     target = node.target
+    if target is torch.ops.memfit.lowrank_update.default:
+        return _lowrank_workspace(node, use_triton(torch.device(device)))
+    if target is torch.ops.memfit.adam8bit_update.default:
+        return _adam8bit_workspace(node, use_triton(torch.device(device)))
     if target not in (torch.ops.memfit.adamw_update.default, torch.ops.memfit.sgd_update.default):
         return 0
     param, grad = node.args[0].meta["val"], node.args[1].meta["val"]
@@ -164,3 +182,42 @@ def workspace_bytes(node: fx.Node, device: torch.device | str = "cpu") -> int:
     momentum, nesterov, weight_decay = node.args[7], node.args[9], node.args[10]
     owns_temp = micro_steps > 1 or weight_decay != 0 or (momentum != 0 and nesterov)
     return total + (fp32 if owns_temp else 0)
+
+
+def _adam8bit_workspace(node: fx.Node, triton: bool) -> int:
+    param = node.args[0].meta["val"]
+    bits, micro_steps = node.args[14], node.args[13]
+    numel = param.numel()
+    grad_copy = 0 if node.args[1].meta["val"].is_contiguous() or micro_steps > 1 else numel * 4
+    if triton and bits == 8:
+        return grad_copy
+    # reference: fp32 m and v, the codes' search and AdamW's denom, one fp32 param copy when low precision
+    return grad_copy + 4 * numel * 4 + (numel * 4 if param.dtype != torch.float32 else 0)
+
+
+def _lowrank_workspace(node: fx.Node, triton: bool) -> int:
+    from .. import projection as pj
+
+    a = node.args
+    param = a[0].meta["val"]
+    m, n = param.shape
+    rank, projector, rule, proj_bits = a[19], a[23], a[24], a[28]
+    rows = pj.proj_shape((m, n), rank)[0]
+    low = 4 * math.prod(pj.low_shape((m, n), rank))
+    full = 4 * m * n
+    step = 4 * low  # R, N and two moment-sized temporaries
+    if a[2] is not None:  # factored: P^T L (rank x tokens) first
+        step += 4 * rank * a[1].meta["val"].shape[1]
+    if a[18] > 1:
+        step += full  # the accumulated gradient, scaled, in fp32
+    if rule != "galore":
+        step += 2 * full  # the fp32 gradient and the projected-back update
+    elif not triton:
+        step += full if param.dtype != torch.float32 else 0
+    if projector == "random" or proj_bits == 4:
+        step += 4 * rows * rank
+    k = min(m, n)
+    refresh = {"svd": full + 4 * (rows * k + k * (m + n - rows) + rows * rank),
+               "randomized": 4 * (3 * (m + n) * min(rank + 8, k) + min(rank + 8, k) ** 2),
+               "dct": 2 * full, "random": 4 * rows * rank}[projector]
+    return step + refresh

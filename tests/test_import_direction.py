@@ -7,11 +7,12 @@ triton; ``passes/`` never imports triton or the runtime. The rules as the code k
 
 * ``errors``: nothing from memfit. ``graph``: only ``errors`` (the IR every layer speaks).
 * ``kernels/``: torch, triton, the standard library and ``memfit.errors`` (the one error hierarchy).
-* ``ops``: ``errors`` and ``kernels`` (each op's CPU body is its kernel's reference).
-* ``passes/``: ``errors``, ``graph``, ``ops`` and other passes; never the runtime, kernels, frontends, the
-  API or triton. Passes insert memfit ops through ``torch.ops.memfit``, never a kernel.
-* ``runtime/``: ``errors``, ``graph``, ``ops``, ``kernels`` and ``passes.base`` (the planner reads each
-  pass's ``memory_effect``, never a pass's internals); never frontends or the API.
+* ``projection``: nothing from memfit (the low-rank math in plain torch, shared by ops, passes and runtime).
+* ``ops``: ``errors``, ``kernels`` and ``projection`` (each op's CPU body is its kernel's reference).
+* ``passes/``: ``errors``, ``graph``, ``ops``, ``projection`` (shapes) and other passes; never the runtime,
+  kernels, frontends, the API or triton. Passes insert memfit ops through ``torch.ops.memfit``, never a kernel.
+* ``runtime/``: ``errors``, ``graph``, ``ops``, ``kernels``, ``projection`` and ``passes.base`` (the planner reads
+  each pass's ``memory_effect``, never a pass's internals); never frontends or the API.
 * ``frontends/``: ``errors``, ``graph`` and other frontends; ``frontends/dynamo.py`` alone also imports
   ``passes.base`` and ``runtime`` (it is the torch.compile door: it runs the Pipeline on what it
   captures and lowers the result, as ``api`` does for ``optimize``). Never kernels.
@@ -39,9 +40,10 @@ ALLOWED: dict[str, object] = {
     "errors": set(),
     "graph": {"errors"},
     "kernels": {"errors", "kernels"},
-    "ops": {"errors", "kernels"},
-    "passes": {"errors", "graph", "ops", "passes"},
-    "runtime": {"errors", "graph", "ops", "kernels", "runtime", "passes.base"},
+    "projection": set(),
+    "ops": {"errors", "kernels", "projection"},
+    "passes": {"errors", "graph", "ops", "passes", "projection"},
+    "runtime": {"errors", "graph", "ops", "kernels", "runtime", "passes.base", "projection"},
     "frontends": {"errors", "graph", "frontends"},
     "frontends.dynamo": {"errors", "graph", "frontends", "runtime", "passes.base"},
     "measure": {"errors"},

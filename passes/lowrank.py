@@ -1,0 +1,255 @@
+"""lowrank: low-rank gradient projection of 2-D weights (GaLore, APOLLO, Fira, FRUGAL; Q-GaLore options).
+
+Rewrites: the ``memfit::adamw_update`` node of each selected 2-D weight (``fused_update`` placed it
+where the gradient is produced) into one ``memfit::lowrank_update`` node. Its Adam moments shrink
+from the weight's shape (m, n) to the projected shape, (r, n) when m < n or (m, r) otherwise; the
+projector becomes pass state (the fp32 matrix, int4-packed with ``proj_bits=4``, r indices for
+``dct``, nothing for ``random``, which regenerates it from a seed).
+
+Settings (see ``projection.py`` for the math and shared/METHODS.md for the papers):
+  - ``projector``: ``svd`` (GaLore), ``randomized`` (range finder, no full SVD), ``dct`` (SVD-free,
+    r indices), ``random`` (APOLLO's seeded Gaussian).
+  - ``rule``: ``galore`` (W -= lr·scale·P·Adam(R)), ``apollo`` (the raw gradient scaled per channel,
+    or per tensor with ``scaling="tensor"``, by ||Adam(R)|| / ||R||; APOLLO-Mini is rank 1 with
+    tensor scaling and scale 128), ``fira`` (GaLore plus the residual G - P·R rescaled per channel,
+    under the norm-growth limiter), ``frugal`` (GaLore plus signSGD on the residual).
+  - ``moments``: what happens to Adam's moments when the subspace changes: ``keep`` (GaLore's
+    choice), ``reset`` (zero them; FRUGAL's) or ``rotate`` (carry them into the new basis).
+  - ``lazy_threshold`` (Q-GaLore): when the leading projection direction of the last 5 refreshes
+    agrees (mean |cos| >= threshold) the refresh gap doubles; 0 turns it off.
+  - ``stagger``: parameter i's refreshes are shifted by i·gap/N steps after the first, so no later
+    step carries every SVD at once.
+  - ``factored``: for a Linear weight under the ``galore`` rule, the projected gradient is computed
+    from the backward's factors, P^T·dY^T·X, so the (m, n) weight gradient is never formed (except
+    transiently by ``svd``/``dct`` refreshes); other rules need the full G and ignore it.
+  - ``state_bits``: 8 or 4 stores the low-rank moments block-wise quantized (``quantize_state`` sets
+    it when it runs after this pass).
+
+Requires ``fused_update`` (it rewrites its nodes). Weights that are not 2-D, or whose smaller side is
+not larger than ``rank``, keep their AdamW update (listed in ``stats["skipped"]``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import fx
+
+from .. import projection as pj
+from ..errors import ConfigError, where_what_got
+from ..graph import NAME_KEY, StateSpec, TrainGraph
+from ..ops import SCHED_LEN, state_block
+from .base import MemoryEffect, Pass, PassResult, register_pass
+
+_PROJECTORS = ("svd", "randomized", "dct", "random")
+_RULES = ("galore", "apollo", "fira", "frugal")
+_ADAMW = torch.ops.memfit.adamw_update.default
+_TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
+
+
+@register_pass("lowrank")
+@dataclass(frozen=True)
+class LowRank(Pass):
+    rank: int = 128
+    gap: int = 200
+    scale: float = 0.25
+    projector: Literal["svd", "randomized", "dct", "random"] = "svd"
+    rule: Literal["galore", "apollo", "fira", "frugal"] = "galore"
+    scaling: Literal["channel", "tensor"] = "channel"
+    moments: Literal["keep", "reset", "rotate"] = "keep"
+    lazy_threshold: float = 0.0
+    proj_bits: Literal[32, 4] = 32
+    state_bits: Literal[32, 8, 4] = 32
+    stagger: bool = True
+    factored: bool = True
+    limiter: float = 1.01
+    seed: int = 0
+    targets: str | tuple[str, ...] = "*"
+
+    requires = ("fused_update",)
+    before = ("quantize_state",)
+    lossless = False
+
+    def __post_init__(self):
+        where = "passes['lowrank']"
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        checks = [
+            ("rank", isinstance(self.rank, int) and self.rank >= 1, "an int >= 1", "e.g. 128"),
+            ("gap", isinstance(self.gap, int) and self.gap >= 1, "an int >= 1", "e.g. 200"),
+            ("scale", self.scale > 0, "a positive float", "GaLore uses 0.25, APOLLO 1, APOLLO-Mini 128"),
+            ("projector", self.projector in _PROJECTORS, f"one of {_PROJECTORS}", "pick one"),
+            ("rule", self.rule in _RULES, f"one of {_RULES}", "pick one"),
+            ("scaling", self.scaling in ("channel", "tensor"), "'channel' or 'tensor'", "pick one"),
+            ("moments", self.moments in ("keep", "reset", "rotate"), "'keep', 'reset' or 'rotate'", "pick one"),
+            ("lazy_threshold", 0 <= self.lazy_threshold <= 1, "a cosine in [0, 1]", "Q-GaLore uses 0.4; 0 = off"),
+            ("proj_bits", self.proj_bits in (32, 4), "32 or 4", "4 packs the projector two values per byte"),
+            ("state_bits", self.state_bits in (32, 8, 4), "32, 8 or 4", "pick one"),
+            ("limiter", self.limiter == 0 or self.limiter >= 1, "0 (off) or a growth factor >= 1", "Fira uses 1.01"),
+        ]
+        for field, ok, what, todo in checks:
+            if not ok:
+                raise ConfigError(where_what_got(f"{where}.{field}", what, repr(getattr(self, field)), todo))
+        if self.rule in ("fira", "frugal") and self.projector == "random":
+            raise ConfigError(where_what_got(f"{where}.projector", f"an orthonormal projector for rule {self.rule!r}",
+                                             "'random'", "use 'svd', 'randomized' or 'dct' (the residual "
+                                             "G - P P^T G needs P^T P = I)"))
+        if self.proj_bits == 4 and self.projector not in ("svd", "randomized"):
+            raise ConfigError(where_what_got(f"{where}.proj_bits", "4 only with a stored matrix projector",
+                                             f"projector {self.projector!r}", "use proj_bits=32 (dct stores indices, "
+                                             "random stores a seed)"))
+
+    # ---- which parameters ----------------------------------------------------------------------
+    def selected(self, g: TrainGraph) -> tuple[list[str], list[str]]:
+        """(projected FQNs, matched-but-skipped FQNs) among the parameters with an AdamW update."""
+        with_update = [f for f, n in g.updates.items() if n.target is _ADAMW]
+        chosen, skipped = [], []
+        for fqn in g.match(self.targets, with_update):
+            shape = tuple(g.params[fqn].meta["val"].shape)
+            (chosen if len(shape) == 2 and min(shape) > self.rank else skipped).append(fqn)
+        return chosen, skipped
+
+    # ---- memory --------------------------------------------------------------------------------
+    def state_bytes(self, shape: tuple[int, int]) -> int:
+        """Persistent bytes for one projected (m, n) weight (moments, projector, schedule)."""
+        low = math.prod(pj.low_shape(shape, self.rank))
+        if self.state_bits == 32:
+            moments = 2 * 4 * low
+        else:
+            per = low if self.state_bits == 8 else (low + 1) // 2
+            moments = 2 * per + 2 * 4 * -(-low // state_block(self.state_bits))
+        rows = pj.proj_shape(shape, self.rank)[0]
+        if self.projector in ("svd", "randomized"):
+            if self.proj_bits == 4:
+                packed, meta = pj.int4_shapes((rows, self.rank))
+                proj = packed[0] + 4 * 2 * meta[1]
+            else:
+                proj = 4 * rows * self.rank
+        else:
+            proj = 8 * self.rank if self.projector == "dct" else 0
+        return moments + proj + 8 * SCHED_LEN
+
+    def refresh_transient(self, shape: tuple[int, int]) -> int:
+        """Bytes a subspace refresh allocates on top of a normal step (the peak of its temporaries)."""
+        m, n = shape
+        k = min(m, n)
+        rows = pj.proj_shape(shape, self.rank)[0]
+        if self.projector == "svd":  # fp32 G, U (rows x k), S, Vh (k x other), LAPACK work ~ U
+            return 4 * (m * n + 2 * rows * k + k + k * (m + n - rows))
+        if self.projector == "randomized":
+            p = min(self.rank + 8, k)
+            return 4 * (3 * (m + n) * p + p * p)
+        if self.projector == "dct":
+            return 4 * 2 * m * n
+        return 4 * rows * self.rank
+
+    def memory_effect(self, g: TrainGraph) -> MemoryEffect:
+        per_param = {}
+        transient = 0
+        for fqn in self.selected(g)[0]:
+            shape = tuple(g.params[fqn].meta["val"].shape)
+            per_param[fqn] = self.state_bytes(shape) - 8 * shape[0] * shape[1]
+            transient = max(transient, self.refresh_transient(shape))
+        return MemoryEffect(persistent=sum(per_param.values()), transient=transient, per_param=per_param)
+
+    # ---- rewrite -------------------------------------------------------------------------------
+    def run(self, g: TrainGraph) -> PassResult:
+        chosen, skipped = self.selected(g)
+        if not chosen:
+            return PassResult(g, False, {"projected": [], "skipped": skipped})
+        dct = {}
+        factored = []
+        saved = 0
+        for i, fqn in enumerate(chosen):
+            old = g.updates[fqn]
+            shape = tuple(g.params[fqn].meta["val"].shape)
+            offset = (i * self.gap) // len(chosen) if self.stagger else 0
+            with g.graph.inserting_before(old):
+                new, used_factors = self._replace(g, fqn, old, shape, offset, dct)
+            old_states = [a.meta[NAME_KEY] for a in old.args[2:4]]
+            old.replace_all_uses_with(new)
+            g.graph.erase_node(old)
+            g.updates[fqn] = new
+            for name in old_states:
+                g.remove_state(name)
+            if used_factors:
+                factored.append(fqn)
+            saved += 8 * shape[0] * shape[1] - self.state_bytes(shape)
+        stats = {"projected": chosen, "skipped": skipped, "factored": factored, "state_bytes_saved": saved,
+                 "rank": self.rank, "projector": self.projector, "rule": self.rule}
+        g.info["lowrank"] = stats
+        return PassResult(g, True, stats)
+
+    def _replace(self, g: TrainGraph, fqn: str, old: fx.Node, shape, offset: int, dct: dict) -> tuple[fx.Node, bool]:
+        (param, grad, _m, _v, acc, lr, step, micro, beta1, beta2, eps, wd, micro_steps) = old.args
+        rows = pj.proj_shape(shape, self.rank)[0]
+        low = pj.low_shape(shape, self.rank)
+
+        def state(name, shp, dtype, kind="pass"):
+            return g.add_state(f"{fqn}::{name}", StateSpec(tuple(shp), dtype, fqn, kind))
+
+        proj = proj_meta = None
+        if self.projector in ("svd", "randomized"):
+            if self.proj_bits == 4:
+                packed, meta = pj.int4_shapes((rows, self.rank))
+                proj = state("proj_int4", packed, torch.uint8)
+                proj_meta = state("proj_int4_scale", (2, meta[1]), torch.float32)
+            else:
+                proj = state("proj", (rows, self.rank), torch.float32)
+        elif self.projector == "dct":
+            proj = state("dct_index", (self.rank,), torch.int64)
+            if rows not in dct:
+                dct[rows] = g.add_state(f"lowrank::dct{rows}", StateSpec((rows, rows), torch.float32, "", "pass"))
+        numel = math.prod(low)
+        if self.state_bits == 32:
+            m = state("lowrank_exp_avg", low, torch.float32, "optimizer")
+            v = state("lowrank_exp_avg_sq", low, torch.float32, "optimizer")
+            absmax = None
+        else:
+            per = numel if self.state_bits == 8 else (numel + 1) // 2
+            m = state(f"lowrank_exp_avg_q{self.state_bits}", (per,), torch.uint8, "optimizer")
+            v = state(f"lowrank_exp_avg_sq_q{self.state_bits}", (per,), torch.uint8, "optimizer")
+            blocks = -(-numel // state_block(self.state_bits))
+            absmax = state(f"lowrank_absmax_q{self.state_bits}", (2, blocks), torch.float32, "optimizer")
+        sched = state("sched", (SCHED_LEN,), torch.float64)
+        grad_left, grad_right = grad, None
+        factors = self._factors(g, grad) if (self.factored and self.rule == "galore" and micro_steps == 1) else None
+        if factors is not None:
+            grad_left, grad_right = factors
+        args = (param, grad_left, grad_right, proj, proj_meta, m, v, absmax, sched, acc, dct.get(rows), lr, step,
+                micro, beta1, beta2, eps, wd, micro_steps, self.rank, self.gap, offset, float(self.scale),
+                self.projector, self.rule, self.scaling, self.moments, float(self.lazy_threshold),
+                int(self.proj_bits), int(self.state_bits), int(self.seed) * 100_003 + _fqn_seed(fqn),
+                float(self.limiter))
+        return g.graph.call_function(torch.ops.memfit.lowrank_update.default, args), factors is not None
+
+    @staticmethod
+    def _factors(g: TrainGraph, grad: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+        """(L, R) with grad == L @ R when grad is a (possibly transposed) ``mm`` used only here."""
+        flips = 0
+        node = grad
+        while node.op == "call_function" and node.target in _TRANSPOSES:
+            if node.target is torch.ops.aten.permute.default and list(node.args[1]) != [1, 0]:
+                return None
+            flips += 1
+            node = node.args[0]
+            if len(node.users) != 1:
+                return None
+        if not (node.op == "call_function" and node.target is torch.ops.aten.mm.default):
+            return None
+        a, b = node.args
+        if flips % 2 == 0:
+            return a, b
+        t = torch.ops.aten.t.default
+        return g.graph.call_function(t, (b,)), g.graph.call_function(t, (a,))
+
+
+def _fqn_seed(fqn: str) -> int:
+    """A stable per-parameter seed (Python's str hash is salted per process)."""
+    h = 0
+    for ch in fqn.encode():
+        h = (h * 131 + ch) % 1_000_000_007
+    return h

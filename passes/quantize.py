@@ -1,0 +1,109 @@
+"""quantize_state: Adam's moments stored block-wise quantized, 8-bit (or 4-bit), as in 8-bit optimizers.
+
+Rewrites: each ``memfit::adamw_update`` node of a selected parameter with at least ``min_numel``
+elements into ``memfit::adam8bit_update``, whose moments are uint8 codes of a non-linear dynamic
+map (signed for the first moment, unsigned for the second) with one fp32 absmax per block of 256
+(128 at 4 bits, two codes packed per byte); the update dequantizes a block, steps and requantizes
+it. Smaller tensors keep fp32 moments (their error costs more than their bytes save). Low-rank
+moments of ``memfit::lowrank_update`` nodes (``lowrank`` ran first) are quantized the same way.
+
+Requires ``fused_update``; runs after ``lowrank`` when both are given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .. import projection as pj
+from ..errors import ConfigError, where_what_got
+from ..graph import NAME_KEY, StateSpec, TrainGraph
+from ..ops import state_block
+from .base import MemoryEffect, Pass, PassResult, register_pass
+
+_ADAMW = torch.ops.memfit.adamw_update.default
+_LOWRANK = torch.ops.memfit.lowrank_update.default
+_LOWRANK_STATE_BITS = 29  # index of state_bits in lowrank_update's arguments
+_LOWRANK_RANK = 19
+
+
+def quantized_bytes(numel: int, bits: int) -> int:
+    """Bytes of two moments of ``numel`` values at ``bits`` (codes plus one fp32 absmax per block each)."""
+    per = numel if bits == 8 else (numel + 1) // 2
+    return 2 * per + 2 * 4 * -(-numel // state_block(bits))
+
+
+@register_pass("quantize_state")
+@dataclass(frozen=True)
+class QuantizeState(Pass):
+    bits: Literal[8, 4] = 8
+    min_numel: int = 4096
+    targets: str | tuple[str, ...] = "*"
+
+    requires = ("fused_update",)
+    lossless = False
+
+    def __post_init__(self):
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if self.bits not in (8, 4):
+            raise ConfigError(where_what_got("passes['quantize_state'].bits", "8 or 4", repr(self.bits), "pick one"))
+        if not (isinstance(self.min_numel, int) and self.min_numel >= 1):
+            raise ConfigError(where_what_got("passes['quantize_state'].min_numel", "an int >= 1",
+                                             repr(self.min_numel), "tensors below it keep fp32 state; e.g. 4096"))
+
+    def _selected(self, g: TrainGraph) -> list[tuple[str, int]]:
+        """(fqn, moment numel) of every update this pass rewrites."""
+        out = []
+        for fqn in g.match(self.targets, list(g.updates)):
+            node = g.updates[fqn]
+            if node.target is _ADAMW:
+                numel = g.params[fqn].meta["val"].numel()
+            elif node.target is _LOWRANK and node.args[_LOWRANK_STATE_BITS] == 32:
+                numel = math.prod(pj.low_shape(tuple(g.params[fqn].meta["val"].shape), node.args[_LOWRANK_RANK]))
+            else:
+                continue
+            if numel >= self.min_numel:
+                out.append((fqn, numel))
+        return out
+
+    def memory_effect(self, g: TrainGraph) -> MemoryEffect:
+        per_param = {f: quantized_bytes(n, self.bits) - 8 * n for f, n in self._selected(g)}
+        return MemoryEffect(persistent=sum(per_param.values()), per_param=per_param)
+
+    def run(self, g: TrainGraph) -> PassResult:
+        chosen = self._selected(g)
+        saved = 0
+        for fqn, numel in chosen:
+            old = g.updates[fqn]
+            suffix = ("_q8" if self.bits == 8 else "_q4") if old.target is _ADAMW else \
+                ("_lowrank_q8" if self.bits == 8 else "_lowrank_q4")
+            per = numel if self.bits == 8 else (numel + 1) // 2
+            kind = "optimizer"
+            q_m = g.add_state(f"{fqn}::exp_avg{suffix}", StateSpec((per,), torch.uint8, fqn, kind))
+            q_v = g.add_state(f"{fqn}::exp_avg_sq{suffix}", StateSpec((per,), torch.uint8, fqn, kind))
+            absmax = g.add_state(f"{fqn}::absmax{suffix}",
+                                 StateSpec((2, -(-numel // state_block(self.bits))), torch.float32, fqn, kind))
+            args = list(old.args)
+            with g.graph.inserting_before(old):
+                if old.target is _ADAMW:
+                    (param, grad, _m, _v, acc, lr, step, micro, b1, b2, eps, wd, micro_steps) = args
+                    new = g.graph.call_function(torch.ops.memfit.adam8bit_update.default, (
+                        param, grad, q_m, q_v, absmax, acc, lr, step, micro, b1, b2, eps, wd, micro_steps, self.bits))
+                else:
+                    args[5], args[6], args[7], args[_LOWRANK_STATE_BITS] = q_m, q_v, absmax, self.bits
+                    new = g.graph.call_function(_LOWRANK, tuple(args))
+            moments = (2, 3) if old.target is _ADAMW else (5, 6)
+            old_states = [old.args[i].meta[NAME_KEY] for i in moments]
+            old.replace_all_uses_with(new)
+            g.graph.erase_node(old)
+            g.updates[fqn] = new
+            for name in old_states:
+                g.remove_state(name)
+            saved += 8 * numel - quantized_bytes(numel, self.bits)
+        stats = {"quantized": [f for f, _ in chosen], "bits": self.bits, "state_bytes_saved": saved}
+        g.info["quantize_state"] = stats
+        return PassResult(g, bool(chosen), stats)
