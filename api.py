@@ -208,7 +208,7 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
                 optimizer: AdamW | SGD | None = None, passes: Sequence[str | Pass | tuple[str, dict]] | None = None,
                 frozen: Sequence[str] = (), clip_grad_norm: float | None = None, clip: str = "global",
                 micro_steps: int = 1, budget_bytes: int | None = None,
-                device: torch.device | str = "cpu") -> tuple[TrainGraph, MemoryPlan]:
+                device: torch.device | str = "cpu", levers: str = "lossy") -> tuple[TrainGraph, MemoryPlan]:
     """Capture one training step and let the planner rewrite it to fit ``budget_bytes`` (fake tensors
     throughout: nothing of the model's size is allocated). Returns the graph and its plan."""
     optimizer = AdamW() if optimizer is None else optimizer
@@ -224,7 +224,7 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
 
     explicit = [make(s) for s in passes] if passes is not None else None
     choice = choose(g, budget_bytes, device=device, make=make, head=("freeze",) if frozen else (),
-                    explicit=explicit)
+                    explicit=explicit, levers=levers)
     choice.graph.info["planner"] = {"trials": [t.__dict__ for t in choice.trials]}
     return choice.graph, choice.plan
 
@@ -232,7 +232,7 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
 def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float | str | None = None,
          loss_fn: Callable | None = None, optimizer: AdamW | SGD | None = None,
          passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
-         device: torch.device | str | None = None) -> MemoryPlan:
+         device: torch.device | str | None = None, levers: str = "lossy") -> MemoryPlan:
     """The memory plan of one training step, without running it or allocating the model's tensors.
 
     ``model`` and ``example_inputs`` may live on the ``meta`` device (build the model under
@@ -247,7 +247,7 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     if dev.type == "meta":
         dev = torch.device("cpu")
     _, p = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen,
-                       budget_bytes=parse_budget(budget, dev), device=dev)
+                       budget_bytes=parse_budget(budget, dev), device=dev, levers=levers)
     return p
 
 
@@ -296,14 +296,17 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
              loss_fn: Callable | None = None, optimizer: AdamW | SGD | None = None,
              passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
              clip_grad_norm: float | None = None, clip: str = "global", micro_steps: int = 1,
-             lr_schedule: Callable[[int], float] | None = None) -> Trainer:
+             lr_schedule: Callable[[int], float] | None = None, levers: str = "lossy") -> Trainer:
     """Compile ``model``'s whole training step under ``budget`` and return a :class:`Trainer`.
 
     ``example_inputs`` is one batch: ``(inputs..., target)`` with ``loss_fn(output, target)``, or the
     model's inputs when the model returns its loss (a single dict batch is passed as keywords).
     Without ``passes=`` memfit applies the lossless defaults: ``freeze`` (when ``frozen`` globs are
-    given), ``remat`` (recompute what costs no memory) and ``fused_update``. ``micro_steps`` splits
-    each batch into that many micro-batches and accumulates their gradients before one update.
+    given), ``remat`` (recompute what costs no memory) and ``fused_update``; when that does not fit
+    ``budget`` the planner recomputes more, then shrinks the optimizer state as far as ``levers``
+    allows (``"lossless"``; ``"near-lossless"``: 8-bit moments; ``"lossy"``, the default: also low-rank
+    projection). ``micro_steps`` splits each batch into that many micro-batches and accumulates their
+    gradients before one update.
     """
     optimizer = AdamW() if optimizer is None else optimizer
     if not isinstance(example_inputs, (tuple, list)):
@@ -325,7 +328,7 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         capture_inputs = tuple(example_inputs)
     g, _ = build_graph(model, capture_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen,
                        clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps, budget_bytes=budget_bytes,
-                       device=device)
+                       device=device, levers=levers)
     try:
         trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
                           lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device)

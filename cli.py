@@ -41,7 +41,7 @@ def meta_model(spec: str, dtype: str = "fp32") -> nn.Module:
 
 
 def plan_on_meta(model: nn.Module, *, batch: int, seq: int, optimizer: str = "adamw",
-                 budget: str | None = None, device: str = "cpu") -> MemoryPlan:
+                 budget: str | None = None, device: str = "cpu", levers: str = "lossy") -> MemoryPlan:
     """``memfit.plan`` of one language-model step of ``model``: ``batch x seq`` int64 token ids (inputs and
     targets) on meta, ``models.lm_loss``, planned for the ``device`` runtime (``cuda``: Triton kernels, no
     CPU-reference workspaces). Raises BudgetError when nothing fits."""
@@ -54,7 +54,7 @@ def plan_on_meta(model: nn.Module, *, batch: int, seq: int, optimizer: str = "ad
             raise ConfigError(where_what_got(f"memfit plan {name}", "an int >= 1", v, "e.g. --batch 1 --seq 2048"))
     tokens = torch.zeros((batch, seq), dtype=torch.int64, device="meta")
     return memfit.plan(model, example_inputs=(tokens, tokens), loss_fn=models.lm_loss, budget=budget,
-                       optimizer=_optimizer(optimizer), device=device)
+                       optimizer=_optimizer(optimizer), device=device, levers=levers)
 
 
 def _optimizer(name: str) -> AdamW | SGD:
@@ -107,7 +107,7 @@ def _plan(args: argparse.Namespace) -> int:
     over: BudgetError | None = None
     try:
         plan = plan_on_meta(model, batch=args.batch, seq=args.seq, optimizer=args.optimizer, budget=args.budget,
-                            device=args.device)
+                            device=args.device, levers=args.levers)
     except BudgetError as e:  # the planner tried its levers; e.plan is the smallest peak it reached
         over, plan = e, e.plan
         if plan is None:
@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="memfit-plan.png", help="where to draw the memory timeline")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="the runtime planned for (cuda: Triton kernels; planning itself allocates nothing)")
+    p.add_argument("--levers", choices=("lossless", "near-lossless", "lossy"), default="lossy",
+                   help="how far the planner may change the numerics to fit: recomputation only, also 8-bit "
+                        "optimizer state, also low-rank projection (default)")
     t = sub.add_parser("train", help="train a preset model on the stdlib corpus or a text file")
     t.add_argument("--model", default="tiny-llama", help="preset (tiny-llama, llama-60m, ...) or module:factory")
     t.add_argument("--steps", type=int, default=200, help="train until this many optimizer steps in total")

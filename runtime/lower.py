@@ -191,8 +191,12 @@ def _adam8bit_workspace(node: fx.Node, triton: bool) -> int:
     grad_copy = 0 if node.args[1].meta["val"].is_contiguous() or micro_steps > 1 else numel * 4
     if triton and bits == 8:
         return grad_copy
-    # reference: fp32 m and v, the codes' search and AdamW's denom, one fp32 param copy when low precision
-    return grad_copy + 4 * numel * 4 + (numel * 4 if param.dtype != torch.float32 else 0)
+    if bits == 8:  # the reference works in chunks of 2**20 values: fp32 m, v, update and the code search
+        from ..kernels.adam8bit import _REF_CHUNK
+
+        return grad_copy + 7 * 4 * min(numel, _REF_CHUNK) + 8192
+    # 4-bit: whole fp32 m and v, unpacked codes, AdamW's denom, one fp32 param copy when low precision
+    return grad_copy + 5 * numel * 4 + (numel * 4 if param.dtype != torch.float32 else 0)
 
 
 def _lowrank_workspace(node: fx.Node, triton: bool) -> int:

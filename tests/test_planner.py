@@ -28,14 +28,15 @@ def test_budgets_loose_medium_tight_fit_and_are_predicted(name):
     plan = memfit.plan(model, example_inputs=batch, loss_fn=loss_fn)
     lossless, floor = plan.peak_bytes, sum(plan.persistent.values())
     with pytest.raises(memfit.BudgetError) as err:  # just above the floor: the planner searches, then fails
-        memfit.plan(model, example_inputs=batch, loss_fn=loss_fn, budget=floor + 1)
+        memfit.plan(model, example_inputs=batch, loss_fn=loss_fn, budget=floor + 1, levers="lossless")
     smallest = err.value.smallest_peak_bytes
     assert not err.value.floor_only and smallest <= lossless
     if name != "cnn":  # the CNN has nothing worth recomputing; the transformers do
         assert smallest < lossless
     budgets = {"loose": 2 * lossless, "medium": (lossless + smallest) // 2 + 1, "tight": smallest}
     for label, budget in budgets.items():
-        trainer = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=loss_fn, budget=budget)
+        trainer = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=loss_fn, budget=budget,
+                                  levers="lossless")
         trainer.step(*batch)
         measured = trainer.measure_step(*batch).peak_bytes
         print(f"{name} {label}: budget {budget} B, predicted {trainer.plan.peak_bytes} B, measured {measured} B, "
@@ -49,7 +50,7 @@ def test_impossible_budget_names_the_smallest_peak_and_largest_tensors():
     floor = sum(memfit.plan(model, example_inputs=batch, loss_fn=loss_fn).persistent.values())
     with pytest.raises(memfit.BudgetError, match=r"smallest reachable peak of [\d.]+ MiB .*largest live at the peak: "
                                                  r"(.+ \(.+\), ){4}.+ \(.+\); raise the budget") as err:
-        memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, budget=floor + 1)
+        memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, budget=floor + 1, levers="lossless")
     assert err.value.budget_bytes == floor + 1 and err.value.smallest_peak_bytes > err.value.budget_bytes
 
 
@@ -67,3 +68,32 @@ def test_explicit_passes_are_respected_not_changed():
     assert trainer.graph.applied == ["fused_update"]
     with pytest.raises(memfit.BudgetError, match="with the passes given"):
         memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, passes=["fused_update"], budget=1000)
+
+
+def test_state_levers_fit_below_the_fp32_adam_floor():
+    """Below parameters + fp32 AdamW state, 8-bit moments fit first; below the smallest peak 8-bit
+    moments reach (with any recomputation), low-rank projection."""
+    model, batch, loss_fn = _case("llama")
+    plan = memfit.plan(model, example_inputs=batch, loss_fn=loss_fn)
+    params = plan.persistent["parameters"]
+    floor = sum(plan.persistent.values())
+    floor_8bit = sum(memfit.plan(model, example_inputs=batch, loss_fn=loss_fn,
+                                 passes=["remat", "fused_update", "quantize_state"]).persistent.values())
+    assert params < floor_8bit < floor
+    with pytest.raises(memfit.BudgetError, match="levers='near-lossless'") as err:
+        memfit.plan(model, example_inputs=batch, loss_fn=loss_fn, budget=floor_8bit + 1, levers="near-lossless")
+    smallest_8bit = err.value.smallest_peak_bytes
+    chosen = {}
+    for label, budget in (("8bit", floor - 1), ("lowrank", smallest_8bit - 1)):
+        with pytest.raises(memfit.BudgetError, match="levers='lossless'"):
+            memfit.plan(model, example_inputs=batch, loss_fn=loss_fn, budget=budget, levers="lossless")
+        trainer = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=loss_fn, budget=budget)
+        trainer.step(*batch)
+        measured = trainer.measure_step(*batch).peak_bytes
+        chosen[label] = trainer.graph.applied
+        print(f"llama {label}: budget {budget} B, predicted {trainer.plan.peak_bytes} B, measured {measured} B, "
+              f"passes {trainer.graph.applied}")
+        assert measured <= budget
+        assert trainer.plan.peak_bytes == pytest.approx(measured, rel=0.05)
+    assert "quantize_state" in chosen["8bit"] and "lowrank" not in chosen["8bit"]
+    assert "lowrank" in chosen["lowrank"]
