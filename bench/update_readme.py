@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ORDER = ["step_memory", "remat_vs_torch", "llama7b_plan"]
+ORDER = ["step_memory", "remat_vs_torch", "optimizers", "llama7b_plan"]
 
 
 def main() -> None:
