@@ -199,6 +199,10 @@ class LiveBytesTracker(TorchDispatchMode):
             return None  # sparse, opaque (mkldnn) or wrapper-subclass tensors own no storage
         if storage.device.type != self.device_type or storage.nbytes() == 0:
             return None  # other devices, meta and fake tensors, empty storages
+        try:
+            storage.data_ptr()
+        except RuntimeError:
+            return None  # a wrapper subclass's placeholder storage (e.g. torchao's quantized optimizer state)
         return storage
 
     def _add(self, storage: torch.UntypedStorage) -> None:
