@@ -3,11 +3,14 @@
 Both sides run tiny-llama through torch.compile with AOTAutograd and memfit's lowering; they differ only
 in what the backward recomputes: PyTorch's min-cut partitioner under
 ``torch._functorch.config.activation_memory_budget`` in {1.0, 0.5, 0.1}, or memfit's ``remat`` pass
-(free mode, then budget mode over a sweep of bytes to free) followed by the plain partition. For each
-run: the bytes the forward saves for the backward, the FLOPs recomputed (FLOPs of the forward and
-backward graphs minus those of the joint graph) and the measured peak of one forward+backward
-(``torch.profiler`` memory events). Then, for each PyTorch budget: memfit's fewest FLOPs at a peak no
-higher ("equal peak") and memfit's lowest peak at FLOPs no higher ("equal FLOPs").
+followed by the plain partition (free mode; budget mode over a sweep of bytes to free; budget mode
+under FLOP caps, ``max_flops``). For each run: the bytes the forward saves for the backward, the FLOPs
+recomputed (FLOPs of the forward and backward graphs minus those of the joint graph) and the measured
+peak of one forward+backward (``torch.profiler`` memory events), the same quantity for both sides.
+Then, for each PyTorch budget: memfit's peak with ``max_flops`` set to PyTorch's recomputed FLOPs
+("equal FLOPs": is it no higher?) and memfit's fewest recomputed FLOPs among runs whose peak is no
+higher than PyTorch's ("equal peak": no more?), the cap for that found by bisection on the measured
+peak; memfit dominates at that budget when both hold.
 
     python bench/remat_vs_torch.py [--batch 8 --seq 128]
 """
@@ -110,50 +113,79 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--search-steps", type=int, default=5, help="bisection steps for the fewest FLOPs at a peak")
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (args.batch, args.seq), generator=g)
     y = torch.randint(0, 256, (args.batch, args.seq), generator=g)
     base = models.build_llama("tiny-llama")
 
+    def memfit_run(cfg):
+        return run(copy.deepcopy(base), x, y, memfit_partition(cfg))
+
     rows, torch_runs, memfit_runs = [], [], []
     for budget in (1.0, 0.5, 0.1):
         s = run(copy.deepcopy(base), x, y, torch_partition(budget))
         torch_runs.append((budget, s))
         rows.append(dict(method=f"torch activation_memory_budget={budget}", **_fmt(s)))
-    none = run(copy.deepcopy(base), x, y, memfit_partition(None))
-    memfit_runs.append(("none", none))
+    none = memfit_run(None)
+    memfit_runs.append(none)
     rows.append(dict(method="memfit, no recomputation", **_fmt(none)))
-    free = run(copy.deepcopy(base), x, y, memfit_partition({"mode": "free"}))
-    memfit_runs.append(("free", free))
+    free = memfit_run({"mode": "free"})
+    memfit_runs.append(free)
     rows.append(dict(method="memfit remat free", **_fmt(free)))
     for share in (0.125, 0.25, 0.5, 0.75, 1.0):
-        cfg = {"mode": "budget", "free_bytes": int(free["saved_bytes"] * share)}
-        s = run(copy.deepcopy(base), x, y, memfit_partition(cfg))
-        memfit_runs.append((f"budget {share:.3g} of saved", s))
+        s = memfit_run({"mode": "budget", "free_bytes": int(free["saved_bytes"] * share)})
+        memfit_runs.append(s)
         rows.append(dict(method=f"memfit remat budget, free {share:.3g} of saved", **_fmt(s)))
+
+    capped: dict[int, dict] = {}
+
+    def at_cap(cap: int) -> dict:
+        if cap not in capped:
+            capped[cap] = memfit_run({"mode": "budget", "max_flops": int(cap)})
+            memfit_runs.append(capped[cap])
+        return capped[cap]
 
     lines = []
     for budget, t in torch_runs:
-        at_peak = [m for _, m in memfit_runs if m["peak_bytes"] <= t["peak_bytes"]]
-        at_flops = [m for _, m in memfit_runs if m["recomputed_flops"] <= t["recomputed_flops"]]
-        best_flops = min((m["recomputed_flops"] for m in at_peak), default=None)
-        best_peak = min((m["peak_bytes"] for m in at_flops), default=None)
+        # equal FLOPs: memfit's lowest peak for at most torch's recomputed FLOPs
+        same_flops = at_cap(t["recomputed_flops"])
+        # equal peak: the smallest FLOP cap whose measured peak is no higher than torch's (bisection)
+        lo, hi = 0, t["recomputed_flops"]
+        while at_cap(hi)["peak_bytes"] > t["peak_bytes"] and hi < 64 * max(t["recomputed_flops"], 1):
+            lo, hi = hi, max(2 * hi, 1)
+        for _ in range(args.search_steps):
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if at_cap(mid)["peak_bytes"] <= t["peak_bytes"] else (mid, hi)
+        fits = [m for m in memfit_runs if m["peak_bytes"] <= t["peak_bytes"]]
+        fewest = min((m["recomputed_flops"] for m in fits), default=None)
+        lower = same_flops["peak_bytes"] <= t["peak_bytes"]
+        fewer = fewest is not None and fewest <= t["recomputed_flops"]
         lines.append(
-            f"torch budget {budget}: peak {fmt_bytes(t['peak_bytes'])}, "
-            f"recomputed {t['recomputed_flops'] / 1e6:.1f} MFLOP"
-            f" | memfit at peak <= that: fewest recomputed "
-            f"{'n/a' if best_flops is None else f'{best_flops / 1e6:.1f} MFLOP'}"
-            f" ({'no more' if best_flops is not None and best_flops <= t['recomputed_flops'] else 'MORE'})"
-            f" | memfit at FLOPs <= that: lowest peak {'n/a' if best_peak is None else fmt_bytes(best_peak)}"
-            f" ({'no higher' if best_peak is not None and best_peak <= t['peak_bytes'] else 'HIGHER'})")
+            f"torch budget {budget}: peak {fmt_bytes(t['peak_bytes'])}, recomputed {_mf(t['recomputed_flops'])}"
+            f" | memfit at FLOPs <= that (max_flops={t['recomputed_flops']}): peak "
+            f"{fmt_bytes(same_flops['peak_bytes'])} with {_mf(same_flops['recomputed_flops'])}"
+            f" ({'no higher' if lower else 'HIGHER'})"
+            f" | memfit at peak <= that: fewest recomputed {'n/a' if fewest is None else _mf(fewest)}"
+            f" ({'no more' if fewer else 'MORE'})"
+            f" | {'memfit dominates' if lower and fewer else 'memfit does NOT dominate'}")
+    for cap in sorted(capped):
+        rows.append(dict(method=f"memfit remat budget, max_flops {_mf(cap)}", **_fmt(capped[cap])))
     header = (f"### Recomputation: memfit remat vs torch activation_memory_budget, tiny-llama {args.batch}x{args.seq}, "
               "cpu\n\nSame joint graph, same lowering; peak of one forward+backward from torch.profiler memory events; "
-              "recomputed FLOPs = FLOPs(forward graph) + FLOPs(backward graph) - FLOPs(joint graph).")
+              "recomputed FLOPs = FLOPs(forward graph) + FLOPs(backward graph) - FLOPs(joint graph). "
+              "For each torch budget: memfit with `max_flops` = torch's recomputed FLOPs (equal FLOPs), and the "
+              "fewest FLOPs among memfit's runs whose peak is no higher than torch's (equal peak; the FLOP cap "
+              "found by bisection on the measured peak).")
     md = write_table("remat_vs_torch", rows, [("method", "method"), ("saved", "saved for backward"),
                                               ("peak", "measured peak (fwd+bwd)"), ("mflops", "recomputed MFLOP")],
                      header + "\n\n" + "\n".join(f"- {ln}" for ln in lines))
     print(md)
+
+
+def _mf(flops: int) -> str:
+    return f"{flops / 1e6:.1f} MFLOP"
 
 
 def _fmt(s: dict) -> dict:

@@ -1,22 +1,36 @@
-"""remat: activation recomputation. ``"free"``: what costs no memory; ``"budget"``: the cheapest rest too.
+"""remat: activation recomputation, chosen and placed by its effect on the predicted peak.
 
-Rewrites: a forward value the backward reads (a saved activation) is recomputed in the backward, right
-before its first backward reader, when it is cheap (a pointwise op, ``cat`` or a dtype copy) and every
-input it needs is already there at that point: a placeholder (parameter, buffer, batch), a value the
-backward reads at or after that point anyway, or another value recomputed the same way. The forward
-copy then dies at its last forward use. Views of the value taken in the forward and read in the
-backward are replayed on the recomputed copy. Nothing else's lifetime grows, so the peak can only
-fall; the price is the recomputed elementwise FLOPs (reported in ``stats["recomputed_flops"]``).
+Rewrites: a forward value the backward reads (a saved activation) is *freed*: its forward copy dies at
+its last forward use and the backward reads recomputed copies instead, the same op on the same inputs.
+Each copy (an *instance*) is inserted just before the first reader it serves and dropped after the
+last; readers far apart, where one copy kept alive between them would reach the current predicted
+peak, get an instance each. An instance's inputs must be there when it runs: a placeholder, a forward
+value still live at that point, or another instance; failing that, a forward value is kept alive a
+little longer or recomputed on the spot and dropped right after (a transient instance), whichever does
+not reach the peak. Views of a freed value read in the backward are replayed on its instance.
 
-Mode ``"budget"`` (chosen by the planner) frees at least ``free_bytes`` more: it adds saved values
-greedily by recomputation FLOPs per byte freed, each with the closure of forward values it needs that
-are not live at that point (recomputed too, e.g. a matmul and the norm feeding it), until the freed
-bytes reach ``free_bytes`` or nothing recomputable is left.
+Modes:
+
+- ``"free"`` (default): every cheap saved value (pointwise, ``cat``, a dtype copy) whose inputs are
+  live at its readers anyway. No lifetime grows, so the peak can only fall.
+- ``"budget"`` (the planner's lever): saved values of any cost (matmuls too, with what they need), one
+  at a time, the one lowering the predicted peak most per recomputed FLOP first, until ``free_bytes``
+  more saved bytes are freed than ``"free"`` frees, or no choice lowers the peak any more.
+- ``max_flops`` (either mode): the lowest predicted peak for at most that many recomputed FLOPs, by the
+  same greedy choice (in ``"free"`` mode among the free values only, each kept lifetime-neutral).
+
+The choice is scored on the liveness of the graph as captured, in half steps (node ``i`` runs at
+``2i+1``, instances before it at ``2i``), the way ``runtime.memory`` accounts it; a choice is taken
+only if it does not raise the predicted peak, so more recomputation never predicts a higher peak than
+less (a larger ``max_flops`` or ``free_bytes`` extends the same sequence of choices). ``grads`` says how
+long gradients live in that step: ``"held"`` as outputs to its end (torch.compile's joint graph, where
+autograd accumulates them), ``"consumed"`` where they are made (``fused_update``'s placement; with
+``clip="global"`` they are in fact held), ``"auto"`` the one that fits the graph (held for a joint
+graph). It steers the choice only: the planner's figures come from the rewritten graph itself.
 
 Requires: a captured TrainGraph; runs before ``fused_update`` (a recomputed node may read a parameter,
 and the update must come after every read). Guarantees: bitwise-identical values (the same ops on the
-same inputs). Budget-driven recomputation of expensive values (min-cut / knapsack) is the planner's
-lever and builds on this pass's rewiring.
+same inputs); ``stats["recomputed_flops"]`` counts the FLOPs of every inserted instance.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import operator
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -49,6 +64,8 @@ def is_cheap(node: fx.Node) -> bool:
 class Remat(Pass):
     mode: Literal["free", "budget"] = "free"
     free_bytes: int = 0  # budget mode: saved bytes to free beyond the free recomputations
+    max_flops: int | None = None  # cap on recomputed FLOPs: the lowest predicted peak within it
+    grads: Literal["auto", "held", "consumed"] = "auto"  # gradients' lifetime in the step the choice is scored on
     before = ("fused_update",)
     joint_ok = True  # also runs on torch.compile's joint graphs
 
@@ -59,182 +76,347 @@ class Remat(Pass):
         if not (isinstance(self.free_bytes, int) and self.free_bytes >= 0):
             raise ConfigError(where_what_got("remat.free_bytes", "an int >= 0", repr(self.free_bytes),
                                              "bytes of saved activations to free by recomputation"))
+        if self.grads not in ("auto", "held", "consumed"):
+            raise ConfigError(where_what_got("remat.grads", "'auto', 'held' or 'consumed'", repr(self.grads),
+                                             "'held' when gradients are outputs to the end of the step"))
+        if self.max_flops is not None and not (isinstance(self.max_flops, int) and self.max_flops >= 0):
+            raise ConfigError(where_what_got("remat.max_flops", "None or an int >= 0", repr(self.max_flops),
+                                             "the most FLOPs the recomputation may add to a step"))
 
-    def select(self, g: TrainGraph) -> dict[fx.Node, int]:
-        """The saved values to recompute, each with the graph index it must be ready by."""
-        nodes = list(g.graph.nodes)
-        index = {n: i for i, n in enumerate(nodes)}
-        forward = g.forward_nodes()
-        backward = g.backward_nodes()
-        protected = {storage_root(v) for v in (g.loss, *g.buffer_updates.values(), *g.forward_outputs)}
-        saved = saved_activations(g)
-
-        def backward_readers(root: fx.Node) -> list[fx.Node]:
-            return [u for a in aliases(root) for u in a.users if u in backward]
-
-        last_use = {}
-        first_bwd = {}
-        for root in saved:
-            readers = backward_readers(root)
-            last_use[root] = max(index[u] for u in readers)
-            first_bwd[root] = min(index[u] for u in readers)
-
-        chosen: dict[fx.Node, int] = {}
-        for n in nodes:  # forward order: inputs are decided before their users
-            if n not in saved or n in protected or not is_cheap(n):
-                continue
-            point = first_bwd[n]
-            ok = True
-            for inp in n.all_input_nodes:
-                root = storage_root(inp)
-                if root.op == "placeholder" or root in chosen:
-                    continue
-                if root in forward and root in last_use and last_use[root] >= point:
-                    continue
-                ok = False
-                break
-            if ok:
-                chosen[n] = point
-                for inp in n.all_input_nodes:  # inputs recomputed too must be ready earlier
-                    root = storage_root(inp)
-                    if root in chosen:
-                        self._pull_earlier(root, point, chosen)
-        if self.mode == "budget":
-            self._extend(chosen, saved, forward, protected, last_use, first_bwd)
-        _settle(chosen)
-        return chosen
-
-    def _extend(self, chosen, saved, forward, protected, last_use, first_bwd) -> None:
-        """Budget mode: add the cheapest saved values (FLOPs per byte, closure included) until free_bytes."""
-
-        def recomputable(n: fx.Node) -> bool:
-            if n.op != "call_function" or n not in forward or n in protected:
-                return False
-            if n.target is operator.getitem:
-                return True
-            return isinstance(n.target, torch._ops.OpOverload) and \
-                torch.Tag.nondeterministic_seeded not in n.target.tags and not n.target._schema.is_mutable
-
-        def closure(v: fx.Node, point: int) -> list[fx.Node] | None:
-            need: dict[fx.Node, None] = {}
-            stack = [v]
-            while stack:
-                for inp in stack.pop().all_input_nodes:
-                    r = storage_root(inp)
-                    if r.op == "placeholder" or r in chosen or r in need or r is v:
-                        continue
-                    if r in saved and last_use[r] >= point:
-                        continue  # live at that point anyway
-                    if not recomputable(r):
-                        return None
-                    need[r] = None
-                    stack.append(r)
-            return list(need)
-
-        def cost(v: fx.Node) -> float:
-            need = closure(v, first_bwd[v])
-            if need is None:
-                return float("inf")
-            return sum(node_flops(n) for n in (v, *need)) / max(saved[v], 1)
-
-        freed = 0
-        for v in sorted((v for v in saved if v not in chosen and recomputable(v)), key=lambda v: (cost(v), v.name)):
-            if freed >= self.free_bytes:
-                break
-            point = first_bwd[v]
-            need = closure(v, point)  # again: earlier picks may have made it cheaper
-            if need is None:
-                continue
-            for n in (v, *need):
-                chosen[n] = min(chosen.get(n, point), first_bwd.get(n, point), point)
-                freed += saved.get(n, 0)
-            for n in (v, *need):
-                for inp in n.all_input_nodes:
-                    root = storage_root(inp)
-                    if root in chosen:
-                        self._pull_earlier(root, chosen[n], chosen)
-
-    def _pull_earlier(self, n: fx.Node, point: int, chosen: dict[fx.Node, int]) -> None:
-        if chosen[n] <= point:
-            return
-        chosen[n] = point
-        for inp in n.all_input_nodes:
-            root = storage_root(inp)
-            if root in chosen:
-                self._pull_earlier(root, point, chosen)
+    def select(self, g: TrainGraph) -> _Choice:
+        """The saved values to free and the instances that serve their readers."""
+        model = _Liveness(g, self.grads == "consumed" or (self.grads == "auto" and not g.joint))
+        start = _Choice.start(model, self.max_flops)
+        if self.max_flops is not None:
+            pool = [v for v in model.candidates if is_cheap(v)] if self.mode == "free" else model.candidates
+            return _greedy(start, pool, free_only=self.mode == "free", until=self.free_bytes or None)
+        free = start
+        for v in model.candidates:  # forward order: inputs are decided before their users
+            if is_cheap(v):
+                free = free.with_freed(v, free_only=True) or free
+        if self.mode == "free":
+            return free
+        return _greedy(start, model.candidates, free_only=False, until=free.freed_bytes + self.free_bytes)
 
     def memory_effect(self, g: TrainGraph) -> MemoryEffect:
-        chosen = self.select(g)
-        return MemoryEffect(transient=-sum(value_nbytes(n.meta.get("val")) for n in chosen))
+        return MemoryEffect(transient=-self.select(g).freed_bytes)
 
     def run(self, g: TrainGraph) -> PassResult:
-        chosen = self.select(g)
-        if not chosen:
+        choice = self.select(g)
+        if not choice.freed:
             return PassResult(g, False)
-        nodes = list(g.graph.nodes)
-        backward = g.backward_nodes()
-        copies: dict[fx.Node, fx.Node] = {}
-        flops = 0
-
-        def recompute(n: fx.Node) -> fx.Node:
-            """The backward copy of ``n`` (a chosen root or a view of one), made once."""
-            nonlocal flops
-            if n in copies:
-                return copies[n]
-            args = fx.map_arg((n.args, n.kwargs), lambda a: recompute(a) if storage_root(a) in chosen else a)
-            if n in chosen:
-                where = g.graph.inserting_before(nodes[chosen[n]])
-            else:  # a view of a chosen root: replay it right after the copy it views (views cost nothing)
-                assert is_view_op(n) or n.target is operator.getitem, n
-                where = g.graph.inserting_after(args[0][0])
-            with where:
-                new = g.graph.call_function(n.target, args[0], args[1])
-            new.meta.update({k: v for k, v in n.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
-            new.meta["memfit.recomputed"] = n.name
-            if n in chosen:
-                flops += node_flops(n)
-            copies[n] = new
-            return new
-
-        rewired = 0
-        for root in sorted(chosen, key=lambda r: chosen[r], reverse=True):
-            for a in aliases(root):
-                for u in list(a.users):
-                    if u in backward and u not in copies.values():
-                        u.replace_input_with(a, recompute(a))
-                        rewired += 1
-        _topo_fix(g)
-        stats = {"recomputed": len(chosen), "rewired_reads": rewired, "recomputed_flops": flops,
-                 "freed_bytes": sum(value_nbytes(n.meta.get("val")) for n in chosen)}
+        saved_before = sum(saved_activations(g).values())
+        rewired = _materialize(g, choice)
+        made = [n for n in g.graph.nodes if "memfit.recomputed" in n.meta and not _is_view(n)]
+        stats = {"recomputed": len(made), "freed_values": len(choice.freed), "rewired_reads": rewired,
+                 "recomputed_flops": sum(node_flops(n) for n in made),
+                 "freed_bytes": saved_before - sum(saved_activations(g).values()),
+                 "predicted_peak_delta": choice.peak - choice.model.peak}
         g.info["remat"] = stats
         return PassResult(g, True, stats)
 
 
-def _settle(chosen: dict[fx.Node, int]) -> None:
-    """Every recomputed input must be ready no later than anything recomputed from it (fixpoint)."""
-    changed = True
-    while changed:
-        changed = False
-        for n, point in list(chosen.items()):
+def _is_view(n: fx.Node) -> bool:
+    return n.op == "call_function" and storage_root(n) is not n
+
+
+class _Liveness:
+    """Each storage's live span in the graph as captured, in half steps, and the timeline they add up to."""
+
+    def __init__(self, g: TrainGraph, grads_consumed: bool):
+        self.nodes = list(g.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        pos = {n: 2 * i + 1 for n, i in self.index.items()}
+        start: dict[fx.Node, int] = {}
+        self.end: dict[fx.Node, int] = {}  # last reader's half step (2 * len(nodes) when an output holds it)
+        self.nbytes: dict[fx.Node, int] = {}  # bytes the forward copy owns (what freeing it saves)
+        consumed = {storage_root(v) for v in g.grad_of.values()} if grads_consumed else set()
+        for n in self.nodes:
+            if n.op == "output":
+                for inp in n.all_input_nodes:
+                    if storage_root(inp) in consumed:  # the update reads it where it is made
+                        continue
+                    if storage_root(inp) in self.end:
+                        self.end[storage_root(inp)] = 2 * len(self.nodes)
+                continue
+            if n.op != "call_function":
+                continue
+            if storage_root(n) is n:
+                val = n.meta.get("val")
+                if n.target is operator.getitem:  # a tuple element exists from the moment the tuple op ran
+                    start[n], self.nbytes[n] = pos[n.args[0]], value_nbytes(val)
+                elif isinstance(val, (tuple, list)):  # elements nobody reads live as long as the tuple
+                    read = {u.args[1] for u in n.users if u.target is operator.getitem}
+                    start[n] = pos[n]
+                    self.nbytes[n] = sum(value_nbytes(v) for i, v in enumerate(val) if i not in read)
+                else:
+                    start[n], self.nbytes[n] = pos[n], value_nbytes(val)
+                self.end[n] = pos[n]
             for inp in n.all_input_nodes:
                 root = storage_root(inp)
-                if root in chosen and chosen[root] > point:
-                    chosen[root] = point
-                    changed = True
+                if root in self.end:
+                    self.end[root] = max(self.end[root], pos[n])
+        self.length = 2 * len(self.nodes) + 1
+        self.base = _add_spans(np.zeros(self.length, dtype=np.int64),
+                               [(start[n], self.end[n], b) for n, b in self.nbytes.items() if b])
+        self.peak = int(self.base.max())
+
+        forward, backward = g.forward_nodes(), g.backward_nodes()
+        protected = {storage_root(v) for v in (g.loss, *g.buffer_updates.values(), *g.forward_outputs)}
+        self.forward = forward
+        self.recomputable = {n for n in forward if n not in protected and _pure(n)}
+        self.points: dict[fx.Node, list[int]] = {}  # backward readers of a saved value, in half steps
+        self.forward_end: dict[fx.Node, int] = {}  # where its forward copy dies once freed
+        for v in saved_activations(g):
+            group = aliases(v)
+            readers = {u for a in group for u in a.users if u not in group}
+            self.points[v] = sorted(pos[u] for u in readers if u in backward)
+            self.forward_end[v] = max([pos[v]] + [pos[u] for a in group for u in a.users if u in forward])
+        self.candidates = [v for v in self.nodes if v in self.points and v in self.recomputable]
 
 
-def _topo_fix(g: TrainGraph) -> None:
-    """Move any recomputed node that landed before one of its inputs to just after the input (stable)."""
-    changed = True
-    while changed:
-        changed = False
-        index = {n: i for i, n in enumerate(g.graph.nodes)}
-        for n in list(g.graph.nodes):
-            if "memfit.recomputed" not in n.meta:
+_UNDEFINED = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided"}
+
+
+def _pure(n: fx.Node) -> bool:
+    """Whether running ``n`` again gives the same bits: no RNG, no mutation, no uninitialized memory."""
+    if n.target is operator.getitem:
+        return True
+    t = n.target
+    return (isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded not in t.tags
+            and not t._schema.is_mutable and t._schema.name not in _UNDEFINED)
+
+
+def _add_spans(timeline: np.ndarray, spans: list[tuple[int, int, int]]) -> np.ndarray:
+    if not spans:
+        return timeline
+    lo, hi, b = (np.fromiter((s[k] for s in spans), dtype=np.int64, count=len(spans)) for k in range(3))
+    diff = np.zeros(len(timeline) + 1, dtype=np.int64)
+    np.add.at(diff, lo, b)
+    np.add.at(diff, hi + 1, -b)
+    return timeline + np.cumsum(diff[:-1])
+
+
+class _Choice:
+    """Freed values and instances, with the predicted timeline; ``with_freed`` returns an extended copy."""
+
+    def __init__(self, model: _Liveness, timeline: np.ndarray, max_flops: int | None):
+        self.model, self.timeline, self.max_flops = model, timeline, max_flops
+        self.free_only = False  # set per extension: keep every lifetime within what it was before any recomputation
+        self.peak = int(timeline.max())
+        self.flops = 0
+        self.freed: dict[fx.Node, None] = {}
+        self.freed_bytes = 0
+        self.instances: dict[fx.Node, list[list[int]]] = {}  # value -> [start, end] half steps, each a copy
+        self.end = dict(model.end)  # where each forward copy dies now
+        self.forward_reads: dict[fx.Node, frozenset[int]] = {}  # instance half steps reading a forward copy
+        self._spans: list[tuple[int, int, int]] = []
+        self._owned: set[fx.Node] = set()
+
+    @classmethod
+    def start(cls, model: _Liveness, max_flops: int | None) -> _Choice:
+        return cls(model, model.base, max_flops)
+
+    def _copy(self) -> _Choice:
+        new = _Choice.__new__(_Choice)
+        new.__dict__.update(self.__dict__)
+        new.freed, new.instances, new.end = dict(self.freed), dict(self.instances), dict(self.end)
+        new.forward_reads, new._spans, new._owned = dict(self.forward_reads), [], set()
+        return new
+
+    def with_freed(self, v: fx.Node, *, free_only: bool) -> _Choice | None:
+        """This choice plus ``v`` freed, or None when that is impossible (or over the FLOP cap)."""
+        new = self._copy()
+        new.free_only = free_only
+        if not new._free(v):
+            return None
+        new.timeline = _add_spans(self.timeline, new._spans)
+        new.peak = int(new.timeline.max())
+        return new
+
+    def area_above(self, level: int) -> int:
+        return int(np.maximum(self.timeline - level, 0).sum())
+
+    # ---- building blocks (on a fresh copy) --------------------------------------------------------
+    def _span(self, lo: int, hi: int, nbytes: int) -> None:
+        if lo <= hi and nbytes:
+            self._spans.append((lo, hi, nbytes))
+
+    def _fits(self, lo: int, hi: int, nbytes: int) -> bool:
+        """Whether ``nbytes`` more over [lo, hi] stays within the current predicted peak."""
+        return lo > hi or int(self.timeline[lo:hi + 1].max()) + nbytes <= self.peak
+
+    def _own(self, u: fx.Node) -> list[list[int]]:
+        if u not in self._owned:
+            self.instances[u] = [list(i) for i in self.instances.get(u, ())]
+            self._owned.add(u)
+        return self.instances[u]
+
+    def _free(self, v: fx.Node) -> bool:
+        m = self.model
+        points = sorted(set(m.points[v]) | self.forward_reads.pop(v, frozenset()))
+        self._span(m.forward_end[v] + 1, self.end[v], -m.nbytes[v])
+        self.end[v] = m.forward_end[v]
+        self.freed[v] = None
+        self.freed_bytes += m.nbytes[v]
+        nbytes = value_nbytes(v.meta.get("val"))
+        clusters: list[list[int]] = []
+        for p in points:
+            if any(s <= p <= e for s, e in self.instances.get(v, ())):
                 continue
-            late = max((index[i] for i in n.all_input_nodes), default=-1)
-            if late > index[n]:
-                pred = list(g.graph.nodes)[late]
-                pred.append(n)
+            if clusters and (self.free_only or self._fits(clusters[-1][1] + 1, p, nbytes)):
+                clusters[-1][1] = p
+            else:
+                clusters.append([p - p % 2, p])  # a node reader at 2i+1 is served by an instance at 2i
+        return all(self._instance(v, s, e) for s, e in clusters)
+
+    def _instance(self, u: fx.Node, start: int, end: int) -> bool:
+        self._own(u).append([start, end])
+        self._span(start, end, value_nbytes(u.meta.get("val")))
+        self.flops += node_flops(u)
+        if self.max_flops is not None and self.flops > self.max_flops:
+            return False
+        return self._inputs_at(u, start)
+
+    def _inputs_at(self, u: fx.Node, at: int) -> bool:
+        return all(self._need(storage_root(inp), at) for inp in u.all_input_nodes)
+
+    def _need(self, u: fx.Node, at: int) -> bool:
+        """Make ``u`` available at half step ``at`` (an instance there reads it)."""
+        if u.op != "call_function":
+            return True
+        own = self.instances.get(u, ())
+        if any(s <= at <= e for s, e in own):
+            return True
+        m = self.model
+        if u not in self.freed and self.end[u] >= at:  # the forward copy is still there
+            self.forward_reads[u] = self.forward_reads.get(u, frozenset()) | {at}
+            return True
+        nbytes = value_nbytes(u.meta.get("val"))
+        before = max((i for i in own if i[1] < at), key=lambda i: i[1], default=None)
+        after = min((i for i in own if i[0] > at), key=lambda i: i[0], default=None)
+        if self.free_only:  # only within the span the forward copy had before anything was recomputed
+            if u not in self.freed or at > m.end[u]:
+                return False
+            if before is not None:
+                return self._extend(u, before, at, nbytes)
+            return after is not None and self._move(u, after, at, nbytes)
+        if before is not None and self._fits(before[1] + 1, at, nbytes):
+            return self._extend(u, before, at, nbytes)
+        if after is not None and self._fits(at, after[0] - 1, nbytes):
+            return self._move(u, after, at, nbytes)
+        whole = not isinstance(u.meta.get("val"), (tuple, list))  # a tuple held longer holds every element
+        if u not in self.freed and whole and (self._fits(self.end[u] + 1, at, m.nbytes[u]) or u not in m.recomputable):
+            self._span(self.end[u] + 1, at, m.nbytes[u])  # keep the forward copy a little longer
+            self.end[u] = at
+            self.forward_reads[u] = self.forward_reads.get(u, frozenset()) | {at}
+            return True
+        return u in m.recomputable and self._instance(u, at, at)
+
+    def _extend(self, u: fx.Node, inst: list[int], at: int, nbytes: int) -> bool:
+        inst = next(i for i in self._own(u) if i == inst)
+        self._span(inst[1] + 1, at, nbytes)
+        inst[1] = at
+        return True
+
+    def _move(self, u: fx.Node, inst: list[int], at: int, nbytes: int) -> bool:
+        inst = next(i for i in self._own(u) if i == inst)
+        self._span(at, inst[0] - 1, nbytes)
+        inst[0] = at
+        return self._inputs_at(u, at)
+
+
+def _greedy(state: _Choice, pool: list[fx.Node], *, free_only: bool, until: int | None) -> _Choice:
+    """Free values one at a time, the one lowering the predicted peak most per FLOP first, then the one
+    lowering most the bytes above a level just under the peak per FLOP; never one that raises the peak;
+    stop at ``until`` freed bytes or when nothing lowers either. The second key keeps going where the
+    peak of this model is stuck (e.g. at the gradients) but the peak as run may sit elsewhere near it:
+    on tiny-llama 8x128 under torch.compile it takes the measured peak from 46.1 to 42.4 MiB."""
+    band = max((state.model.nbytes[v] for v in pool), default=0)
+    while until is None or state.freed_bytes < until:
+        level = state.peak - band
+        area = state.area_above(level)
+        best, best_key = None, None
+        for v in pool:
+            if v in state.freed:
+                continue
+            new = state.with_freed(v, free_only=free_only)
+            if new is None or new.peak > state.peak:
+                continue
+            gain, shaved = state.peak - new.peak, area - new.area_above(level)
+            if gain <= 0 and shaved <= 0:
+                continue
+            cost = max(new.flops - state.flops, 1)
+            key = (gain / cost, shaved / cost)
+            if best_key is None or key > best_key:
+                best, best_key = new, key
+        if best is None:
+            break
+        state = best
+    return state
+
+
+def _materialize(g: TrainGraph, choice: _Choice) -> int:
+    """Insert the instances, point every backward reader of a freed value at one; returns reads rewired."""
+    m = choice.model
+    made: dict[tuple[fx.Node, int, int], fx.Node] = {}
+    views: dict[tuple[fx.Node, tuple[int, int]], fx.Node] = {}
+
+    def serving(root: fx.Node, at: int) -> tuple[int, int] | None:
+        spans = [tuple(i) for i in choice.instances.get(root, ()) if i[0] <= at <= i[1]]
+        return max(spans, default=None)  # the latest one started: the closest copy
+
+    def provide(a: fx.Node, at: int) -> fx.Node:
+        root = storage_root(a)
+        inst = serving(root, at) if root.op == "call_function" else None
+        return a if inst is None else replay(a, root, inst)
+
+    def replay(a: fx.Node, root: fx.Node, inst: tuple[int, int]) -> fx.Node:
+        if a is root:
+            return made[(root, *inst)]
+        if (a, inst) not in views:
+            base = replay(a.args[0], root, inst)
+            with g.graph.inserting_after(base):
+                new = g.graph.call_function(a.target, (base, *a.args[1:]), a.kwargs)
+            _copy_meta(a, new)
+            views[(a, inst)] = new
+        return views[(a, inst)]
+
+    order = sorted((s, m.index[u], e, u) for u, spans in choice.instances.items() for s, e in spans)
+    for s, _, e, u in order:  # by place, then forward order: inputs first
+        args, kwargs = fx.map_arg((u.args, u.kwargs), lambda a, s=s: provide(a, s))
+        with g.graph.inserting_before(m.nodes[s // 2]):
+            new = g.graph.call_function(u.target, args, kwargs)
+        _copy_meta(u, new)
+        made[(u, s, e)] = new
+
+    rewired = 0
+    for v in choice.freed:
+        group, points = aliases(v), set(m.points[v])
+        for a in group:
+            for user in list(a.users):
+                if user in group or user not in m.index or 2 * m.index[user] + 1 not in points:
+                    continue
+                new = provide(a, 2 * m.index[user] + 1)
+                assert new is not a, f"remat: no instance of {v.name} serves {user.name}"
+                user.replace_input_with(a, new)
+                rewired += 1
+    changed = True
+    while changed:  # drop what nothing reads any more: instances bound elsewhere, backward views of freed values
+        changed = False
+        for n in reversed(list(g.graph.nodes)):
+            if not n.users and n.op == "call_function" and _dead_ok(n, m):
+                g.graph.erase_node(n)
                 changed = True
-                break
+    g.graph.lint()
+    g.recompile()
+    return rewired
+
+
+def _dead_ok(n: fx.Node, m: _Liveness) -> bool:
+    return "memfit.recomputed" in n.meta or (n not in m.forward and (is_view_op(n) or _is_view(n)))
+
+
+def _copy_meta(src: fx.Node, new: fx.Node) -> None:
+    new.meta.update({k: v for k, v in src.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+    new.meta["memfit.recomputed"] = src.name
