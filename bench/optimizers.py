@@ -25,9 +25,15 @@ tensor storages; CUDA: max_memory_allocated), counting parameters, buffers, opti
 batch, as bench/step_memory.py does for eager (on CPU the storage tracker cannot run over torchao's
 tensor-subclass state, so that row's peak is the held bytes plus ``profiler_peak_bytes``, noted).
 ``step_time_ratio`` is the median step time over the run (the warm-up and the measured step left
-out) over eager AdamW's; ``final_loss`` is the mean of the last 20 training losses.
+out, every seed's steps pooled) over eager AdamW's; ``final_loss`` is the mean of the last 20 training
+losses, averaged over the seeds (``--seeds``; each sets the init, the batches and both libraries' random
+projector seeds, the same for every method; the per-seed values are in the JSON). One seed is not enough
+to compare losses at this scale: two fp32 AdamW implementations (foreach vs fused) already differ by 0.3%
+after 300 steps, and APOLLO-Mini's rank-1 random projection moves the final loss by about 3% with the
+projector seed alone, in either library.
 
-    python bench/optimizers.py [--steps 300 --batch 4 --seq 128 --rank 32 --gap 50 --only adamw,galore-torch]
+    python bench/optimizers.py [--steps 300 --batch 4 --seq 128 --rank 32 --gap 50 --seeds 0,1,2]
+                               [--only adamw,galore-torch]
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class Config:
     gap: int
     targets: tuple[str, ...]
     device: torch.device
+    seed: int = 0  # this repeat's seed: init, batches and the random projectors' seeds
 
 
 # ---- state accounting --------------------------------------------------------------------------
@@ -219,6 +226,9 @@ def _apollo(model, cfg, rank, scale_type, scale):
     groups = [{"params": rest}, {"params": low, "rank": rank, "proj": "random", "scale_type": scale_type,
                                  "scale": scale, "update_proj_gap": cfg.gap, "proj_type": "std"}]
     opt = APOLLOAdamW(groups, lr=cfg.lr, betas=BETAS, eps=EPS, weight_decay=cfg.weight_decay)
+    for s in opt.state.values():  # apollo-torch seeds parameter i's projector with i; shift it per repeat
+        if "seed" in s:
+            s["seed"] += 1000 * cfg.seed
     return EagerRunner(model, opt, cfg.device)
 
 
@@ -245,7 +255,7 @@ def make_torchao(model, x, y, cfg):
 
 
 def _lowrank(cfg: Config, **kw) -> tuple[str, dict]:
-    return ("lowrank", dict(rank=cfg.rank, gap=cfg.gap, targets=list(cfg.targets), **kw))
+    return ("lowrank", dict(rank=cfg.rank, gap=cfg.gap, targets=list(cfg.targets), seed=cfg.seed, **kw))
 
 
 def memfit_passes(key: str, cfg: Config) -> list:
@@ -257,7 +267,7 @@ def memfit_passes(key: str, cfg: Config) -> list:
                                    "fused_update"],
         "memfit-apollo": [_lowrank(cfg, scale=APOLLO_SCALE, projector="random", rule="apollo", scaling="channel"),
                           "fused_update"],
-        "memfit-apollo-mini": [("lowrank", dict(rank=1, gap=cfg.gap, targets=list(cfg.targets),
+        "memfit-apollo-mini": [("lowrank", dict(rank=1, gap=cfg.gap, targets=list(cfg.targets), seed=cfg.seed,
                                                 scale=APOLLO_MINI_SCALE, projector="random", rule="apollo",
                                                 scaling="tensor")), "fused_update"],
         "memfit-fira": [_lowrank(cfg, scale=GALORE_SCALE, projector="svd", rule="fira"), "fused_update"],
@@ -296,6 +306,11 @@ METHODS: dict[str, tuple[str, Callable, str]] = {
 }
 
 
+# the peer each memfit row is held against (the issue's criteria: same rank and gap, same bytes or fewer, loss)
+PEER = {"memfit-adamw": "adamw", "memfit-galore": "galore-torch", "memfit-galore-fullgrad": "galore-torch",
+        "memfit-galore+8bit": "galore-torch", "memfit-fira": "galore-torch", "memfit-apollo": "apollo-torch",
+        "memfit-apollo-mini": "apollo-mini-torch", "memfit-adamw8bit": "bnb-adamw8bit"}
+
 # plot colours: a peer and its memfit counterpart share one (peers dashed, memfit solid)
 COLOR = {"adamw": 0, "memfit-adamw": 0, "galore-torch": 1, "memfit-galore": 1, "memfit-galore-fullgrad": 1,
          "apollo-torch": 2, "memfit-apollo": 2, "apollo-mini-torch": 3, "memfit-apollo-mini": 3, "bnb-adamw8bit": 4,
@@ -306,18 +321,32 @@ COLOR = {"adamw": 0, "memfit-adamw": 0, "galore-torch": 1, "memfit-galore": 1, "
 class Result:
     key: str
     label: str
-    losses: list[float] = field(default_factory=list)
+    runs: list[list[float]] = field(default_factory=list)  # one loss curve per seed
+    times: list[float] = field(default_factory=list)  # timed steps of every seed
     state_bytes: int | None = None
     state_logical: int | None = None
     peak_bytes: int | None = None
-    median_s: float | None = None
-    setup_s: float | None = None
+    setup_s: list[float] = field(default_factory=list)
     peak_note: str | None = None
     error: str | None = None
 
     @property
+    def finals(self) -> list[float]:
+        """Final loss of each seed: the mean of its last LAST losses."""
+        return [statistics.fmean(r[-LAST:]) for r in self.runs if r]
+
+    @property
     def final_loss(self) -> float | None:
-        return statistics.fmean(self.losses[-LAST:]) if self.losses and not self.error else None
+        return statistics.fmean(self.finals) if self.finals and not self.error else None
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.times) if self.times and not self.error else None
+
+    @property
+    def curve(self) -> list[float]:
+        """The loss curve averaged over the seeds."""
+        return [statistics.fmean(step) for step in zip(*self.runs, strict=True)] if self.runs else []
 
 
 def _err(e: BaseException) -> str:
@@ -325,40 +354,64 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:300]}"
 
 
-def run_method(key: str, base: torch.nn.Module, batches: list, cfg: Config, seed: int) -> Result:
-    label, factory, failure = METHODS[key]
-    res = Result(key, label)
+def _fail(res: Result, e: BaseException, device: torch.device) -> None:
+    failure = METHODS[res.key][2]
+    where = "" if failure != "does not run" else f" on {device.type}"
+    res.error = f"{failure}{where}: {_err(e)}"
+    print(f"[{res.key}] {res.error}", flush=True)
+
+
+def run_seed(results: list[Result], base: torch.nn.Module, batches: list, cfg: Config) -> None:
+    """Train every method for one seed (``cfg.seed``), round-robin: step i of every method, then step
+    i + 1, so the machine's load falls on all methods alike and the time ratios hold on a busy machine.
+    Appends each method's losses and step times to its Result (state bytes and peak: first seed); a
+    failure is recorded and takes that method out of the rotation."""
     steps = len(batches)
     every = max(1, steps // 10)
-    print(f"[{key}] {label}: {steps} steps", flush=True)
-    try:
-        torch.manual_seed(seed)
-        model = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        runner = factory(model, *batches[0], cfg)
-        res.setup_s = time.perf_counter() - t0
-        times = []
-        t_start = time.perf_counter()
-        for i, (x, y) in enumerate(batches):
-            t = time.perf_counter()
-            if i == 1:  # the warm-up step made the state; measure this one, leave it out of the timing
-                loss, res.peak_bytes, res.peak_note = runner.measured_step(x, y)
-                loss = float(loss)
-            else:
-                loss = float(runner.step(x, y))
-                if i > 0:
-                    times.append(time.perf_counter() - t)
-            res.losses.append(loss)
-            if (i + 1) % every == 0 or i + 1 == steps:
-                print(f"[{key}] step {i + 1}/{steps} loss {loss:.4f} ({time.perf_counter() - t_start:.0f} s)",
-                      flush=True)
-        res.median_s = statistics.median(times)
-        res.state_bytes, res.state_logical = storage_bytes(runner.state())
-    except Exception as e:  # one method failing must not stop the comparison
-        where = "" if failure != "does not run" else f" on {cfg.device.type}"
-        res.error = f"{failure}{where}: {_err(e)}"
-        print(f"[{key}] {res.error}", flush=True)
-    return res
+    runners: dict[str, Any] = {}
+    losses: dict[str, list[float]] = {}
+    for res in results:
+        if res.error:
+            continue
+        try:
+            torch.manual_seed(cfg.seed)
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            runners[res.key] = METHODS[res.key][1](model, *batches[0], cfg)
+            res.setup_s.append(time.perf_counter() - t0)
+            losses[res.key] = []
+        except Exception as e:  # one method failing must not stop the comparison
+            _fail(res, e, cfg.device)
+    live = [r for r in results if r.key in runners]
+    t_start = time.perf_counter()
+    for i, (x, y) in enumerate(batches):
+        for res in live:
+            if res.error:
+                continue
+            runner = runners[res.key]
+            try:
+                t = time.perf_counter()
+                if i == 1:  # the warm-up step made the state; measure this one, leave it out of the timing
+                    loss, peak, note = runner.measured_step(x, y)
+                    loss = float(loss)
+                    if res.peak_bytes is None:
+                        res.peak_bytes, res.peak_note = peak, note
+                else:
+                    loss = float(runner.step(x, y))
+                    if i > 0:
+                        res.times.append(time.perf_counter() - t)
+                losses[res.key].append(loss)
+            except Exception as e:
+                _fail(res, e, cfg.device)
+                runners.pop(res.key)
+        if (i + 1) % every == 0 or i + 1 == steps:
+            now = ", ".join(f"{r.key} {losses[r.key][-1]:.3f}" for r in live if not r.error)
+            print(f"seed {cfg.seed} step {i + 1}/{steps} ({time.perf_counter() - t_start:.0f} s): {now}", flush=True)
+    for res in live:
+        if not res.error:
+            res.runs.append(losses[res.key])
+            if res.state_bytes is None:
+                res.state_bytes, res.state_logical = storage_bytes(runners[res.key].state())
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -370,6 +423,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def report(results: list[Result], args, cfg: Config) -> str:
     base = next(r for r in results if r.key == "adamw")
+    by_key = {r.key: r for r in results}
     json_rows, md_rows = [], []
     for r in results:
         note = r.error
@@ -377,13 +431,19 @@ def report(results: list[Result], args, cfg: Config) -> str:
             bits = [r.peak_note] if r.peak_note else []
             if r.state_logical is not None and r.state_logical != r.state_bytes:
                 bits.append(f"state tensors' own elements {fmt_bytes(r.state_logical)} (views keep their bases)")
-            if r.setup_s is not None and r.setup_s > 1:
-                bits.append(f"setup {r.setup_s:.1f} s")
+            if r.setup_s and statistics.median(r.setup_s) > 1:
+                bits.append(f"setup {statistics.median(r.setup_s):.1f} s")
             note = "; ".join(bits) or None
         time_ratio = r.median_s / base.median_s if r.median_s is not None and base.median_s else None
+        peer = by_key.get(PEER.get(r.key, ""))
+        vs_peer = _vs_peer(r, peer)
         row = dict(method=r.label, state_bytes=r.state_bytes, peak_bytes=r.peak_bytes,
                    step_time_ratio=round(time_ratio, 4) if time_ratio is not None else None,
-                   final_loss=round(r.final_loss, 4) if r.final_loss is not None else None)
+                   final_loss=round(r.final_loss, 4) if r.final_loss is not None else None,
+                   final_loss_per_seed=[round(f, 4) for f in r.finals] if not r.error else None,
+                   median_step_s=r.median_s)
+        if peer is not None and vs_peer:
+            row["peer"] = peer.label
         if note:
             row["note"] = note
         json_rows.append(row)
@@ -394,8 +454,11 @@ def report(results: list[Result], args, cfg: Config) -> str:
             peak=fmt_bytes(r.peak_bytes) if r.peak_bytes is not None else "",
             peak_ratio=_ratio(r.peak_bytes, base.peak_bytes),
             time_ratio=f"{time_ratio:.2f}" if time_ratio is not None else "",
-            loss=f"{r.final_loss:.4f}" if r.final_loss is not None else ""))
+            loss=f"{r.final_loss:.4f}" if r.final_loss is not None else "",
+            seeds=" / ".join(f"{f:.4f}" for f in r.finals) if not r.error and len(r.finals) > 1 else "",
+            peer=f"{peer.label}: {vs_peer}" if peer is not None and vs_peer else ""))
     method = "CUDA max_memory_allocated" if cfg.device.type == "cuda" else "live bytes over tensor storages"
+    seeds = ", ".join(str(x) for x in args.seeds)
     header = (
         f"### Optimizers on tiny-llama (4 layers, hidden 256), {cfg.device.type}: {args.steps} steps, "
         f"batch {args.batch} x seq {args.seq}\n\n"
@@ -406,15 +469,30 @@ def report(results: list[Result], args, cfg: Config) -> str:
         f"{APOLLO_MINI_SCALE:g}); the other parameters keep full AdamW state. Optimizer state: every tensor "
         f"reachable from the optimizer's state (projectors and quantized subclasses' inner tensors included), "
         f"each storage once. Peak: one step after a warm-up step, `memfit.measure_peak` ({method}), counting "
-        f"parameters, buffers, optimizer state and batch. Step time: median over the run, as a ratio to eager "
-        f"AdamW's in the same process. Final loss: mean of the last {LAST} steps.")
+        f"parameters, buffers, optimizer state and batch. Step time: median over every timed step of every seed, as a "
+        f"ratio to eager AdamW's in the same process (methods interleaved step by step, so load falls on all alike). "
+        f"Final loss: mean of the last {LAST} steps, averaged over {len(args.seeds)} seed(s) ({seeds}: each seed "
+        f"sets the init, the batches and the random projectors' seeds, the same for every method). The peer "
+        f"column compares a memfit row with its peer: state, peak and step time as ratios, final loss as a "
+        f"relative difference.")
     columns = [("method", "method"), ("state", "optimizer state"), ("state_ratio", "state vs AdamW"),
                ("peak", "measured peak"), ("peak_ratio", "peak vs AdamW"), ("time_ratio", "step time vs AdamW"),
-               ("loss", f"final loss (last {LAST})"), ("note", "note")]
+               ("loss", f"final loss (last {LAST})"), ("seeds", "final loss per seed"),
+               ("peer", "vs peer: state / peak / time / loss"), ("note", "note")]
     md = write_table(args.name, md_rows, columns, header)
     # write_table wrote the display rows as JSON; the JSON holds the raw numbers, one object per method
     (RESULTS / f"{args.name}.json").write_text(json.dumps(json_rows, indent=2) + "\n")
     return md
+
+
+def _vs_peer(r: Result, peer: Result | None) -> str:
+    """'state / peak / time ratios / loss difference' of ``r`` against ``peer`` ('' if either failed)."""
+    if peer is None or r.error or peer.error or None in (r.state_bytes, peer.state_bytes, r.peak_bytes,
+                                                         peer.peak_bytes, r.median_s, peer.median_s):
+        return ""
+    d = (r.final_loss / peer.final_loss - 1) * 100
+    return (f"{r.state_bytes / peer.state_bytes:.2f} / {r.peak_bytes / peer.peak_bytes:.2f} / "
+            f"{r.median_s / peer.median_s:.2f} / {d:+.2f}%")
 
 
 def plot(results: list[Result], args) -> str | None:
@@ -429,9 +507,9 @@ def plot(results: list[Result], args) -> str | None:
     window = max(1, min(LAST, args.steps // 10))
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for r in results:
-        if r.error or not r.losses:
+        if r.error or not r.runs:
             continue
-        t = torch.tensor(r.losses, dtype=torch.float64)
+        t = torch.tensor(r.curve, dtype=torch.float64)
         c = torch.cat([torch.zeros(1, dtype=torch.float64), t.cumsum(0)])
         idx = torch.arange(1, len(t) + 1)
         lo = (idx - window).clamp(min=0)
@@ -439,7 +517,7 @@ def plot(results: list[Result], args) -> str | None:
         ax.plot(idx.numpy(), smooth.numpy(), label=r.label, linewidth=1.4, color=f"C{COLOR.get(r.key, 9)}",
                 linestyle="-" if r.key.startswith("memfit") else "--")
     ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss (trailing mean of {window})")
+    ax.set_ylabel(f"training loss (trailing mean of {window}, mean over {len(args.seeds)} seed(s))")
     ax.set_title(f"tiny-llama, batch {args.batch} x seq {args.seq}: memory-efficient optimizers")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -464,7 +542,8 @@ def main(argv=None) -> None:
     ap.add_argument("--gap", type=int, default=50, help="steps between subspace refreshes")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds; each sets the init, the batches and "
+                    "the random projectors' seeds, and every method runs once per seed (final loss: their mean)")
     ap.add_argument("--only", default="", help=f"comma-separated methods from {', '.join(METHODS)} "
                                               "(adamw, the baseline, always runs)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -479,19 +558,26 @@ def main(argv=None) -> None:
         if unknown:
             ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         keys = ["adamw", *(k for k in keys if k in wanted and k != "adamw")]
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not args.seeds:
+        ap.error("--seeds needs at least one seed")
     device = torch.device(args.device)
-    base = models.build_llama("tiny-llama", seed=args.seed).to(device)
     cfg = Config(lr=args.lr, weight_decay=args.weight_decay, rank=args.rank, gap=args.gap, targets=TARGETS,
                  device=device)
-    smallest = min(min(p.shape) for p in _split(base, cfg)[0])
-    if not 1 <= args.rank < smallest:
-        ap.error(f"--rank must be in [1, {smallest}) (the smallest side of a projected weight)")
-    batches = batches_of(args.batch, args.seq, args.steps, args.seed, device)
+    results = [Result(k, METHODS[k][0]) for k in keys]
     t0 = time.perf_counter()
-    results = []
-    for k in keys:
-        results.append(run_method(k, base, batches, cfg, args.seed))
-        print(f"    ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+    for seed in args.seeds:
+        base = models.build_llama("tiny-llama", seed=seed).to(device)
+        smallest = min(min(p.shape) for p in _split(base, cfg)[0])
+        if not 1 <= args.rank < smallest:
+            ap.error(f"--rank must be in [1, {smallest}) (the smallest side of a projected weight)")
+        batches = batches_of(args.batch, args.seq, args.steps, seed, device)
+        cfg.seed = seed
+        run_seed(results, base, batches, cfg)
+        print(f"    seed {seed} done ({time.perf_counter() - t0:.0f} s so far)", flush=True)
     print(report(results, args, cfg))
     path = plot(results, args)
     if path:
