@@ -13,7 +13,7 @@ demo: install
 	$(PYTHON) examples/train_tiny_llama.py --steps 200
 
 test: install
-	pytest -q
+	pytest -q -n auto --dist worksteal
 
 lint:
 	ruff check .

@@ -9,7 +9,7 @@ code from the code table and scales it by its block's absmax, takes exactly the 
 block absmax (``quant.nearest_code_index``: a ``log2(len(code))``-step binary search with gathers).
 The param step uses the fresh fp32 moments, before they are rounded to codes, as bitsandbytes does.
 
-``adam8bit_ref`` is the same step in plain torch, 2**20 values at a time: it dequantizes with
+``adam8bit_ref`` is the same step in plain torch, 2**15 values at a time: it dequantizes with
 ``quant.dequantize_flat_ref``, steps with ``adamw_ref`` and requantizes with ``quant.quantize_flat_ref``.
 The kernel rounds its fp32 moments op for op as torch's CPU ``lerp_`` and ``addcmul_`` do (fused
 multiply-adds, see ``adamw``), so from the same state the new codes and absmax are bit-equal; the
@@ -140,8 +140,10 @@ else:
 # of the state format, so it is the caller's `block` argument, checked to be a power of two.
 _NUM_WARPS = 4
 # adam8bit_ref works through this many values at a time (a multiple of every legal block): its fp32
-# temporaries stay at a few MiB, where a whole-tensor pass would undo the 8-bit saving.
-_REF_CHUNK = 1 << 20
+# temporaries stay under 1 MiB, where a whole-tensor pass would undo the 8-bit saving. On tiny-llama
+# (bench/optimizers.py) 2**20 left the measured peak 2.6 MiB above bitsandbytes'; 2**15 puts it 0.7 MiB
+# under, for a few more Python-level ops per large tensor (the CPU path; GPUs run the Triton kernel).
+_REF_CHUNK = 1 << 15
 
 
 def _check_tensors(param: object, grad: object, q_m: object, absmax_m: object, q_v: object, absmax_v: object,
@@ -256,7 +258,7 @@ def adam8bit_ref(
     grad_scale: float = 1.0,
     block: int = 256,
 ) -> None:
-    """``adam8bit`` in plain torch: dequantize, ``adamw_ref``, requantize, 2**20 values at a time."""
+    """``adam8bit`` in plain torch: dequantize, ``adamw_ref``, requantize, 2**15 values at a time."""
     _check_tensors(param, grad, q_m, absmax_m, q_v, absmax_v, code_m, code_v, step, block)
     flat_param, flat_grad = param.view(-1), grad.view(-1)
     flat_q_m, flat_q_v = q_m.view(-1), q_v.view(-1)

@@ -191,7 +191,7 @@ def _adam8bit_workspace(node: fx.Node, triton: bool) -> int:
     grad_copy = 0 if node.args[1].meta["val"].is_contiguous() or micro_steps > 1 else numel * 4
     if triton and bits == 8:
         return grad_copy
-    if bits == 8:  # the reference works in chunks of 2**20 values: fp32 m, v, update and the code search
+    if bits == 8:  # the reference works in chunks of _REF_CHUNK values: fp32 m, v, update and the code search
         from ..kernels.adam8bit import _REF_CHUNK
 
         return grad_copy + 7 * 4 * min(numel, _REF_CHUNK) + 8192

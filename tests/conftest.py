@@ -30,6 +30,12 @@ sys.modules.setdefault(Path(memfit.__file__).resolve().parent.name, memfit)
 
 DEVICE = "cuda" if _HAS_CUDA else "cpu"
 
+# Under pytest-xdist (`pytest -n N`) the workers share the cores: give each its share of threads, so two
+# workers on two cores do not run four threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
