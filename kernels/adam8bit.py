@@ -32,20 +32,16 @@ from __future__ import annotations
 import torch
 
 from ..errors import KernelError, where_what_got
-from ._checks import check_update_tensors, to_f32
-from .adamw import adamw_ref
-from .quant import (
-    check_absmax,
-    check_block,
-    check_code,
+from ._checks import (
     check_same_device,
     check_tensor,
-    dequantize_flat_ref,
-    quantize_flat_ref,
+    check_update_tensors,
     require_gpu_or_interpreter,
     require_triton,
-    tile_rows,
+    to_f32,
 )
+from .adamw import adamw_ref
+from .quant import check_absmax, check_block, check_code, dequantize_flat_ref, quantize_flat_ref, tile_rows
 
 try:
     import triton

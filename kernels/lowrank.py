@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KernelError, where_what_got
-from ._checks import PARAM_DTYPES, to_f32
-from .quant import check_same_device, check_tensor, require_gpu_or_interpreter, require_triton
+from ._checks import PARAM_DTYPES, check_same_device, check_tensor, require_gpu_or_interpreter, require_triton, to_f32
 
 try:
     import triton

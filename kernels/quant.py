@@ -34,7 +34,7 @@ import functools
 import torch
 
 from ..errors import KernelError, where_what_got
-from ._checks import PARAM_DTYPES
+from ._checks import PARAM_DTYPES, check_same_device, check_tensor, require_gpu_or_interpreter, require_triton
 
 try:
     import triton
@@ -93,32 +93,6 @@ def dynamic_code(signed: bool, bits: int = 8) -> torch.Tensor:
 # ---- checks shared by the block-quantized kernels ---------------------------------------------------
 
 
-def check_tensor(where: str, name: str, tensor: object, dtypes: tuple[torch.dtype, ...], todo: str) -> None:
-    """``tensor`` is a torch.Tensor of one of ``dtypes``, contiguous, with at least one element."""
-    if not isinstance(tensor, torch.Tensor):
-        raise KernelError(where_what_got(where, f"`{name}` to be a torch.Tensor", type(tensor).__name__,
-                                         "pass the tensor itself"))
-    if tensor.dtype not in dtypes:
-        allowed = " or ".join(str(dtype) for dtype in dtypes)
-        raise KernelError(where_what_got(where, f"`{name}` of dtype {allowed}", tensor.dtype, todo))
-    if not tensor.is_contiguous():
-        raise KernelError(where_what_got(where, f"contiguous `{name}`",
-                                         f"strides {tuple(tensor.stride())} for shape {tuple(tensor.shape)}",
-                                         "call .contiguous() first"))
-    if tensor.numel() < 1:
-        raise KernelError(where_what_got(where, f"`{name}` with at least one element", tuple(tensor.shape),
-                                         "skip empty tensors before calling the kernel"))
-
-
-def check_same_device(where: str, named: dict[str, torch.Tensor]) -> None:
-    """Every tensor in ``named`` on the device of the first."""
-    first_name, first = next(iter(named.items()))
-    for name, tensor in named.items():
-        if tensor.device != first.device:
-            raise KernelError(where_what_got(where, f"`{name}` on the device of `{first_name}` ({first.device})",
-                                             tensor.device, "move all tensors to one device"))
-
-
 def check_block(where: str, block: object) -> None:
     """``block`` is a power of two from MIN_BLOCK to MAX_BLOCK."""
     if (isinstance(block, bool) or not isinstance(block, int) or not MIN_BLOCK <= block <= MAX_BLOCK
@@ -149,20 +123,6 @@ def check_absmax(where: str, name: str, absmax: object, n_blocks: int) -> None:
 
 def _check_codes_tensor(where: str, name: str, q: object) -> None:
     check_tensor(where, name, q, (torch.uint8,), "store code indices as torch.uint8")
-
-
-def require_triton(where: str, triton_module: object, ref_name: str) -> None:
-    """The launcher's module imported triton (pass that module's global, which tests may patch)."""
-    if triton_module is None:
-        raise KernelError(where_what_got(where, "triton to be importable", "ImportError",
-                                         f"install triton, or use {ref_name} on this platform"))
-
-
-def require_gpu_or_interpreter(where: str, kernel: object, device: torch.device) -> None:
-    """Tensors on a GPU, unless the kernel runs under TRITON_INTERPRET=1."""
-    if device.type == "cpu" and isinstance(kernel, triton.runtime.JITFunction):
-        raise KernelError(where_what_got(where, "tensors on a GPU", device,
-                                         "set TRITON_INTERPRET=1 before importing triton to run on CPU"))
 
 
 # ---- Triton ----------------------------------------------------------------------------------------------
