@@ -24,16 +24,27 @@ Settings (see ``projection.py`` for the math and shared/METHODS.md for the paper
     transiently by ``svd``/``dct`` refreshes); other rules need the full G and ignore it.
   - ``state_bits``: 8 or 4 stores the low-rank moments block-wise quantized (``quantize_state`` sets
     it when it runs after this pass).
+  - ``overrides``: per-parameter settings, ``{glob: {field: value}}`` (or ``(glob, dict)`` pairs) for
+    the fields ``rank``, ``projector``, ``rule``, ``scaling``, ``scale`` and ``proj_bits``; the first
+    glob that matches a parameter wins, the pass-wide value holds for every field it leaves out. Each
+    override is checked like the pass-wide fields. Stored as a tuple of ``(glob, ((field, value), ...))``
+    so the config stays hashable and its JSON form (``to_json``) is accepted back. The planner writes
+    one ``lowrank`` pass with overrides to give each weight its own rank and projector.
 
 Requires ``fused_update`` (it rewrites its nodes). Weights that are not 2-D, or whose smaller side is
-not larger than ``rank``, keep their AdamW update (listed in ``stats["skipped"]``).
+not larger than their ``rank`` (after overrides), keep their AdamW update (listed in ``stats["skipped"]``).
+``memory_effect``, ``stats`` and the state are per parameter: each projected weight's rank, projector
+and rule are in ``stats["per_param"]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import fx
@@ -48,6 +59,82 @@ _PROJECTORS = ("svd", "randomized", "dct", "random")
 _RULES = ("galore", "apollo", "fira", "frugal")
 _ADAMW = torch.ops.memfit.adamw_update.default
 _TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
+OVERRIDABLE = ("rank", "projector", "rule", "scaling", "scale", "proj_bits")  # per-parameter fields
+
+Overrides = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+
+
+def normalize_overrides(where: str, value: Any, allowed: tuple[str, ...]) -> Overrides:
+    """``{glob: {field: value}}`` or ``[(glob, {field: value}), ...]`` (also the JSON form, settings as
+    ``[field, value]`` pairs) as a hashable ``((glob, ((field, value), ...)), ...)``, in the order given."""
+    if value is None:
+        return ()
+    shape = "a dict {glob: {field: value}} or a sequence of (glob, dict) pairs"
+    if isinstance(value, Mapping):
+        entries = list(value.items())
+    elif isinstance(value, (tuple, list)):
+        entries = list(value)
+    else:
+        raise ConfigError(where_what_got(f"{where}.overrides", shape, repr(value), "e.g. {'*.mlp.*': {'rank': 64}}"))
+    out, seen = [], set()
+    for entry in entries:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise ConfigError(where_what_got(f"{where}.overrides", shape, f"the entry {entry!r}",
+                                             "give each glob (a string) its dict of settings"))
+        glob, cfg = entry
+        here = f"{where}.overrides[{glob!r}]"
+        if glob in seen:
+            raise ConfigError(where_what_got(f"{where}.overrides", "each glob once", f"{glob!r} twice",
+                                             "merge the two entries (the first matching glob wins)"))
+        seen.add(glob)
+        try:
+            cfg = dict(cfg)
+        except (TypeError, ValueError):
+            raise ConfigError(where_what_got(here, "a dict of settings", repr(cfg), "e.g. {'rank': 64}")) from None
+        unknown = sorted(map(str, set(cfg) - set(allowed)))
+        if unknown:
+            raise ConfigError(where_what_got(here, f"keys among {list(allowed)}", unknown,
+                                             "other settings are pass-wide; fix the keys"))
+        out.append((glob, tuple(sorted(cfg.items(), key=lambda kv: kv[0]))))
+    return tuple(out)
+
+
+def override_for(overrides: Overrides, fqn: str) -> dict[str, Any]:
+    """The settings of the first glob in ``overrides`` that matches ``fqn`` ({} when none does)."""
+    for glob, pairs in overrides:
+        if fnmatch.fnmatchcase(fqn, glob):
+            return dict(pairs)
+    return {}
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_settings(where: str, s: dict[str, Any], fields: tuple[str, ...]) -> None:
+    """The checks of the per-parameter fields (those in ``fields``) and of their combinations."""
+    checks = {
+        "rank": (isinstance(s["rank"], int) and not isinstance(s["rank"], bool) and s["rank"] >= 1,
+                 "an int >= 1", "e.g. 128"),
+        "scale": (_is_num(s["scale"]) and s["scale"] > 0, "a positive float",
+                  "GaLore uses 0.25, APOLLO 1, APOLLO-Mini 128"),
+        "projector": (s["projector"] in _PROJECTORS, f"one of {_PROJECTORS}", "pick one"),
+        "rule": (s["rule"] in _RULES, f"one of {_RULES}", "pick one"),
+        "scaling": (s["scaling"] in ("channel", "tensor"), "'channel' or 'tensor'", "pick one"),
+        "proj_bits": (s["proj_bits"] in (32, 4), "32 or 4", "4 packs the projector two values per byte"),
+    }
+    for field in OVERRIDABLE:
+        ok, what, todo = checks[field]
+        if field in fields and not ok:
+            raise ConfigError(where_what_got(f"{where}.{field}", what, repr(s[field]), todo))
+    if s["rule"] in ("fira", "frugal") and s["projector"] == "random":
+        raise ConfigError(where_what_got(f"{where}.projector", f"an orthonormal projector for rule {s['rule']!r}",
+                                         "'random'", "use 'svd', 'randomized' or 'dct' (the residual "
+                                         "G - P P^T G needs P^T P = I)"))
+    if s["proj_bits"] == 4 and s["projector"] not in ("svd", "randomized"):
+        raise ConfigError(where_what_got(f"{where}.proj_bits", "4 only with a stored matrix projector",
+                                         f"projector {s['projector']!r}", "use proj_bits=32 (dct stores indices, "
+                                         "random stores a seed)"))
 
 
 @register_pass("lowrank")
@@ -68,6 +155,7 @@ class LowRank(Pass):
     limiter: float = 1.01
     seed: int = 0
     targets: str | tuple[str, ...] = "*"
+    overrides: Overrides = ()
 
     requires = ("fused_update",)
     before = ("quantize_state",)
@@ -77,30 +165,26 @@ class LowRank(Pass):
         where = "passes['lowrank']"
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "overrides", normalize_overrides(where, self.overrides, OVERRIDABLE))
         checks = [
-            ("rank", isinstance(self.rank, int) and self.rank >= 1, "an int >= 1", "e.g. 128"),
             ("gap", isinstance(self.gap, int) and self.gap >= 1, "an int >= 1", "e.g. 200"),
-            ("scale", self.scale > 0, "a positive float", "GaLore uses 0.25, APOLLO 1, APOLLO-Mini 128"),
-            ("projector", self.projector in _PROJECTORS, f"one of {_PROJECTORS}", "pick one"),
-            ("rule", self.rule in _RULES, f"one of {_RULES}", "pick one"),
-            ("scaling", self.scaling in ("channel", "tensor"), "'channel' or 'tensor'", "pick one"),
             ("moments", self.moments in ("keep", "reset", "rotate"), "'keep', 'reset' or 'rotate'", "pick one"),
             ("lazy_threshold", 0 <= self.lazy_threshold <= 1, "a cosine in [0, 1]", "Q-GaLore uses 0.4; 0 = off"),
-            ("proj_bits", self.proj_bits in (32, 4), "32 or 4", "4 packs the projector two values per byte"),
             ("state_bits", self.state_bits in (32, 8, 4), "32, 8 or 4", "pick one"),
             ("limiter", self.limiter == 0 or self.limiter >= 1, "0 (off) or a growth factor >= 1", "Fira uses 1.01"),
         ]
+        wide = {f: getattr(self, f) for f in OVERRIDABLE}
+        _check_settings(where, wide, OVERRIDABLE)
         for field, ok, what, todo in checks:
             if not ok:
                 raise ConfigError(where_what_got(f"{where}.{field}", what, repr(getattr(self, field)), todo))
-        if self.rule in ("fira", "frugal") and self.projector == "random":
-            raise ConfigError(where_what_got(f"{where}.projector", f"an orthonormal projector for rule {self.rule!r}",
-                                             "'random'", "use 'svd', 'randomized' or 'dct' (the residual "
-                                             "G - P P^T G needs P^T P = I)"))
-        if self.proj_bits == 4 and self.projector not in ("svd", "randomized"):
-            raise ConfigError(where_what_got(f"{where}.proj_bits", "4 only with a stored matrix projector",
-                                             f"projector {self.projector!r}", "use proj_bits=32 (dct stores indices, "
-                                             "random stores a seed)"))
+        for glob, pairs in self.overrides:
+            _check_settings(f"{where}.overrides[{glob!r}]", {**wide, **dict(pairs)}, tuple(k for k, _ in pairs))
+
+    def for_param(self, fqn: str) -> LowRank:
+        """The settings that hold for parameter ``fqn``: the pass-wide ones under its first matching override."""
+        ov = override_for(self.overrides, fqn)
+        return dataclasses.replace(self, overrides=(), **ov) if ov else self
 
     # ---- which parameters ----------------------------------------------------------------------
     def selected(self, g: TrainGraph) -> tuple[list[str], list[str]]:
@@ -109,12 +193,13 @@ class LowRank(Pass):
         chosen, skipped = [], []
         for fqn in g.match(self.targets, with_update):
             shape = tuple(g.params[fqn].meta["val"].shape)
-            (chosen if len(shape) == 2 and min(shape) > self.rank else skipped).append(fqn)
+            (chosen if len(shape) == 2 and min(shape) > self.for_param(fqn).rank else skipped).append(fqn)
         return chosen, skipped
 
     # ---- memory --------------------------------------------------------------------------------
     def state_bytes(self, shape: tuple[int, int]) -> int:
-        """Persistent bytes for one projected (m, n) weight (moments, projector, schedule)."""
+        """Persistent bytes for one projected (m, n) weight (moments, projector, schedule) under the
+        pass-wide settings (``for_param(fqn).state_bytes(shape)`` for a parameter's own)."""
         low = math.prod(pj.low_shape(shape, self.rank))
         if self.state_bits == 32:
             moments = 2 * 4 * low
@@ -151,8 +236,9 @@ class LowRank(Pass):
         transient = 0
         for fqn in self.selected(g)[0]:
             shape = tuple(g.params[fqn].meta["val"].shape)
-            per_param[fqn] = self.state_bytes(shape) - 8 * shape[0] * shape[1]
-            transient = max(transient, self.refresh_transient(shape))
+            cfg = self.for_param(fqn)
+            per_param[fqn] = cfg.state_bytes(shape) - 8 * shape[0] * shape[1]
+            transient = max(transient, cfg.refresh_transient(shape))
         return MemoryEffect(persistent=sum(per_param.values()), transient=transient, per_param=per_param)
 
     # ---- rewrite -------------------------------------------------------------------------------
@@ -162,13 +248,15 @@ class LowRank(Pass):
             return PassResult(g, False, {"projected": [], "skipped": skipped})
         dct = {}
         factored = []
+        per_param = {}
         saved = 0
         for i, fqn in enumerate(chosen):
             old = g.updates[fqn]
             shape = tuple(g.params[fqn].meta["val"].shape)
+            cfg = self.for_param(fqn)
             offset = (i * self.gap) // len(chosen) if self.stagger else 0
             with g.graph.inserting_before(old):
-                new, used_factors = self._replace(g, fqn, old, shape, offset, dct)
+                new, used_factors = cfg._replace(g, fqn, old, shape, offset, dct)
             old_states = [a.meta[NAME_KEY] for a in old.args[2:4]]
             old.replace_all_uses_with(new)
             g.graph.erase_node(old)
@@ -177,9 +265,10 @@ class LowRank(Pass):
                 g.remove_state(name)
             if used_factors:
                 factored.append(fqn)
-            saved += 8 * shape[0] * shape[1] - self.state_bytes(shape)
+            saved += 8 * shape[0] * shape[1] - cfg.state_bytes(shape)
+            per_param[fqn] = {"rank": cfg.rank, "projector": cfg.projector, "rule": cfg.rule}
         stats = {"projected": chosen, "skipped": skipped, "factored": factored, "state_bytes_saved": saved,
-                 "rank": self.rank, "projector": self.projector, "rule": self.rule}
+                 "rank": self.rank, "projector": self.projector, "rule": self.rule, "per_param": per_param}
         g.info["lowrank"] = stats
         return PassResult(g, True, stats)
 

@@ -7,6 +7,10 @@ map (signed for the first moment, unsigned for the second) with one fp32 absmax 
 it. Smaller tensors keep fp32 moments (their error costs more than their bytes save). Low-rank
 moments of ``memfit::lowrank_update`` nodes (``lowrank`` ran first) are quantized the same way.
 
+``overrides`` gives parameters their own ``bits``: ``{glob: {"bits": 4}}`` (or ``(glob, dict)`` pairs,
+the first matching glob wins; the same form as ``lowrank``'s overrides); ``targets`` says which
+parameters are quantized at all. The planner writes ``targets`` with the parameters it chose.
+
 Requires ``fused_update``; runs after ``lowrank`` when both are given.
 """
 
@@ -23,6 +27,7 @@ from ..errors import ConfigError, where_what_got
 from ..graph import NAME_KEY, StateSpec, TrainGraph
 from ..ops import state_block
 from .base import MemoryEffect, Pass, PassResult, register_pass
+from .lowrank import Overrides, normalize_overrides, override_for
 
 _ADAMW = torch.ops.memfit.adamw_update.default
 _LOWRANK = torch.ops.memfit.lowrank_update.default
@@ -42,6 +47,7 @@ class QuantizeState(Pass):
     bits: Literal[8, 4] = 8
     min_numel: int = 4096
     targets: str | tuple[str, ...] = "*"
+    overrides: Overrides = ()
 
     requires = ("fused_update",)
     lossless = False
@@ -49,11 +55,20 @@ class QuantizeState(Pass):
     def __post_init__(self):
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
-        if self.bits not in (8, 4):
-            raise ConfigError(where_what_got("passes['quantize_state'].bits", "8 or 4", repr(self.bits), "pick one"))
+        where = "passes['quantize_state']"
+        object.__setattr__(self, "overrides", normalize_overrides(where, self.overrides, ("bits",)))
+        bits = [(where, self.bits)] + [(f"{where}.overrides[{glob!r}]", dict(kv)["bits"])
+                                       for glob, kv in self.overrides if kv]
+        for here, value in bits:
+            if value not in (8, 4) or isinstance(value, bool):
+                raise ConfigError(where_what_got(f"{here}.bits", "8 or 4", repr(value), "pick one"))
         if not (isinstance(self.min_numel, int) and self.min_numel >= 1):
             raise ConfigError(where_what_got("passes['quantize_state'].min_numel", "an int >= 1",
                                              repr(self.min_numel), "tensors below it keep fp32 state; e.g. 4096"))
+
+    def bits_for(self, fqn: str) -> int:
+        """The bits parameter ``fqn`` is stored at: its first matching override's, else ``bits``."""
+        return override_for(self.overrides, fqn).get("bits", self.bits)
 
     def _selected(self, g: TrainGraph) -> list[tuple[str, int]]:
         """(fqn, moment numel) of every update this pass rewrites."""
@@ -71,30 +86,32 @@ class QuantizeState(Pass):
         return out
 
     def memory_effect(self, g: TrainGraph) -> MemoryEffect:
-        per_param = {f: quantized_bytes(n, self.bits) - 8 * n for f, n in self._selected(g)}
+        per_param = {f: quantized_bytes(n, self.bits_for(f)) - 8 * n for f, n in self._selected(g)}
         return MemoryEffect(persistent=sum(per_param.values()), per_param=per_param)
 
     def run(self, g: TrainGraph) -> PassResult:
         chosen = self._selected(g)
         saved = 0
+        per_param = {}
         for fqn, numel in chosen:
             old = g.updates[fqn]
-            suffix = ("_q8" if self.bits == 8 else "_q4") if old.target is _ADAMW else \
-                ("_lowrank_q8" if self.bits == 8 else "_lowrank_q4")
-            per = numel if self.bits == 8 else (numel + 1) // 2
+            bits = per_param[fqn] = self.bits_for(fqn)
+            suffix = ("_q8" if bits == 8 else "_q4") if old.target is _ADAMW else \
+                ("_lowrank_q8" if bits == 8 else "_lowrank_q4")
+            per = numel if bits == 8 else (numel + 1) // 2
             kind = "optimizer"
             q_m = g.add_state(f"{fqn}::exp_avg{suffix}", StateSpec((per,), torch.uint8, fqn, kind))
             q_v = g.add_state(f"{fqn}::exp_avg_sq{suffix}", StateSpec((per,), torch.uint8, fqn, kind))
             absmax = g.add_state(f"{fqn}::absmax{suffix}",
-                                 StateSpec((2, -(-numel // state_block(self.bits))), torch.float32, fqn, kind))
+                                 StateSpec((2, -(-numel // state_block(bits))), torch.float32, fqn, kind))
             args = list(old.args)
             with g.graph.inserting_before(old):
                 if old.target is _ADAMW:
                     (param, grad, _m, _v, acc, lr, step, micro, b1, b2, eps, wd, micro_steps) = args
                     new = g.graph.call_function(torch.ops.memfit.adam8bit_update.default, (
-                        param, grad, q_m, q_v, absmax, acc, lr, step, micro, b1, b2, eps, wd, micro_steps, self.bits))
+                        param, grad, q_m, q_v, absmax, acc, lr, step, micro, b1, b2, eps, wd, micro_steps, bits))
                 else:
-                    args[5], args[6], args[7], args[_LOWRANK_STATE_BITS] = q_m, q_v, absmax, self.bits
+                    args[5], args[6], args[7], args[_LOWRANK_STATE_BITS] = q_m, q_v, absmax, bits
                     new = g.graph.call_function(_LOWRANK, tuple(args))
             moments = (2, 3) if old.target is _ADAMW else (5, 6)
             old_states = [old.args[i].meta[NAME_KEY] for i in moments]
@@ -103,7 +120,8 @@ class QuantizeState(Pass):
             g.updates[fqn] = new
             for name in old_states:
                 g.remove_state(name)
-            saved += 8 * numel - quantized_bytes(numel, self.bits)
-        stats = {"quantized": [f for f, _ in chosen], "bits": self.bits, "state_bytes_saved": saved}
+            saved += 8 * numel - quantized_bytes(numel, bits)
+        stats = {"quantized": [f for f, _ in chosen], "bits": self.bits, "per_param": per_param,
+                 "state_bytes_saved": saved}
         g.info["quantize_state"] = stats
         return PassResult(g, bool(chosen), stats)

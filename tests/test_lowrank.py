@@ -1,10 +1,12 @@
 """lowrank: GaLore's step matches a plain-torch GaLore written here; the projected-gradient path never
 forms the weight gradient; every projector and rule trains, saves and resumes bit-identically; the
-state is the size the formulas say; accumulation matches one big batch; bad configs are refused."""
+state is the size the formulas say; accumulation matches one big batch; per-parameter overrides give
+each weight its own rank and projector, the state their memory_effect predicts; bad configs are refused."""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -15,6 +17,7 @@ import memfit
 from memfit import models
 from memfit import projection as pj
 from memfit.ops import _lazy_gap
+from memfit.passes.base import make_pass
 
 LR, WD = 1e-2, 0.1
 
@@ -176,6 +179,63 @@ def test_state_bytes_match_the_formulas():
     t = _trainer(copy.deepcopy(init), batch, _galore(rank=r, proj_bits=4))
     packed = t.graph.state_specs["2.weight::proj_int4"]
     assert packed.dtype == torch.uint8 and packed.shape == (64 * r // 2,)
+
+
+def test_overrides_give_each_weight_its_own_state_and_memory_effect_predicts_it():
+    init = models.build_mlp()
+    batch = _mlp_batches(1)[0]
+    mini = {"rank": 2, "projector": "random", "rule": "apollo", "scaling": "tensor", "scale": 4.0}
+    cfg = dict(rank=4, gap=3, targets="*weight", overrides={"2.weight": {"rank": 16}, "0.*": mini,
+                                                             "4.weight": {"rank": 16}})  # min side 10: skipped
+    base = _trainer(copy.deepcopy(init), batch, ["fused_update"])
+    effect = make_pass(("lowrank", cfg)).memory_effect(base.graph)
+    t = _trainer(copy.deepcopy(init), batch, ["fused_update", ("lowrank", cfg)])
+    info = t.graph.info["lowrank"]
+    assert info["projected"] == ["0.weight", "2.weight"] and info["skipped"] == ["4.weight"]
+    assert info["per_param"] == {"0.weight": {"rank": 2, "projector": "random", "rule": "apollo"},
+                                 "2.weight": {"rank": 16, "projector": "svd", "rule": "galore"}}
+    specs = t.graph.state_specs
+    assert specs["0.weight::lowrank_exp_avg"].shape == (64, 2)  # (64, 32) projected on the right at rank 2
+    assert specs["2.weight::lowrank_exp_avg"].shape == (64, 16)
+    assert specs["2.weight::proj"].shape == (64, 16) and "0.weight::proj" not in specs  # random: a seed
+    assert "4.weight::exp_avg" in specs
+    t.step(*batch)
+    assert set(effect.per_param) == {"0.weight", "2.weight"}
+    for fqn, shape in (("0.weight", (64, 32)), ("2.weight", (64, 64))):
+        declared = sum(s.nbytes for s in specs.values() if s.owner == fqn)
+        held = sum(v.nbytes for k, v in t.executor.state.items() if k.startswith(f"{fqn}::"))
+        assert declared == held == effect.per_param[fqn] + 8 * math.prod(shape), fqn
+    assert effect.persistent == sum(effect.per_param.values())
+    assert effect.transient == max(make_pass(("lowrank", {**cfg, **o})).refresh_transient(s)
+                                   for o, s in ((mini, (64, 32)), ({"rank": 16}, (64, 64))))
+
+
+def test_overrides_first_match_wins_and_round_trip_through_json():
+    p = make_pass(("lowrank", dict(rank=8, overrides=[("*.mlp.*", {"rank": 2}), ("layer.mlp.up", {"rank": 4}),
+                                                       ("head", {"projector": "dct"})])))
+    assert [p.for_param(f).rank for f in ("layer.mlp.up", "layer.attn", "head")] == [2, 8, 8]
+    assert p.for_param("head").projector == "dct" and p.for_param("layer.attn").projector == "svd"
+    back = make_pass(("lowrank", json.loads(p.to_json())["config"]))
+    assert back == p and hash(back) == hash(p)
+    as_dict = make_pass(("lowrank", dict(rank=8, overrides={"*.mlp.*": {"rank": 2}, "layer.mlp.up": {"rank": 4},
+                                                            "head": {"projector": "dct"}})))
+    assert as_dict == p
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"2.weight": {"rank": 0}}, r"lowrank'\]\.overrides\['2\.weight'\]\.rank: expected an int >= 1, got 0"),
+    ({"*": {"gap": 3}}, r"overrides\['\*'\]: expected keys among \['rank', .*got \['gap'\]; other settings"),
+    ({"*": {"projector": "pca"}}, r"overrides\['\*'\]\.projector: expected one of"),
+    ({"*": {"scale": -1.0}}, r"overrides\['\*'\]\.scale: expected a positive float, got -1\.0"),
+    ({"*": {"rule": "fira", "projector": "random"}}, r"overrides\['\*'\]\.projector: expected an orthonormal"),
+    ({"*": {"projector": "dct", "proj_bits": 4}}, r"overrides\['\*'\]\.proj_bits: expected 4 only with a stored"),
+    ({"*": 4}, r"overrides\['\*'\]: expected a dict of settings, got 4"),
+    ("rank=4", r"lowrank'\]\.overrides: expected a dict \{glob: \{field: value\}\}"),
+    ([("*", {"rank": 2}), ("*", {"rank": 3})], r"overrides: expected each glob once, got '\*' twice"),
+])
+def test_bad_overrides_are_refused(overrides, match):
+    with pytest.raises(memfit.ConfigError, match=match):
+        make_pass(("lowrank", dict(rank=4, overrides=overrides)))
 
 
 def test_int4_projection_round_trip_is_within_half_a_step():

@@ -1,16 +1,21 @@
 """The planner under budgets: loose, medium and tight budgets fit (measured <= budget, predicted within 5%
-of measured); an impossible one raises BudgetError naming the smallest reachable peak."""
+of measured); an impossible one raises BudgetError naming the smallest reachable peak; the optimizer-state
+levers are chosen per parameter, so a budget between two uniform settings gets a mix of them."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import memfit
 from memfit import models
+from memfit.api import build_graph
+from memfit.runtime.planner import state_options
 
 
 def _case(name):
@@ -97,3 +102,63 @@ def test_state_levers_fit_below_the_fp32_adam_floor():
         assert trainer.plan.peak_bytes == pytest.approx(measured, rel=0.05)
     assert "quantize_state" in chosen["8bit"] and "lowrank" not in chosen["8bit"]
     assert "lowrank" in chosen["lowrank"]
+
+
+def _stack(layers: int, width: int) -> tuple[nn.Module, tuple]:
+    """``layers`` square Linear layers: every weight has the same shape, so uniform settings are well defined."""
+    torch.manual_seed(0)
+    blocks = [m for _ in range(layers) for m in (nn.Linear(width, width), nn.GELU())][:-1]
+    gen = torch.Generator().manual_seed(0)
+    return nn.Sequential(*blocks), (torch.randn(8, width, generator=gen), torch.randint(0, width, (8,), generator=gen))
+
+
+def _settings(g) -> dict[str, object]:
+    """Each 2-D weight's optimizer state as the plan chose it."""
+    low = g.info.get("lowrank", {}).get("per_param", {})
+    eight = g.info.get("quantize_state", {}).get("per_param", {})
+    return {f: ("lowrank", low[f]["rank"], low[f]["projector"]) if f in low else
+            ("adam", eight.get(f, 32)) for f, n in g.params.items() if n.meta["val"].dim() == 2}
+
+
+@pytest.mark.parametrize("layers, width, between", [
+    (8, 128, (["remat", "fused_update"], ["remat", "fused_update", ("quantize_state", {"bits": 8})])),
+    (6, 256, (["remat", "fused_update", ("lowrank", {"rank": 32, "state_bits": 8, "targets": "*weight"})],
+              ["remat", "fused_update", ("lowrank", {"rank": 16, "state_bits": 8, "targets": "*weight"})])),
+], ids=["fp32-8bit", "rank32-rank16"])
+def test_a_budget_between_two_uniform_settings_gets_a_mix_of_them(layers, width, between):
+    """Between fp32 and 8-bit moments everywhere (or SVD rank 32 and rank 16 everywhere) the greedy
+    moves some weights and keeps the rest: the step fits, and it saves no more state than the uniform
+    setting the old ladder would have had to take."""
+    model, batch = _stack(layers, width)
+    upper, lower = (memfit.plan(model, example_inputs=batch, loss_fn=F.cross_entropy, passes=p) for p in between)
+    budget = (upper.peak_bytes + lower.peak_bytes) // 2
+    trainer = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=F.cross_entropy, budget=budget)
+    trainer.step(*batch)
+    measured = trainer.measure_step(*batch).peak_bytes
+    chosen = _settings(trainer.graph)
+    persistent = sum(trainer.plan.persistent.values())
+    print(f"stack {layers}x{width}: budget {budget} B, predicted {trainer.plan.peak_bytes} B, measured {measured} B, "
+          f"{len(trainer.graph.info['planner']['trials'])} trials, settings {sorted(set(chosen.values()))}")
+    assert len(set(chosen.values())) >= 2, chosen
+    assert trainer.plan.peak_bytes <= budget and measured <= budget
+    assert sum(lower.persistent.values()) <= persistent < sum(upper.persistent.values())
+
+
+def test_state_options_follow_levers_and_each_parameter_s_shape():
+    g, _ = build_graph(models.build_mlp(), _mlp_batch(), loss_fn=F.cross_entropy, passes=["remat", "fused_update"])
+    assert state_options(g, "lossless") == {}
+    assert {f: [o.label for o in opts] for f, opts in state_options(g, "near-lossless").items()} == \
+        {"2.weight": ["8-bit"]}  # the others are under quantize_state's min_numel
+    lossy = state_options(g, "lossy")
+    assert {f: [o.label for o in opts] for f, opts in lossy.items()} == {
+        "0.weight": ["svd r=8", "svd r=4", "svd r=2", "apollo-mini"],  # (64, 32): ranks from the smaller side
+        "2.weight": ["8-bit", "svd r=16", "svd r=8", "svd r=4", "apollo-mini"],
+        "4.weight": ["svd r=2", "apollo-mini"]}
+    for opts in lossy.values():
+        assert all(a.persistent > b.persistent for a, b in itertools.pairwise(opts))
+        assert all(o.transient > 0 for o in opts if o.lowrank is not None)
+
+
+def _mlp_batch():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(16, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)

@@ -1,5 +1,6 @@
 """quantize_state: 8-bit (and 4-bit) block-wise Adam moments: the bytes the formula says, training that
-tracks fp32 AdamW, bit-identical resume, accumulation equal to one big batch, clear config errors."""
+tracks fp32 AdamW, bit-identical resume, accumulation equal to one big batch, per-parameter bits, clear
+config errors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 import memfit
 from memfit import models
+from memfit.passes.base import make_pass
 
 
 def _batches(steps: int, batch: int = 16):
@@ -44,6 +46,21 @@ def test_state_bytes_follow_the_block_formula_and_small_tensors_stay_fp32():
     n = 64 * 64
     got = sum(s.nbytes for s in t4.graph.state_specs.values() if s.owner == "2.weight")
     assert got == 2 * (n // 2) + 8 * (n // 128)  # two codes a byte, an absmax per 128
+
+
+def test_overrides_give_parameters_their_own_bits_as_memory_effect_predicts():
+    cfg = {"bits": 8, "min_numel": 256, "targets": "*weight", "overrides": {"2.*": {"bits": 4}}}
+    base = _trainer(models.build_mlp(), _batches(1)[0], ["fused_update"])
+    effect = make_pass(("quantize_state", cfg)).memory_effect(base.graph)
+    t = _trainer(models.build_mlp(), _batches(1)[0], ["fused_update", ("quantize_state", cfg)])
+    assert t.graph.info["quantize_state"]["per_param"] == {"0.weight": 8, "2.weight": 4, "4.weight": 8}
+    assert "2.weight::exp_avg_q4" in t.graph.state_specs and "0.weight::exp_avg_q8" in t.graph.state_specs
+    t.step(*_batches(1)[0])
+    for fqn, n in (("0.weight", 64 * 32), ("2.weight", 64 * 64), ("4.weight", 10 * 64)):
+        held = sum(v.nbytes for k, v in t.executor.state.items() if k.startswith(f"{fqn}::"))
+        assert held == effect.per_param[fqn] + 8 * n, fqn
+    assert set(effect.per_param) == {"0.weight", "2.weight", "4.weight"}  # biases are not targets
+    assert make_pass(("quantize_state", cfg)).bits_for("2.bias") == 4
 
 
 @pytest.mark.parametrize("bits, tol", [(8, 0.005), (4, 0.03)])
@@ -94,6 +111,8 @@ def test_accumulation_matches_one_big_batch():
 @pytest.mark.parametrize("cfg, match", [
     ({"bits": 2}, r"quantize_state'\]\.bits: expected 8 or 4, got 2"),
     ({"min_numel": 0}, r"min_numel: expected an int >= 1"),
+    ({"overrides": {"2.*": {"bits": 2}}}, r"quantize_state'\]\.overrides\['2\.\*'\]\.bits: expected 8 or 4, got 2"),
+    ({"overrides": {"*": {"min_numel": 9}}}, r"overrides\['\*'\]: expected keys among \['bits'\], got \['min_numel'\]"),
 ])
 def test_bad_config_is_refused(cfg, match):
     with pytest.raises(memfit.ConfigError, match=match):
