@@ -218,13 +218,14 @@ def lowrank_update(
     state_bits: int,
     seed: int,
     limiter: float,
+    seed_scheme: str = "memfit",
 ) -> None:
     from .kernels.lowrank import lowrank_apply_ref
 
     run_lowrank_update(lowrank_apply_ref, reference_quant_kernels(), param, grad, grad_right, proj, proj_meta,
                        exp_avg, exp_avg_sq, absmax, sched, grad_acc, dct, lr, step, micro_step, beta1, beta2, eps,
                        weight_decay, micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments,
-                       lazy_threshold, proj_bits, state_bits, seed, limiter)
+                       lazy_threshold, proj_bits, state_bits, seed, limiter, seed_scheme)
 
 
 @lowrank_update.register_fake
@@ -235,7 +236,7 @@ def _(*args, **kwargs):
 def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, proj_meta, exp_avg, exp_avg_sq,
                        absmax, sched, grad_acc, dct, lr, step, micro_step, beta1, beta2, eps, weight_decay,
                        micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments, lazy_threshold,
-                       proj_bits, state_bits, seed, limiter) -> None:
+                       proj_bits, state_bits, seed, limiter, seed_scheme="memfit") -> None:
     """Body of ``memfit::lowrank_update``: refresh the subspace when due, Adam on the projected
     gradient, then the rule's weight update (``apply`` is the fused project-back + update kernel)."""
     G: pj.Grad = grad if grad_right is None else (grad, grad_right)
@@ -257,7 +258,7 @@ def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, p
 
     def current(count: int) -> torch.Tensor:
         if projector == "random":
-            return pj.random_projector(shape, rank, seed, count, param.device)
+            return pj.random_projector(shape, rank, seed, count, param.device, seed_scheme)
         if projector == "dct":
             return pj.dct_projector(_dct_basis(dct), proj)
         if proj_bits == 4:
@@ -267,7 +268,8 @@ def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, p
     count = int(sv[_SCHED_COUNT])
     if count == 0 or step >= sv[_SCHED_NEXT]:
         P_old = current(count - 1) if count > 0 else None
-        P = _refresh(qk, G, shape, side, rank, projector, proj, proj_meta, dct, proj_bits, seed, count, P_old)
+        P = _refresh(qk, G, shape, side, rank, projector, proj, proj_meta, dct, proj_bits, seed, count, P_old,
+                     seed_scheme)
         if P_old is not None:
             if lazy_threshold > 0:
                 _lazy_gap(sv, P, P_old, lazy_threshold)
@@ -285,13 +287,21 @@ def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, p
     bias2_sqrt = math.sqrt(1 - beta2**step)
     m.lerp_(R, 1 - beta1)
     v.mul_(beta2).addcmul_(R, R, value=1 - beta2)
-    N = (m / bias1).div_(v.sqrt().div_(bias2_sqrt).add_(eps))
+    if rule == "galore":
+        N = (m / bias1).div_(v.sqrt().div_(bias2_sqrt).add_(eps))
+    else:  # as APOLLO's and Fira's own code: Adam's direction without bias correction, which the step
+        N = m / v.sqrt().add_(eps)  # size carries, so the norm-growth limiter compares directions only
+        lr_step = lr * bias2_sqrt / bias1
     _store_moments(qk, m, v, exp_avg, exp_avg_sq, absmax, state_bits)
     if rule == "galore":
         apply(param, P, N, lr=lr, weight_decay=weight_decay, scale=scale, side=side)
     else:
-        Gf = pj.full(G)
-        if rule == "apollo":
+        if rule == "apollo" and not isinstance(G, tuple) and G.dtype == param.dtype == torch.float32:
+            _apollo_in_place(param, G, pj.channel_norm_ratio(N, R, side, scaling), sv, side, scaling, scale,
+                             limiter, lr, lr_step, weight_decay)
+            upd = None
+        elif rule == "apollo":
+            Gf = pj.full(G)
             # APOLLO: the raw gradient scaled per channel by how Adam rescales its projection.
             upd = Gf.mul_(pj.channel_norm_ratio(N, R, side, scaling))
             if scale != 1.0:
@@ -299,7 +309,7 @@ def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, p
             if limiter > 0:
                 upd, sv[_SCHED_NORM] = pj.limit_growth(upd, sv[_SCHED_NORM], limiter)
         else:
-            resid = Gf.sub_(pj.project_back(R, P, side))
+            resid = pj.full(G).sub_(pj.project_back(R, P, side))
             if rule == "fira":
                 resid.mul_(pj.channel_norm_ratio(N, R, side, "channel"))
                 if limiter > 0:
@@ -307,22 +317,46 @@ def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, p
             else:  # frugal: state-free signSGD outside the subspace
                 resid.sign_()
             upd = resid.add_(pj.project_back(N, P, side), alpha=scale)
-        _apply_full(param, upd, lr, weight_decay)
+        if upd is not None:
+            _apply_full(param, upd, lr, weight_decay, lr_step)
     sched.copy_(torch.tensor(sv, dtype=sched.dtype))
     if grad_acc is not None and micro_steps > 1:
         grad_acc.zero_()
 
 
-def _apply_full(param: torch.Tensor, upd: torch.Tensor, lr: float, weight_decay: float) -> None:
+def _apollo_in_place(param, G, ratio, sv, side, scaling, scale, limiter, lr, lr_step, weight_decay) -> None:
+    """APOLLO's update, W -= lr_step·c·sqrt(scale)·(G ∘ ratio), in one pass over G, no (m, n) temporary
+    (``lr_step`` is lr with Adam's bias corrections, ``lr`` scales the weight decay):
+    the norm of the scaled gradient the limiter needs comes from G's per-channel norms (or its norm for
+    tensor scaling), so the limiter's factor c is known before the weight is touched."""
+    if scaling == "tensor":
+        norm = float(ratio) * float(torch.linalg.vector_norm(G))
+    else:
+        per_channel = torch.linalg.vector_norm(G, dim=0 if side == "left" else 1)
+        norm = float(torch.linalg.vector_norm(ratio.reshape(-1) * per_channel))
+    norm *= math.sqrt(scale)
+    c = 1.0
+    if limiter > 0 and sv[_SCHED_NORM] > 0 and norm > limiter * sv[_SCHED_NORM]:
+        c = limiter * sv[_SCHED_NORM] / norm
+        norm = limiter * sv[_SCHED_NORM]
+    if limiter > 0:
+        sv[_SCHED_NORM] = norm
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    param.addcmul_(G, ratio, value=-lr_step * c * math.sqrt(scale))
+
+
+def _apply_full(param: torch.Tensor, upd: torch.Tensor, lr: float, weight_decay: float, lr_step: float) -> None:
+    """W = (1 - lr·wd)·W - lr_step·upd (decoupled decay at the plain lr, the update at the bias-corrected one)."""
     if param.dtype == torch.float32:
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
-        param.add_(upd, alpha=-lr)
+        param.add_(upd, alpha=-lr_step)
         return
     p = param.float()
     if weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
-    param.copy_(p.add_(upd, alpha=-lr))
+    param.copy_(p.add_(upd, alpha=-lr_step))
 
 
 def _dct_basis(dct: torch.Tensor) -> torch.Tensor:
@@ -332,11 +366,12 @@ def _dct_basis(dct: torch.Tensor) -> torch.Tensor:
     return dct
 
 
-def _refresh(qk, G, shape, side, rank, projector, proj, proj_meta, dct, proj_bits, seed, count, P_old):
+def _refresh(qk, G, shape, side, rank, projector, proj, proj_meta, dct, proj_bits, seed, count, P_old,
+             seed_scheme="memfit"):
     """A new projector from G (stored in ``proj``), returned as the fp32 matrix the step uses."""
     if projector == "random":
         return pj.random_projector(shape, rank, seed, count, proj.device if proj is not None else
-                                   (G[0] if isinstance(G, tuple) else G).device)
+                                   (G[0] if isinstance(G, tuple) else G).device, seed_scheme)
     if projector == "dct":
         Q = _dct_basis(dct)
         idx = pj.dct_indices(G, rank, side, Q)

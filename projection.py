@@ -138,11 +138,31 @@ def dct_projector(Q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return Q.index_select(0, idx).t().contiguous()
 
 
-def random_projector(shape, rank: int, seed: int, count: int, device) -> torch.Tensor:
-    """APOLLO's Gaussian projector N(0, 1/r), a pure function of (seed, refresh count)."""
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(_mix(seed, count))
+SEED_SCHEMES = ("memfit", "apollo-torch")
+
+
+def random_projector(shape, rank: int, seed: int, count: int, device, scheme: str = "memfit") -> torch.Tensor:
+    """APOLLO's Gaussian projector N(0, 1/r), a pure function of (seed, refresh count).
+
+    ``scheme="apollo-torch"`` draws the matrices apollo-torch draws on CPU for a parameter whose projector
+    seed is ``seed`` (its 1-based index in that optimizer): refresh k seeds a CPU generator with the seed
+    advanced k times (each advance: the last of 15 int64 draws from a generator seeded with the previous
+    seed) and draws (m, r) for the left side, (r, n) transposed for the right. For reproducing an
+    apollo-torch run, and for comparing the two like for like (tests/test_lowrank.py, bench/optimizers.py).
+    """
     rows = proj_shape(shape, rank)[0]
+    gen = torch.Generator(device="cpu")
+    if scheme == "apollo-torch":
+        for _ in range(count):
+            gen.manual_seed(seed)
+            seed = int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=gen)[-1])
+        gen.manual_seed(seed)
+        if side_of(shape) == "left":
+            P = torch.randn(rows, rank, generator=gen)
+        else:
+            P = torch.randn(rank, rows, generator=gen).t().contiguous()
+        return P.div_(math.sqrt(rank)).to(device)
+    gen.manual_seed(_mix(seed, count))
     P = torch.randn(rows, rank, generator=gen) / math.sqrt(rank)
     return P.to(device)
 

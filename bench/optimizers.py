@@ -258,7 +258,16 @@ def _lowrank(cfg: Config, **kw) -> tuple[str, dict]:
     return ("lowrank", dict(rank=cfg.rank, gap=cfg.gap, targets=list(cfg.targets), seed=cfg.seed, **kw))
 
 
-def memfit_passes(key: str, cfg: Config) -> list:
+def _apollo_torch_seeds(model: torch.nn.Module, cfg: Config) -> dict[str, dict]:
+    """Per projected weight, the projector seed apollo-torch gives it in ``_apollo`` (its 1-based index
+    over the groups [rest, low], shifted per repeat as ``_apollo`` shifts it), as lowrank ``overrides``."""
+    low, rest = _split(model, cfg)
+    index = {id(p): i for i, p in enumerate([*rest, *low], start=1)}
+    return {name: {"seed": index[id(p)] + 1000 * cfg.seed} for name, p in model.named_parameters()
+            if any(p is q for q in low)}
+
+
+def memfit_passes(key: str, cfg: Config, model: torch.nn.Module | None = None) -> list:
     galore = _lowrank(cfg, scale=GALORE_SCALE, projector="svd", rule="galore")
     return {
         "memfit-adamw": ["fused_update"],
@@ -271,6 +280,16 @@ def memfit_passes(key: str, cfg: Config) -> list:
                                                 scale=APOLLO_MINI_SCALE, projector="random", rule="apollo",
                                                 scaling="tensor")), "fused_update"],
         "memfit-fira": [_lowrank(cfg, scale=GALORE_SCALE, projector="svd", rule="fira"), "fused_update"],
+        # like for like with apollo-torch: its projector matrices (seeds="apollo-torch") and refresh steps
+        "memfit-apollo-peerseeds": [_lowrank(cfg, scale=APOLLO_SCALE, projector="random", rule="apollo",
+                                             scaling="channel", stagger=False, seeds="apollo-torch",
+                                             overrides=_apollo_torch_seeds(model, cfg) if model else {}),
+                                    "fused_update"],
+        "memfit-apollo-mini-peerseeds": [("lowrank", dict(rank=1, gap=cfg.gap, targets=list(cfg.targets),
+                                                          scale=APOLLO_MINI_SCALE, projector="random", rule="apollo",
+                                                          scaling="tensor", stagger=False, seeds="apollo-torch",
+                                                          overrides=_apollo_torch_seeds(model, cfg) if model else {})),
+                                         "fused_update"],
         "memfit-adamw8bit": ["fused_update", ("quantize_state", dict(bits=8))],
         "memfit-galore+8bit": [galore, "fused_update", ("quantize_state", dict(bits=8))],
     }[key]
@@ -281,7 +300,7 @@ def make_memfit(key: str) -> Callable:
         trainer = memfit.optimize(model, example_inputs=(x, y), loss_fn=models.lm_loss,
                                   optimizer=memfit.AdamW(lr=cfg.lr, betas=BETAS, eps=EPS,
                                                          weight_decay=cfg.weight_decay),
-                                  passes=memfit_passes(key, cfg))
+                                  passes=memfit_passes(key, cfg, model))
         return MemfitRunner(trainer)
     return make
 
@@ -300,6 +319,10 @@ METHODS: dict[str, tuple[str, Callable, str]] = {
                                make_memfit("memfit-galore-fullgrad"), "not available"),
     "memfit-apollo": ("memfit apollo", make_memfit("memfit-apollo"), "not available"),
     "memfit-apollo-mini": ("memfit apollo-mini", make_memfit("memfit-apollo-mini"), "not available"),
+    "memfit-apollo-peerseeds": ("memfit apollo, apollo-torch's projector seeds", make_memfit("memfit-apollo-peerseeds"),
+                                "not available"),
+    "memfit-apollo-mini-peerseeds": ("memfit apollo-mini, apollo-torch's projector seeds",
+                                     make_memfit("memfit-apollo-mini-peerseeds"), "not available"),
     "memfit-fira": ("memfit fira", make_memfit("memfit-fira"), "not available"),
     "memfit-adamw8bit": ("memfit adamw8bit", make_memfit("memfit-adamw8bit"), "not available"),
     "memfit-galore+8bit": ("memfit galore+8bit", make_memfit("memfit-galore+8bit"), "not available"),
@@ -309,12 +332,14 @@ METHODS: dict[str, tuple[str, Callable, str]] = {
 # the peer each memfit row is held against (the issue's criteria: same rank and gap, same bytes or fewer, loss)
 PEER = {"memfit-adamw": "adamw", "memfit-galore": "galore-torch", "memfit-galore-fullgrad": "galore-torch",
         "memfit-galore+8bit": "galore-torch", "memfit-fira": "galore-torch", "memfit-apollo": "apollo-torch",
-        "memfit-apollo-mini": "apollo-mini-torch", "memfit-adamw8bit": "bnb-adamw8bit"}
+        "memfit-apollo-mini": "apollo-mini-torch", "memfit-adamw8bit": "bnb-adamw8bit",
+        "memfit-apollo-peerseeds": "apollo-torch", "memfit-apollo-mini-peerseeds": "apollo-mini-torch"}
 
 # plot colours: a peer and its memfit counterpart share one (peers dashed, memfit solid)
 COLOR = {"adamw": 0, "memfit-adamw": 0, "galore-torch": 1, "memfit-galore": 1, "memfit-galore-fullgrad": 1,
          "apollo-torch": 2, "memfit-apollo": 2, "apollo-mini-torch": 3, "memfit-apollo-mini": 3, "bnb-adamw8bit": 4,
-         "memfit-adamw8bit": 4, "torchao-adamw8bit": 5, "memfit-fira": 6, "memfit-galore+8bit": 7}
+         "memfit-adamw8bit": 4, "torchao-adamw8bit": 5, "memfit-fira": 6, "memfit-galore+8bit": 7,
+         "memfit-apollo-peerseeds": 2, "memfit-apollo-mini-peerseeds": 3}
 
 
 @dataclass

@@ -22,10 +22,14 @@ Settings (see ``projection.py`` for the math and shared/METHODS.md for the paper
   - ``factored``: for a Linear weight under the ``galore`` rule, the projected gradient is computed
     from the backward's factors, P^T·dY^T·X, so the (m, n) weight gradient is never formed (except
     transiently by ``svd``/``dct`` refreshes); other rules need the full G and ignore it.
+  - ``seed`` / ``seeds``: the random projector's seed; ``seeds="memfit"`` mixes it with each parameter's
+    name, ``seeds="apollo-torch"`` draws exactly apollo-torch's CPU matrices for a per-parameter ``seed``
+    (set in ``overrides``: apollo-torch uses the parameter's 1-based index in its optimizer), to
+    reproduce an apollo-torch run or compare with it like for like.
   - ``state_bits``: 8 or 4 stores the low-rank moments block-wise quantized (``quantize_state`` sets
     it when it runs after this pass).
   - ``overrides``: per-parameter settings, ``{glob: {field: value}}`` (or ``(glob, dict)`` pairs) for
-    the fields ``rank``, ``projector``, ``rule``, ``scaling``, ``scale`` and ``proj_bits``; the first
+    the fields ``rank``, ``projector``, ``rule``, ``scaling``, ``scale``, ``proj_bits`` and ``seed``; the first
     glob that matches a parameter wins, the pass-wide value holds for every field it leaves out. Each
     override is checked like the pass-wide fields. Stored as a tuple of ``(glob, ((field, value), ...))``
     so the config stays hashable and its JSON form (``to_json``) is accepted back. The planner writes
@@ -59,7 +63,7 @@ _PROJECTORS = ("svd", "randomized", "dct", "random")
 _RULES = ("galore", "apollo", "fira", "frugal")
 _ADAMW = torch.ops.memfit.adamw_update.default
 _TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
-OVERRIDABLE = ("rank", "projector", "rule", "scaling", "scale", "proj_bits")  # per-parameter fields
+OVERRIDABLE = ("rank", "projector", "rule", "scaling", "scale", "proj_bits", "seed")  # per-parameter fields
 
 Overrides = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
 
@@ -122,6 +126,8 @@ def _check_settings(where: str, s: dict[str, Any], fields: tuple[str, ...]) -> N
         "rule": (s["rule"] in _RULES, f"one of {_RULES}", "pick one"),
         "scaling": (s["scaling"] in ("channel", "tensor"), "'channel' or 'tensor'", "pick one"),
         "proj_bits": (s["proj_bits"] in (32, 4), "32 or 4", "4 packs the projector two values per byte"),
+        "seed": (isinstance(s["seed"], int) and not isinstance(s["seed"], bool) and s["seed"] >= 0,
+                 "an int >= 0", "e.g. 0"),
     }
     for field in OVERRIDABLE:
         ok, what, todo = checks[field]
@@ -154,6 +160,7 @@ class LowRank(Pass):
     factored: bool = True
     limiter: float = 1.01
     seed: int = 0
+    seeds: Literal["memfit", "apollo-torch"] = "memfit"
     targets: str | tuple[str, ...] = "*"
     overrides: Overrides = ()
 
@@ -172,6 +179,8 @@ class LowRank(Pass):
             ("lazy_threshold", 0 <= self.lazy_threshold <= 1, "a cosine in [0, 1]", "Q-GaLore uses 0.4; 0 = off"),
             ("state_bits", self.state_bits in (32, 8, 4), "32, 8 or 4", "pick one"),
             ("limiter", self.limiter == 0 or self.limiter >= 1, "0 (off) or a growth factor >= 1", "Fira uses 1.01"),
+            ("seeds", self.seeds in pj.SEED_SCHEMES, f"one of {pj.SEED_SCHEMES}",
+             "'apollo-torch' reproduces apollo-torch's projectors (give each parameter its seed in overrides)"),
         ]
         wide = {f: getattr(self, f) for f in OVERRIDABLE}
         _check_settings(where, wide, OVERRIDABLE)
@@ -311,9 +320,16 @@ class LowRank(Pass):
         args = (param, grad_left, grad_right, proj, proj_meta, m, v, absmax, sched, acc, dct.get(rows), lr, step,
                 micro, beta1, beta2, eps, wd, micro_steps, self.rank, self.gap, offset, float(self.scale),
                 self.projector, self.rule, self.scaling, self.moments, float(self.lazy_threshold),
-                int(self.proj_bits), int(self.state_bits), int(self.seed) * 100_003 + _fqn_seed(fqn),
-                float(self.limiter))
+                int(self.proj_bits), int(self.state_bits), self._node_seed(fqn), float(self.limiter), self.seeds)
         return g.graph.call_function(torch.ops.memfit.lowrank_update.default, args), factors is not None
+
+    def _node_seed(self, fqn: str) -> int:
+        """The projector seed of ``fqn``: ``seed`` itself under ``seeds="apollo-torch"`` (apollo-torch seeds
+        a parameter with its 1-based index: set it per parameter in ``overrides``), else ``seed`` mixed
+        with a hash of the name so that no two parameters share a projector."""
+        if self.seeds == "apollo-torch":
+            return int(self.seed)
+        return int(self.seed) * 100_003 + _fqn_seed(fqn)
 
     @staticmethod
     def _factors(g: TrainGraph, grad: fx.Node) -> tuple[fx.Node, fx.Node] | None:

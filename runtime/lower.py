@@ -214,7 +214,9 @@ def _lowrank_workspace(node: fx.Node, triton: bool) -> int:
         step += 4 * rank * a[1].meta["val"].shape[1]
     if a[18] > 1:
         step += full  # the accumulated gradient, scaled, in fp32
-    if rule != "galore":
+    if rule == "apollo" and param.dtype == a[1].meta["val"].dtype == torch.float32:
+        step += 4 * max(m, n)  # W += G ∘ ratio in place (ops._apollo_in_place): G's per-channel norms only
+    elif rule != "galore":
         step += 2 * full  # the fp32 gradient and the projected-back update
     elif not triton:
         step += full if param.dtype != torch.float32 else 0

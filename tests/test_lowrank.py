@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import memfit
 from memfit import models
@@ -303,3 +304,69 @@ def test_bad_config_is_refused(cfg, match):
 def test_lowrank_without_fused_update_says_what_to_add():
     with pytest.raises(memfit.ConfigError, match=r"\['fused_update'\] to run first"):
         _trainer(models.build_mlp(), _mlp_batches(1)[0], [("lowrank", dict(rank=4))])
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+@pytest.mark.parametrize("scaling", ["channel", "tensor"])
+@pytest.mark.parametrize("prev_norm", [0.0, 1e-3, 1e3])  # limiter: first step, clamps, does not clamp
+def test_apollo_in_place_update_matches_the_materialized_formula(shape, scaling, prev_norm):
+    """The fp32 APOLLO path updates W from G's channel norms in one pass; it must equal the written-out
+    formula: U = sqrt(scale)·(G ∘ ratio), limited to 1.01x the last norm, W = (1 - lr·wd)·W - lr_step·U."""
+    from memfit import ops
+
+    torch.manual_seed(0)
+    side = pj.side_of(shape)
+    G = torch.randn(shape)
+    low = pj.low_shape(shape, 4)
+    N, R = torch.randn(low), torch.randn(low)
+    ratio = pj.channel_norm_ratio(N, R, side, scaling)
+    W = torch.randn(shape)
+    lr, lr_step, wd, scale = 0.01, 0.003, 0.1, 4.0  # lr_step: lr with Adam's bias corrections
+
+    upd, norm = pj.limit_growth(G * ratio * math.sqrt(scale), prev_norm, 1.01)
+    expected = W * (1 - lr * wd) - lr_step * upd
+
+    sv = [0.0] * ops.SCHED_LEN
+    sv[ops._SCHED_NORM] = prev_norm
+    got = W.clone()
+    ops._apollo_in_place(got, G, ratio, sv, side, scaling, scale, 1.01, lr, lr_step, wd)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert sv[ops._SCHED_NORM] == pytest.approx(norm, rel=1e-5)
+    if prev_norm == 1e-3:
+        assert norm == pytest.approx(1.01e-3)  # the limiter did clamp in this case
+
+
+@pytest.mark.parametrize("mini", [False, True], ids=["apollo", "apollo-mini"])
+def test_apollo_with_apollo_torch_seeds_matches_apollo_torch(mini):
+    """With ``seeds="apollo-torch"`` (and each weight's seed set to its 1-based index in apollo-torch's
+    optimizer) memfit's APOLLO draws apollo-torch's projectors, so the two train to the same weights:
+    the like-for-like check behind bench/optimizers.py's APOLLO rows. Refreshes every 3 steps, so the
+    seed advance is covered; weight decay 0 (apollo-torch decays after the update, memfit before)."""
+    apollo_torch = pytest.importorskip("apollo_torch")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 10))
+    peer_model = copy.deepcopy(model)
+    batches = _mlp_batches(8)
+    rank, scaling, scale = (1, "tensor", 128.0) if mini else (4, "channel", 1.0)
+    lr = 1e-3
+    biases = [peer_model[0].bias, peer_model[2].bias]
+    weights = [peer_model[0].weight, peer_model[2].weight]
+    peer = apollo_torch.APOLLOAdamW(
+        [{"params": biases}, {"params": weights, "rank": rank, "proj": "random", "scale_type": scaling,
+                              "scale": scale, "update_proj_gap": 3, "proj_type": "std"}],
+        lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for x, y in batches:
+        F.cross_entropy(peer_model(x), y).backward()
+        peer.step()
+        peer.zero_grad(set_to_none=True)
+
+    cfg = dict(rank=rank, gap=3, scale=scale, projector="random", rule="apollo", scaling=scaling, stagger=False,
+               seeds="apollo-torch", targets="*weight", overrides={"0.weight": {"seed": 3}, "2.weight": {"seed": 4}})
+    trainer = memfit.optimize(model, example_inputs=batches[0], loss_fn=F.cross_entropy,
+                              optimizer=memfit.AdamW(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+                              passes=["fused_update", ("lowrank", cfg)])
+    for x, y in batches:
+        trainer.step(x, y)
+    trained = trainer.export()
+    for (name, p), q in zip(trained.state_dict().items(), peer_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
