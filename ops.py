@@ -252,12 +252,15 @@ def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, p
     side = pj.side_of(shape)
     low = pj.low_shape(shape, rank)
     sv = sched.tolist()
+    sv_in = list(sv)
     if sv[_SCHED_GAP] == 0:
         sv[_SCHED_GAP] = float(gap)
     m, v = _load_moments(qk, exp_avg, exp_avg_sq, absmax, low, state_bits)
 
     def current(count: int) -> torch.Tensor:
         if projector == "random":
+            if proj is not None:  # store_projector: kept between refreshes instead of regenerated
+                return proj
             return pj.random_projector(shape, rank, seed, count, param.device, seed_scheme)
         if projector == "dct":
             return pj.dct_projector(_dct_basis(dct), proj)
@@ -267,7 +270,8 @@ def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, p
 
     count = int(sv[_SCHED_COUNT])
     if count == 0 or step >= sv[_SCHED_NEXT]:
-        P_old = current(count - 1) if count > 0 else None
+        # a copy: the stored projector (svd / randomized at 32 bits, a stored random one) is overwritten below
+        P_old = current(count - 1).clone() if count > 0 else None
         P = _refresh(qk, G, shape, side, rank, projector, proj, proj_meta, dct, proj_bits, seed, count, P_old,
                      seed_scheme)
         if P_old is not None:
@@ -319,7 +323,9 @@ def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, p
             upd = resid.add_(pj.project_back(N, P, side), alpha=scale)
         if upd is not None:
             _apply_full(param, upd, lr, weight_decay, lr_step)
-    sched.copy_(torch.tensor(sv, dtype=sched.dtype))
+    for i, (new, old) in enumerate(zip(sv, sv_in, strict=True)):
+        if new != old:  # per entry: most steps change one value (the limiter's norm) or none
+            sched[i] = new
     if grad_acc is not None and micro_steps > 1:
         grad_acc.zero_()
 
@@ -370,8 +376,12 @@ def _refresh(qk, G, shape, side, rank, projector, proj, proj_meta, dct, proj_bit
              seed_scheme="memfit"):
     """A new projector from G (stored in ``proj``), returned as the fp32 matrix the step uses."""
     if projector == "random":
-        return pj.random_projector(shape, rank, seed, count, proj.device if proj is not None else
-                                   (G[0] if isinstance(G, tuple) else G).device, seed_scheme)
+        P = pj.random_projector(shape, rank, seed, count, proj.device if proj is not None else
+                                (G[0] if isinstance(G, tuple) else G).device, seed_scheme)
+        if proj is None:
+            return P
+        proj.copy_(P)
+        return proj
     if projector == "dct":
         Q = _dct_basis(dct)
         idx = pj.dct_indices(G, rank, side, Q)

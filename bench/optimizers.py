@@ -280,6 +280,8 @@ def memfit_passes(key: str, cfg: Config, model: torch.nn.Module | None = None) -
                                                 scale=APOLLO_MINI_SCALE, projector="random", rule="apollo",
                                                 scaling="tensor")), "fused_update"],
         "memfit-fira": [_lowrank(cfg, scale=GALORE_SCALE, projector="svd", rule="fira"), "fused_update"],
+        "memfit-apollo-stored": [_lowrank(cfg, scale=APOLLO_SCALE, projector="random", rule="apollo",
+                                          scaling="channel", store_projector=True), "fused_update"],
         # like for like with apollo-torch: its projector matrices (seeds="apollo-torch") and refresh steps
         "memfit-apollo-peerseeds": [_lowrank(cfg, scale=APOLLO_SCALE, projector="random", rule="apollo",
                                              scaling="channel", stagger=False, seeds="apollo-torch",
@@ -319,6 +321,8 @@ METHODS: dict[str, tuple[str, Callable, str]] = {
                                make_memfit("memfit-galore-fullgrad"), "not available"),
     "memfit-apollo": ("memfit apollo", make_memfit("memfit-apollo"), "not available"),
     "memfit-apollo-mini": ("memfit apollo-mini", make_memfit("memfit-apollo-mini"), "not available"),
+    "memfit-apollo-stored": ("memfit apollo, projector stored (store_projector=True)",
+                             make_memfit("memfit-apollo-stored"), "not available"),
     "memfit-apollo-peerseeds": ("memfit apollo, apollo-torch's projector seeds", make_memfit("memfit-apollo-peerseeds"),
                                 "not available"),
     "memfit-apollo-mini-peerseeds": ("memfit apollo-mini, apollo-torch's projector seeds",
@@ -333,13 +337,14 @@ METHODS: dict[str, tuple[str, Callable, str]] = {
 PEER = {"memfit-adamw": "adamw", "memfit-galore": "galore-torch", "memfit-galore-fullgrad": "galore-torch",
         "memfit-galore+8bit": "galore-torch", "memfit-fira": "galore-torch", "memfit-apollo": "apollo-torch",
         "memfit-apollo-mini": "apollo-mini-torch", "memfit-adamw8bit": "bnb-adamw8bit",
-        "memfit-apollo-peerseeds": "apollo-torch", "memfit-apollo-mini-peerseeds": "apollo-mini-torch"}
+        "memfit-apollo-peerseeds": "apollo-torch", "memfit-apollo-mini-peerseeds": "apollo-mini-torch",
+        "memfit-apollo-stored": "apollo-torch"}
 
 # plot colours: a peer and its memfit counterpart share one (peers dashed, memfit solid)
 COLOR = {"adamw": 0, "memfit-adamw": 0, "galore-torch": 1, "memfit-galore": 1, "memfit-galore-fullgrad": 1,
          "apollo-torch": 2, "memfit-apollo": 2, "apollo-mini-torch": 3, "memfit-apollo-mini": 3, "bnb-adamw8bit": 4,
          "memfit-adamw8bit": 4, "torchao-adamw8bit": 5, "memfit-fira": 6, "memfit-galore+8bit": 7,
-         "memfit-apollo-peerseeds": 2, "memfit-apollo-mini-peerseeds": 3}
+         "memfit-apollo-peerseeds": 2, "memfit-apollo-mini-peerseeds": 3, "memfit-apollo-stored": 2}
 
 
 @dataclass

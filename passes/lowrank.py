@@ -26,6 +26,9 @@ Settings (see ``projection.py`` for the math and shared/METHODS.md for the paper
     name, ``seeds="apollo-torch"`` draws exactly apollo-torch's CPU matrices for a per-parameter ``seed``
     (set in ``overrides``: apollo-torch uses the parameter's 1-based index in its optimizer), to
     reproduce an apollo-torch run or compare with it like for like.
+  - ``store_projector`` (``random`` only): keep the drawn matrix between refreshes (rows x r fp32 of
+    state, as apollo-torch does) instead of regenerating it from its seed every step (no state, a
+    little more time per step).
   - ``state_bits``: 8 or 4 stores the low-rank moments block-wise quantized (``quantize_state`` sets
     it when it runs after this pass).
   - ``overrides``: per-parameter settings, ``{glob: {field: value}}`` (or ``(glob, dict)`` pairs) for
@@ -161,6 +164,7 @@ class LowRank(Pass):
     limiter: float = 1.01
     seed: int = 0
     seeds: Literal["memfit", "apollo-torch"] = "memfit"
+    store_projector: bool = False
     targets: str | tuple[str, ...] = "*"
     overrides: Overrides = ()
 
@@ -179,6 +183,8 @@ class LowRank(Pass):
             ("lazy_threshold", 0 <= self.lazy_threshold <= 1, "a cosine in [0, 1]", "Q-GaLore uses 0.4; 0 = off"),
             ("state_bits", self.state_bits in (32, 8, 4), "32, 8 or 4", "pick one"),
             ("limiter", self.limiter == 0 or self.limiter >= 1, "0 (off) or a growth factor >= 1", "Fira uses 1.01"),
+            ("store_projector", isinstance(self.store_projector, bool), "True or False",
+             "True keeps a random projector as state instead of regenerating it"),
             ("seeds", self.seeds in pj.SEED_SCHEMES, f"one of {pj.SEED_SCHEMES}",
              "'apollo-torch' reproduces apollo-torch's projectors (give each parameter its seed in overrides)"),
         ]
@@ -222,8 +228,10 @@ class LowRank(Pass):
                 proj = packed[0] + 4 * 2 * meta[1]
             else:
                 proj = 4 * rows * self.rank
+        elif self.projector == "random":
+            proj = 4 * rows * self.rank if self.store_projector else 0
         else:
-            proj = 8 * self.rank if self.projector == "dct" else 0
+            proj = 8 * self.rank
         return moments + proj + 8 * SCHED_LEN
 
     def refresh_transient(self, shape: tuple[int, int]) -> int:
@@ -297,6 +305,8 @@ class LowRank(Pass):
                 proj_meta = state("proj_int4_scale", (2, meta[1]), torch.float32)
             else:
                 proj = state("proj", (rows, self.rank), torch.float32)
+        elif self.projector == "random" and self.store_projector:
+            proj = state("proj", (rows, self.rank), torch.float32)
         elif self.projector == "dct":
             proj = state("dct_index", (self.rank,), torch.int64)
             if rows not in dct:
