@@ -106,7 +106,7 @@ class TrainGraph:
 
     def param_readers(self, fqn: str) -> list[fx.Node]:
         """Every node reading the parameter's storage: through its placeholder, its views or a tied alias."""
-        names = [fqn, *(t for t, c in self.tied.items() if c == fqn)]
+        names = [fqn, *(t for t, c in self.tied.items() if c == fqn and t in self.params)]
         return [u for n in names for u in alias_users(self.params[n])]
 
     # ---- queries -------------------------------------------------------------------------------

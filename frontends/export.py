@@ -13,6 +13,7 @@ single dict is passed as keyword arguments.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,8 +56,26 @@ class _StepModule(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
         self.dict_keys = dict_keys
+        self.ties = tied_names(model)
+
+    # A tensor registered under several names (tied weights) is one parameter of the step: AOTAutograd sees
+    # it once, under its first name, and the forward re-ties the other names to it. Exported name by name,
+    # a second name the forward never reads (BERT's cls.predictions.bias, T5's shared.weight) would get no
+    # gradient and fail the export.
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return super().named_parameters(prefix, recurse, remove_duplicate=True)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return super().named_buffers(prefix, recurse, remove_duplicate=True)
 
     def forward(self, *flat):
+        if not self.ties:
+            return self._step(*flat)
+        current = {dup: _attr(self.model, canon) for dup, (canon, _) in self.ties.items()}
+        with _reparametrize_module(self.model, current):
+            return self._step(*flat)
+
+    def _step(self, *flat):
         if self.dict_keys is not None:
             batch = dict(zip(self.dict_keys, flat, strict=True))
             if self.loss_fn is not None:
@@ -75,6 +94,26 @@ class _StepModule(nn.Module):
             raise ConfigError(where_what_got("memfit.capture: loss_fn", "a 0-dim tensor", got,
                                              "reduce the loss (e.g. .mean()) inside loss_fn"))
         return (loss,)
+
+
+def _attr(module: nn.Module, fqn: str):
+    for part in fqn.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def tied_names(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Every second (third...) name of a tensor the model registers under several names:
+    ``{name: (first name, "param" | "buffer")}``, in ``named_parameters`` order."""
+    first: dict[int, str] = {}
+    ties: dict[str, tuple[str, str]] = {}
+    for kind, named in (("param", model.named_parameters(remove_duplicate=False)),
+                        ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, t in named:
+            canon = first.setdefault(id(t), name)
+            if canon != name:
+                ties[name] = (canon, kind)
+    return ties
 
 
 def flatten_batch(batch: Sequence[Any], where: str = "memfit"
@@ -108,7 +147,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable |
     wrapper = _StepModule(model, loss_fn, keys)
     mode, fakes, fake_inputs = _fake_world(wrapper, flat)
     try:
-        with _reparametrize_module(wrapper, fakes, tie_weights=True):
+        with _reparametrize_module(wrapper, fakes, tie_weights=True), export_mode():
             gm, sig = aot_export_module(wrapper, fake_inputs, trace_joint=True, output_loss_index=0)
     except ConfigError:
         raise
@@ -124,8 +163,28 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable |
                                ) from e
     tg = _to_train_graph(gm, sig, trainable)
     tg.fake = mode
-    _merge_tied(tg, model)
+    _record_tied(tg, model)
     return tg
+
+
+@contextlib.contextmanager
+def export_mode():
+    """Tell model code that it is being traced, as ``torch.export`` does (``torch.compiler.is_compiling()``
+    is True inside), so libraries take their trace-safe branches instead of reading tensor values.
+
+    Hugging Face models, for one, decide whether an attention mask can be dropped by asking
+    ``padding_mask.all()``: a data-dependent Python branch that no graph can capture. Under this mode
+    they always build the full mask, which is correct for every batch the Trainer will see (padded or
+    not), so the captured graph needs no guard on input values.
+    """
+    import torch.compiler as tc
+
+    before = tc._is_compiling_flag
+    tc._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        tc._is_compiling_flag = before
 
 
 def _fake_world(wrapper: nn.Module, flat: Sequence[torch.Tensor]):
@@ -139,7 +198,8 @@ def _fake_world(wrapper: nn.Module, flat: Sequence[torch.Tensor]):
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     memo: dict[int, torch.Tensor] = {}
     fakes: dict[str, torch.Tensor] = {}
-    named = [*wrapper.named_parameters(remove_duplicate=False), *wrapper.named_buffers(remove_duplicate=False)]
+    named = [*nn.Module.named_parameters(wrapper, remove_duplicate=False),
+             *nn.Module.named_buffers(wrapper, remove_duplicate=False)]
     for name, t in named:
         if id(t) not in memo:
             memo[id(t)] = _to_fake(mode, t)
@@ -200,35 +260,16 @@ def _to_train_graph(gm: fx.GraphModule, sig, trainable: list[str]) -> TrainGraph
     return tg
 
 
-def _merge_tied(tg: TrainGraph, model: nn.Module) -> None:
-    """Tied weights (one tensor under several FQNs) get one gradient: the sum, under the first FQN.
+def _record_tied(tg: TrainGraph, model: nn.Module) -> None:
+    """Record each tied parameter's other names (``tg.tied[name] = first name``).
 
-    AOTAutograd exports each FQN of a tied tensor as its own parameter with its own gradient; eager
-    autograd accumulates them into one ``.grad``. We add the gradients in the graph so every later pass
-    sees one parameter, one gradient and (after fused_update) one update.
+    The step sees a tied tensor once, under its first name (see :class:`_StepModule`), so autograd already
+    sums the gradients of every use into one, as eager ``.grad`` does: one parameter, one gradient, one
+    update for every later pass.
     """
-    canonical: dict[int, str] = {}
-    for fqn, p in model.named_parameters(remove_duplicate=False):
-        canon = canonical.setdefault(id(p), fqn)
-        if canon != fqn and fqn in tg.params:
-            tg.tied[fqn] = canon
-    for dup, canon in tg.tied.items():
-        if dup in tg.grad_of and canon in tg.grad_of:
-            a, b = tg.grad_of[canon], tg.grad_of[dup]
-            order = {n: i for i, n in enumerate(tg.graph.nodes)}
-            first, last = (a, b) if order[a] < order[b] else (b, a)
-            with tg.graph.inserting_after(last):
-                summed = tg.graph.call_function(torch.ops.aten.add.Tensor, (first, last))
-            summed.meta["val"] = a.meta.get("val")
-            tg.grad_of[canon] = summed
-        tg.grad_of.pop(dup, None)
-        if dup in tg.grad_outputs:
-            tg.grad_outputs.remove(dup)
-        tg.trainable = tuple(p for p in tg.trainable if p != dup)
-    if tg.tied:
-        tg.sync_outputs()
-        tg.graph.lint()
-        tg.recompile()
+    for dup, (canon, kind) in tied_names(model).items():
+        if kind == "param" and canon in tg.params:
+            tg.tied[dup] = canon
 
 
 def locate_op_source(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable | None,
@@ -244,7 +285,7 @@ def locate_op_source(model: nn.Module, example_inputs: Sequence[Any], loss_fn: C
     wrapper = _StepModule(model, loss_fn, keys)
     mode, fakes, fake_inputs = _fake_world(wrapper, flat)
     try:
-        with _reparametrize_module(wrapper, fakes, tie_weights=True), mode:
+        with _reparametrize_module(wrapper, fakes, tie_weights=True), mode, export_mode():
             gm = make_fx(wrapper, record_stack_traces=True)(*fake_inputs)
     except Exception:
         return None
