@@ -5,15 +5,20 @@
 
 ``memfit plan`` builds the model on the ``meta`` device and captures the step with fake tensors, so a
 7B model is planned on a laptop; it exits 0 when the predicted peak fits the budget, 3 when it does not
-and 2 on a usage error.
+and 2 on a usage error. Every usage error is one line on stderr, ``memfit: error: <where>: expected <what>,
+got <actual>; <what to do>``; settings are checked before any model is built.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -24,7 +29,98 @@ if TYPE_CHECKING:
     from memfit.runtime.memory import MemoryPlan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EXIT_USAGE = 2
 EXIT_OVER_BUDGET = 3
+
+
+class UsageError(Exception):
+    """A command line argparse rejected: ``where`` (the command and option) and argparse's message."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(f"{where}: {message}")
+        self.where, self.message = where, message
+
+    def line(self) -> str:
+        """One line, ``memfit: error: <where>: <message>; see <command> --help`` (the hint when it has none)."""
+        where, message = self.where, " ".join(self.message.split())
+        m = re.match(r"argument (\S+): (.*)", message)
+        if m:  # "argument --steps: ..." -> "memfit train --steps: ..."
+            where, message = f"{where} {m.group(1)}", m.group(2)
+        text = message if where == "memfit" else f"{where}: {message}"
+        if ";" not in message:
+            text += f"; see {self.where} --help"
+        return f"memfit: error: {text}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors raise UsageError (``main`` prints one line and returns 2) instead of printing
+    the usage block and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
+def _count(text: str) -> int:
+    """argparse type: an int >= 1 (steps, batch, seq, micro-steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}; pass a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}; pass 1 or more")
+    return value
+
+
+def _learning_rate(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}; e.g. --lr 3e-3")
+    return value
+
+
+def _budget(text: str) -> str:
+    """argparse type: a budget memfit.parse_budget reads (kept as text: a share is of the device planned for)."""
+    from memfit.api import parse_budget
+    from memfit.errors import ConfigError
+
+    try:
+        parse_budget(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("budget: ")) from None
+    return text
+
+
+def _check_output_path(where: str, path: str, *, picture: bool = False) -> None:
+    """Raise ConfigError unless ``path`` can be written: a file name (not a folder) in an existing, writable
+    folder; for a ``picture``, a suffix matplotlib draws (when matplotlib is installed)."""
+    from memfit.errors import ConfigError, where_what_got
+
+    p = Path(path)
+    folder = p.parent
+    if p.is_dir():
+        raise ConfigError(where_what_got(where, "a file name", f"{path} (a directory)",
+                                         f"name a file in it, e.g. {p / ('step.png' if picture else 'ckpt.pt')}"))
+    if not folder.is_dir():
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise ConfigError(where_what_got(where, "a file in an existing directory", f"{path} ({folder} {what})",
+                                         f"create the directory first (mkdir -p {folder}) or pick another path"))
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(where_what_got(where, "a file in a writable directory", f"{path} ({folder} is read-only)",
+                                         "pick another path"))
+    suffix = p.suffix.lower().removeprefix(".")
+    if picture and suffix:
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:  # no picture will be drawn: _plan warns and still prints the table
+            return
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix not in formats:
+            raise ConfigError(where_what_got(where, f"a picture suffix, one of {sorted(formats)}", repr(p.suffix),
+                                             "e.g. --out step.png"))
 
 
 def meta_model(spec: str, dtype: str = "fp32") -> nn.Module:
@@ -100,6 +196,7 @@ def _plan(args: argparse.Namespace) -> int:
     from memfit.runtime.memory import fmt_bytes
     from memfit.runtime.plot import plot_memory
 
+    _check_output_path("memfit plan --out", args.out, picture=True)  # before the capture, not after it
     model = meta_model(args.model, args.dtype)
     layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     print(f"capturing {args.model}{f' ({layers} layers)' if layers else ''}...", file=sys.stderr, flush=True)
@@ -135,19 +232,59 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_checkpoint(path: str, steps: int) -> dict[str, Any]:
+    """The state ``memfit train --save`` wrote to ``path``, read and checked before any model is built."""
+    from memfit.api import STATE_FORMAT
+    from memfit.errors import ConfigError, where_what_got
+
+    where, what = "memfit train --resume", "a checkpoint written by memfit train --save"
+    todo = "pass a file saved by memfit train --save, or drop --resume to start from step 0"
+    p = Path(path)
+    if not p.is_file():
+        got = f"{path} (a directory)" if p.is_dir() else f"{path} (no such file)"
+        raise ConfigError(where_what_got(where, what, got, todo))
+    try:
+        state = torch.load(p, weights_only=True, map_location="cpu")
+    except Exception as e:  # whatever the file holds that torch cannot read is the user's input, not a bug
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise ConfigError(where_what_got(where, what, f"{path}, which torch.load cannot read "
+                                         f"({type(e).__name__}: {reason})", todo)) from e
+    if not (isinstance(state, dict) and state.get("format") == STATE_FORMAT and isinstance(state.get("step"), int)):
+        got = f"a dict with format {state.get('format')!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise ConfigError(where_what_got(where, f"{what} (a dict with format {STATE_FORMAT!r})", f"{got} in {path}",
+                                         todo))
+    if state["step"] >= steps:
+        raise ConfigError(where_what_got("memfit train --steps", f"more than the {state['step']} steps {path} holds",
+                                         steps, f"pass --steps {state['step'] + 1} or more (it counts all steps)"))
+    return state
+
+
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import memfit
     from memfit import data, models
+    from memfit.errors import ConfigError, where_what_got
 
+    # everything the user typed is checked before the model is built and compiled
+    if args.batch % args.micro_steps:
+        raise ConfigError(where_what_got("memfit train --micro-steps", f"a divisor of --batch {args.batch}",
+                                         args.micro_steps, "e.g. --batch 8 --micro-steps 2"))
+    if args.save:
+        _check_output_path("memfit train --save", args.save)
+    if args.text and not Path(args.text).is_file():
+        got = f"{args.text} (a directory)" if Path(args.text).is_dir() else f"{args.text} (no such file)"
+        raise ConfigError(where_what_got("memfit train --text", "an existing text file", got,
+                                         "check the path, or drop --text to train on the stdlib's sources"))
+    state = _load_checkpoint(args.resume, args.steps) if args.resume else None
     corpus = data.text_file_corpus(args.text) if args.text else data.stdlib_corpus()
     batches = data.ByteBatches(corpus, args.batch, args.seq, seed=args.seed)
     model = models.build(args.model, seed=args.seed)
     trainer = memfit.optimize(model, example_inputs=next(batches), loss_fn=models.lm_loss, budget=args.budget,
                               optimizer=memfit.AdamW(lr=args.lr, weight_decay=0.1), micro_steps=args.micro_steps)
-    if args.resume:
-        trainer.load_state_dict(torch.load(args.resume, weights_only=True))
+    if state is not None:
+        trainer.load_state_dict(state)
         for _ in range(trainer.step_count):  # the data stream resumes where it stopped
             next(batches)
         print(f"resumed from {args.resume} at step {trainer.step_count}")
@@ -166,16 +303,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="memfit", description="Fit PyTorch training into a memory budget.")
+    ap = _Parser(prog="memfit", description="Fit PyTorch training into a memory budget.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="predict one training step's memory without allocating the model",
                        description="Predict one training step's memory (model on the meta device: nothing large "
                                    "is allocated); exit 0 if it fits --budget, 3 if not.")
     p.add_argument("model", help="preset (tiny-llama, llama-60m, ..., llama-7b), a HF config.json (or its folder) "
                                  "or module:factory")
-    p.add_argument("--budget", default=None, help="e.g. 16GB, 512MiB, 80%% (of this machine's memory)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step")
-    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--budget", type=_budget, default=None, help="e.g. 16GB, 512MiB, 80%% (of this machine's memory)")
+    p.add_argument("--batch", type=_count, default=1, help="sequences per step")
+    p.add_argument("--seq", type=_count, default=2048, help="tokens per sequence")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype (optimizer state is fp32)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--out", default="memfit-plan.png", help="where to draw the memory timeline")
@@ -186,24 +323,29 @@ def main(argv: list[str] | None = None) -> int:
                         "optimizer state, also low-rank projection (default)")
     t = sub.add_parser("train", help="train a preset model on the stdlib corpus or a text file")
     t.add_argument("--model", default="tiny-llama", help="preset (tiny-llama, llama-60m, ...) or module:factory")
-    t.add_argument("--steps", type=int, default=200, help="train until this many optimizer steps in total")
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--seq", type=int, default=128)
-    t.add_argument("--micro-steps", type=int, default=1, help="gradient accumulation micro-batches per step")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--budget", default=None)
-    t.add_argument("--text", default=None)
+    t.add_argument("--steps", type=_count, default=200, help="train until this many optimizer steps in total")
+    t.add_argument("--batch", type=_count, default=8)
+    t.add_argument("--seq", type=_count, default=128)
+    t.add_argument("--micro-steps", type=_count, default=1,
+                   help="gradient accumulation micro-batches per step (must divide --batch)")
+    t.add_argument("--lr", type=_learning_rate, default=3e-3)
+    t.add_argument("--budget", type=_budget, default=None)
+    t.add_argument("--text", default=None, help="a text file to train on (default: the stdlib's sources)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save", default=None)
-    t.add_argument("--resume", default=None)
-    args = ap.parse_args(argv)
+    t.add_argument("--save", default=None, help="write the trainer state here at the end")
+    t.add_argument("--resume", default=None, help="continue from a state written by --save")
     from memfit.errors import MemfitError
 
     try:
+        args = ap.parse_args(argv)
         return _plan(args) if args.command == "plan" else _train(args)
+    except UsageError as e:
+        print(e.line(), file=sys.stderr)
     except MemfitError as e:
         print(f"memfit: error: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:  # from what the user passed (a file, a number); other errors are bugs
+        print(f"memfit: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ byte-level model the demo, the tests and the benchmarks share.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,18 @@ LLAMA_PRESETS: dict[str, tuple[int, int, int, int, int]] = {
 }
 
 
+def _no_transformers(where: str, e: ImportError) -> ConfigError:
+    """The ConfigError for a ``transformers`` import that failed (missing, or broken next to this torch)."""
+    return ConfigError(where_what_got(where, "the transformers package (a memfit dependency) importable",
+                                      f"{type(e).__name__}: {e}",
+                                      "install it: pip install 'transformers>=4.45' (or reinstall memfit)"))
+
+
 def llama_config(name: str = "tiny-llama", max_seq: int = 2048, **overrides: Any):
-    from transformers import LlamaConfig
+    try:
+        from transformers import LlamaConfig
+    except ImportError as e:
+        raise _no_transformers("memfit.models.llama_config", e) from e
 
     if name not in LLAMA_PRESETS:
         raise ConfigError(where_what_got("memfit.models.llama_config", f"one of {sorted(LLAMA_PRESETS)}",
@@ -43,7 +54,10 @@ def llama_config(name: str = "tiny-llama", max_seq: int = 2048, **overrides: Any
 
 def build_llama(name: str = "tiny-llama", seed: int = 0, **overrides: Any) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` from a preset (seeded, eager attention off: SDPA)."""
-    from transformers import LlamaForCausalLM
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError as e:
+        raise _no_transformers("memfit.models.build_llama", e) from e
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(llama_config(name, **overrides))
@@ -52,7 +66,10 @@ def build_llama(name: str = "tiny-llama", seed: int = 0, **overrides: Any) -> nn
 def build_gpt2_small(seed: int = 0, n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
                      vocab: int = 256) -> nn.Module:
     """A small byte-level ``GPT2LMHeadModel`` (dropout off so it is deterministic)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as e:
+        raise _no_transformers("memfit.models.build_gpt2_small", e) from e
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=512,
@@ -62,7 +79,10 @@ def build_gpt2_small(seed: int = 0, n_layer: int = 2, n_embd: int = 128, n_head:
 
 def build_from_hf_config(path: str | os.PathLike, seed: int = 0) -> nn.Module:
     """A randomly initialised causal LM from a Hugging Face ``config.json`` (or the folder holding one)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:
+        raise _no_transformers("memfit.models.build_from_hf_config", e) from e
 
     where = "memfit.models.build_from_hf_config"
     p = Path(path)
@@ -87,15 +107,38 @@ def build(spec: str, **kwargs: Any) -> nn.Module:
         return build_from_hf_config(spec, **kwargs)
     if ":" in spec:
         mod, _, fn = spec.partition(":")
+        where = "memfit.models.build"
         try:
             factory = getattr(importlib.import_module(mod), fn)
         except (ImportError, AttributeError) as e:
-            raise ConfigError(where_what_got("memfit.models.build", "an importable module:factory", spec,
+            raise ConfigError(where_what_got(where, "an importable module:factory", spec,
                                              f"check the spelling ({e})")) from e
-        return factory(**kwargs)
+        if not callable(factory):
+            raise ConfigError(where_what_got(where, f"{spec} to name a function returning a torch.nn.Module",
+                                             f"a {type(factory).__name__}", "name a factory function"))
+        try:
+            inspect.signature(factory).bind(**kwargs)
+        except TypeError as e:
+            call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            raise ConfigError(where_what_got(
+                where, f"a factory callable as {fn}({call})", f"{spec}{inspect.signature(factory)} ({e})",
+                "give its parameters defaults" + (f" and accept {', '.join(kwargs)}" if kwargs else ""))) from e
+        except ValueError:  # no signature to read (some builtins): the call itself says what is wrong
+            pass
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(where_what_got(where, f"{spec} to return a torch.nn.Module",
+                                             f"a {type(model).__name__} ({_short(model)})",
+                                             "make the factory return an nn.Module"))
+        return model
     raise ConfigError(where_what_got("memfit.models.build",
                                      f"a preset {sorted(LLAMA_PRESETS)}, a config.json path or module:factory",
                                      repr(spec), "fix the model name"))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def lm_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
