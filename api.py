@@ -6,19 +6,22 @@ import copy
 import math
 import os
 import re
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, UnsupportedGraph, where_what_got
+from .errors import BudgetError, ConfigError, NonFiniteError, NonFiniteWarning, StepError, UnsupportedGraph, \
+    where_what_got
 from .frontends.export import capture, flatten_batch, locate_op_source
 from .graph import TrainGraph
 from .measure import PeakMeasurement, measure_peak
 from .passes.base import Pass, make_pass
 from .passes.fused_update import SGD, AdamW
-from .runtime.executor import Executor
+from .runtime.executor import NONFINITE_MODES, CompiledStep, Executor, StepGuard
 from .runtime.lower import lower
 from .runtime.memory import MemoryPlan, fit_size_model, fmt_bytes, plan_memory
 from .runtime.planner import choose
@@ -65,75 +68,216 @@ def device_memory_bytes(device: torch.device | None) -> int:
 
 
 class Trainer:
-    """One compiled training step of a model: ``step(*batch) -> loss``, with the plan and the state."""
+    """One compiled training step of a model: ``step(*batch) -> loss``, with the plan and the state.
+
+    Shapes: ``example_inputs`` (one micro-batch of it) is the largest batch admitted. A batch with every
+    dimension at most that (a shorter padded sequence, the last partial batch) is captured and compiled
+    once with the same passes and cached (``max_shapes`` of them, least recently used dropped); a larger
+    one is refused with the largest shape admitted. The module modes (``model.train()`` / ``eval()`` on
+    any submodule) are part of the cache key too, so a mode change after ``optimize()`` takes effect.
+
+    Atomic steps: a step that raises leaves parameters, optimizer state, accumulators, buffers, the RNG
+    and the step count as they were (see :mod:`memfit.runtime.executor`), except a failure after
+    updates began without ``transactional=True``, which raises :class:`~memfit.errors.StepError`.
+    ``nonfinite``: ``"skip"`` (default) undoes a step whose loss or gradient is NaN/inf and warns,
+    ``"raise"`` undoes it and raises :class:`~memfit.errors.NonFiniteError`, ``"ignore"`` checks nothing.
+    """
 
     def __init__(self, model: nn.Module, graph: TrainGraph, example: Sequence[Any], *, micro_steps: int,
                  optimizer: AdamW | SGD, lr_schedule: Callable[[int], float] | None, budget_bytes: int | None,
-                 device: torch.device):
+                 device: torch.device, plan: MemoryPlan | None = None, loss_fn: Callable | None = None,
+                 nonfinite: str = "skip", transactional: bool = False, max_shapes: int = 8):
+        if nonfinite not in NONFINITE_MODES:
+            raise ConfigError(where_what_got("memfit.optimize(nonfinite=)", f"one of {NONFINITE_MODES}",
+                                             repr(nonfinite), "'skip' undoes a NaN/inf step and warns"))
+        if not (isinstance(max_shapes, int) and max_shapes >= 1):
+            raise ConfigError(where_what_got("memfit.optimize(max_shapes=)", "an int >= 1", repr(max_shapes),
+                                             "e.g. 8"))
         self.model = model
         self.graph = graph
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
         self.micro_steps = micro_steps
         self.device = device
+        self.budget_bytes = budget_bytes
+        self.nonfinite = nonfinite
+        self.transactional = bool(transactional)
+        self.max_shapes = max_shapes
         self.step_count = 0
+        self.skipped_steps = 0
+        self._loss_fn = loss_fn
+        self._passes = graph.info.get("passes")
         flat, keys = flatten_batch(example, "memfit.optimize: example_inputs")
         self._keys = keys
         self._spec = [(tuple(t.shape), t.dtype, t.device) for t in flat]
-        self.plan: MemoryPlan = plan_memory(graph, budget_bytes, device)
-        named_params = dict(model.named_parameters(remove_duplicate=False))
+        self.plan: MemoryPlan = plan if plan is not None else plan_memory(graph, budget_bytes, device)
+        named_params = dict(model.named_parameters())
         named_buffers = dict(model.named_buffers(remove_duplicate=False))
+        self._param_refs = {f: named_params[f] for f in graph.params}
+        self._requires_grad = {n: p.requires_grad for n, p in named_params.items()}
         params = {f: named_params[f].detach() for f in graph.params}
         buffers = {f: named_buffers[f] for f in graph.buffers}
-        self.lowered = lower(graph.gm, device)
-        self.executor = Executor(graph, self.lowered, params, buffers, device)
+        self.executor = Executor(graph, params, buffers, device)
+        first = CompiledStep(graph, lower(graph.gm, device, loss_guard=True), self.plan)
+        self._compiled: OrderedDict[tuple, CompiledStep] = OrderedDict()
+        self._compiled[self._key(flat)] = first
+        self.lowered = first.lowered
 
-    # ---- running -------------------------------------------------------------------------------
-    @property
-    def lr(self) -> float:
-        return self.lr_schedule(self.step_count + 1) if self.lr_schedule else self.optimizer.lr
+    # ---- shapes and modes ----------------------------------------------------------------------
+    def _modes(self) -> tuple[bool, ...]:
+        return tuple(m.training for m in self.model.modules())
 
-    def _check_batch(self, batch: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+    def _key(self, flat: Sequence[torch.Tensor]) -> tuple:
+        return (tuple(tuple(t.shape) for t in flat), self._modes())
+
+    def _check_batch(self, batch: Sequence[Any]) -> list[tuple[torch.Tensor, ...]]:
+        """The batch as micro-batches of flat tensors, each checked against the largest planned shape."""
         flat, keys = flatten_batch(batch, "Trainer.step")
         if keys != self._keys or len(flat) != len(self._spec):
             raise ConfigError(where_what_got("Trainer.step", f"a batch like example_inputs ({len(self._spec)} "
                                              f"tensors{', keys ' + str(self._keys) if self._keys else ''})",
                                              f"{len(flat)} tensors{', keys ' + str(keys) if keys else ''}",
                                              "pass the same structure as at optimize()"))
+        k = self.micro_steps
         for i, (t, (shape, dtype, device)) in enumerate(zip(flat, self._spec, strict=True)):
-            want = (shape[0] * self.micro_steps, *shape[1:]) if shape else shape
-            if tuple(t.shape) != want or t.dtype != dtype or t.device != device:
+            name = f"batch[{keys[i]!r}]" if keys else f"batch[{i}]"
+            largest = (shape[0] * k, *shape[1:]) if shape else shape
+            if t.dtype != dtype or t.device != device or t.dim() != len(shape):
+                raise ConfigError(where_what_got(f"Trainer.step: {name}", f"dtype {dtype}, device {device}, "
+                                                 f"{len(shape)} dims", f"{t.dtype}, {t.device}, {t.dim()} dims",
+                                                 "pass tensors like example_inputs"))
+            if any(a > b for a, b in zip(t.shape, largest, strict=True)) or (shape and t.shape[0] < k):
+                budget = f" (planned within the budget {fmt_bytes(self.budget_bytes)})" if self.budget_bytes else ""
                 raise ConfigError(where_what_got(
-                    f"Trainer.step: batch[{i}]", f"shape {want}, dtype {dtype}, device {device}",
-                    f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}",
-                    "memfit compiles for the example's shapes: pad/trim the batch or call memfit.optimize again"))
-        return flat
+                    f"Trainer.step: {name}", f"a shape of at most {largest} per dimension, the largest planned"
+                    f"{budget}" + (f", and at least {k} rows for micro_steps={k}" if k > 1 else ""),
+                    f"shape {tuple(t.shape)}",
+                    "pad/trim the batch, or call memfit.optimize with example_inputs of the largest batch"))
+        if k == 1:
+            return [flat]
+        pieces = [torch.tensor_split(t, k) if t.dim() else [t] * k for t in flat]
+        return [tuple(p[m] for p in pieces) for m in range(k)]
+
+    def _compiled_for(self, micro: Sequence[torch.Tensor]) -> CompiledStep:
+        key = self._key(micro)
+        hit = self._compiled.get(key)
+        if hit is not None:
+            self._compiled.move_to_end(key)
+            return hit
+        where = f"Trainer.step: new input shape {[tuple(t.shape) for t in micro]}"
+        if self._passes is None:
+            raise ConfigError(where_what_got(where, "a Trainer built by memfit.optimize", "no recorded passes",
+                                             "use memfit.optimize"))
+        from .runtime.planner import run_passes
+
+        batch = (dict(zip(self._keys, micro, strict=True)),) if self._keys else tuple(micro)
+        base = capture(self.model, batch, self._loss_fn)
+        g, p, _ = run_passes(base, list(self._passes), self.budget_bytes, self.device)
+        if self.budget_bytes is not None and p.peak_bytes > self.budget_bytes:
+            raise BudgetError(where_what_got(where, f"a predicted peak within {fmt_bytes(self.budget_bytes)}",
+                                             fmt_bytes(p.peak_bytes), "send batches no larger than example_inputs"),
+                              plan=p, budget_bytes=self.budget_bytes)
+        self.executor.check_same_state(g, where)
+        compiled = CompiledStep(g, lower(g.gm, self.device, loss_guard=True), p)
+        self._compiled[key] = compiled
+        while len(self._compiled) > self.max_shapes:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    @property
+    def compiled_shapes(self) -> list[tuple]:
+        """The (input shapes, module modes) compiled so far, least recently used first."""
+        return list(self._compiled)
+
+    def _check_model(self) -> None:
+        """Parameters replaced or (un)frozen after optimize() would be silently ignored: refuse instead."""
+        named = dict(self.model.named_parameters())
+        replaced = [f for f, ref in self._param_refs.items() if named.get(f) is not ref]
+        if replaced:
+            raise ConfigError(where_what_got("Trainer.step", "the parameters memfit.optimize() compiled",
+                                             f"{replaced[:3]} replaced by new tensors",
+                                             "update them in place (param.data.copy_(...)) or call memfit.optimize "
+                                             "again"))
+        changed = [n for n, p in named.items() if self._requires_grad.get(n) != p.requires_grad]
+        if changed:
+            now = {n: named[n].requires_grad for n in changed[:3]}
+            raise ConfigError(where_what_got(
+                "Trainer.step", "requires_grad as at memfit.optimize()", f"changed since: {now}",
+                "call memfit.optimize again to train another set of parameters (or pass frozen=[globs] there)"))
+
+    # ---- running -------------------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        return self._lr_at(self.step_count + 1)
+
+    def _lr_at(self, step: int) -> float:
+        base = self.lr_schedule(step) if self.lr_schedule else self.optimizer.lr
+        scale = self.optimizer.lr_scale(step) if isinstance(self.optimizer, AdamW) else 1.0
+        return base * scale
 
     def step(self, *batch: Any) -> torch.Tensor:
-        """One optimizer step on ``batch`` (forward, backward and update); returns the mean loss."""
-        flat = self._check_batch(batch)
-        lr = self.lr
+        """One optimizer step on ``batch`` (forward, backward and update); returns the mean loss.
+
+        A step that raises changes nothing (see the class doc); a skipped non-finite step returns a NaN
+        loss, leaves ``step_count`` where it was and counts in ``skipped_steps``."""
+        micro = self._check_batch(batch)
+        self._check_model()
+        compiled = [self._compiled_for(mb) for mb in micro]
         step = self.step_count + 1
-        chunks = [t.chunk(self.micro_steps) for t in flat] if self.micro_steps > 1 else [[t] for t in flat]
+        lr = self._lr_at(step)
+        resets = isinstance(self.optimizer, AdamW) and self.optimizer.resets_before(step)
+        guard = StepGuard(self.executor, nonfinite=self.nonfinite, transactional=self.transactional,
+                          reset_moments=resets,
+                          buffers=sorted({b for c in compiled for b in c.graph.buffer_updates}))
         losses = []
-        for m in range(self.micro_steps):
-            out = self.executor.run([c[m] for c in chunks], {"lr": lr, "step": step, "micro_step": m})
-            losses.append(out.loss)
+        try:
+            for m, (c, mb) in enumerate(zip(compiled, micro, strict=True)):
+                out = self.executor.run(c, mb, {"lr": lr, "step": step, "micro_step": m}, guard)
+                losses.append(out.loss)
+        except BaseException as e:
+            exact = guard.rollback()
+            if not exact:
+                raise StepError(where_what_got(
+                    f"Trainer.step (step {step})", "a step that fails before any parameter changes, or a journal",
+                    f"{type(e).__name__}: {e} after {guard.applied} update op(s) had started",
+                    "those updates cannot be undone: reload the last checkpoint (Trainer.load_state_dict), or "
+                    "build the Trainer with transactional=True so such failures are undone exactly"),
+                    updated=guard.applied) from e
+            if isinstance(e, NonFiniteError) and self.nonfinite == "skip":
+                self.skipped_steps += 1
+                warnings.warn(f"memfit: step {step} skipped: non-finite {e.what}; parameters, optimizer state and "
+                              f"buffers are unchanged ({self.skipped_steps} step(s) skipped so far)",
+                              NonFiniteWarning, stacklevel=2)
+                return torch.tensor(math.nan, device=self.device)
+            raise
+        guard.commit()
+        if guard.skipped:
+            warnings.warn(f"memfit: step {step}: non-finite gradients of {guard.skipped[:5]} after other parameters "
+                          "were already updated; those parameters kept their values (transactional=True skips "
+                          "such steps whole)", NonFiniteWarning, stacklevel=2)
         self.step_count = step
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def measure_step(self, *batch: Any) -> PeakMeasurement:
         """Run one step under memfit.measure_peak; records the measured peak in ``self.plan``."""
-        flat = self._check_batch(batch)
+        micro = self._check_batch(batch)
+        flat = [t for mb in micro for t in mb]
         m = measure_peak(self.step, *batch, existing=iter([*self.executor.persistent_tensors(), *flat]),
                          device=self.device)
         self.plan = self.plan.with_measured(m.peak_bytes)
         return m
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Inference with the trained weights (the model's own forward, no graph, no gradient)."""
-        with torch.no_grad():
-            return self.model(*args, **kwargs)
+        """Inference with the trained weights: the model's own forward in eval mode, no gradient; every
+        module's mode is restored afterwards."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+        finally:
+            for m, was in modes:
+                m.training = was
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -147,6 +291,7 @@ class Trainer:
             "buffers": {k: v.clone() for k, v in ex.buffers.items()},
             "state": {k: v.clone() for k, v in ex.state.items()},
             "rng": torch.get_rng_state(),
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -188,6 +333,7 @@ class Trainer:
             for k, t in sd[group].items():
                 mine[k].copy_(t)
         self.step_count = sd["step"]
+        self.skipped_steps = int(sd.get("skipped_steps", 0))
         torch.set_rng_state(rng)
 
     def export(self) -> nn.Module:
@@ -296,7 +442,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
              loss_fn: Callable | None = None, optimizer: AdamW | SGD | None = None,
              passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
              clip_grad_norm: float | None = None, clip: str = "global", micro_steps: int = 1,
-             lr_schedule: Callable[[int], float] | None = None, levers: str = "lossy") -> Trainer:
+             lr_schedule: Callable[[int], float] | None = None, levers: str = "lossy", nonfinite: str = "skip",
+             transactional: bool = False, max_shapes: int = 8) -> Trainer:
     """Compile ``model``'s whole training step under ``budget`` and return a :class:`Trainer`.
 
     ``example_inputs`` is one batch: ``(inputs..., target)`` with ``loss_fn(output, target)``, or the
@@ -307,8 +454,19 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     allows (``"lossless"``; ``"near-lossless"``: 8-bit moments; ``"lossy"``, the default: also low-rank
     projection). ``micro_steps`` splits each batch into that many micro-batches and accumulates their
     gradients before one update.
+
+    ``example_inputs`` is also the largest batch the Trainer admits: smaller ones (shorter sequences,
+    a last partial batch) are compiled on first sight with the same passes, at most ``max_shapes`` kept.
+    ``nonfinite`` (``"skip"``, ``"raise"``, ``"ignore"``) says what a NaN/inf loss or gradient does;
+    ``transactional=True`` keeps a journal so that a step failing after its updates began is undone
+    too (up to one extra copy of parameters and optimizer state, outside the plan: not with ``budget``).
     """
     optimizer = AdamW() if optimizer is None else optimizer
+    if transactional and budget is not None:
+        raise ConfigError(where_what_got("memfit.optimize(transactional=True)", "no budget (the journal is not "
+                                         "planned yet)", f"budget={budget!r}",
+                                         "drop the budget, or drop transactional (steps that fail before their "
+                                         "first update are undone exactly without it)"))
     if not isinstance(example_inputs, (tuple, list)):
         raise ConfigError(where_what_got("memfit.optimize(example_inputs=)", "a tuple (one batch)",
                                          type(example_inputs).__name__, "wrap it: example_inputs=(x, y)"))
@@ -326,12 +484,13 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         capture_inputs = (dict(zip(keys, micro, strict=True)),) if keys else tuple(micro)
     else:
         capture_inputs = tuple(example_inputs)
-    g, _ = build_graph(model, capture_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen,
-                       clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps, budget_bytes=budget_bytes,
-                       device=device, levers=levers)
+    g, plan_ = build_graph(model, capture_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes,
+                           frozen=frozen, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
+                           budget_bytes=budget_bytes, device=device, levers=levers)
     try:
         trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
-                          lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device)
+                          lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device, plan=plan_,
+                          loss_fn=loss_fn, nonfinite=nonfinite, transactional=transactional, max_shapes=max_shapes)
     except UnsupportedGraph as e:
         where = locate_op_source(model, capture_inputs, loss_fn, e.op) if e.op else None
         if where is None:

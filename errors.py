@@ -46,8 +46,37 @@ class BudgetError(MemfitError):
         self.smallest_peak_bytes = None if floor_only else getattr(plan, "peak_bytes", None)
 
 
+class NonFiniteError(MemfitError, FloatingPointError):
+    """A step met a NaN/inf loss or gradient (``Trainer(nonfinite="raise")``, or where it cannot be skipped).
+
+    ``what`` names the value ("loss", "gradient of <fqn>"); ``before_updates`` says whether it was
+    found before any parameter changed (then the step was undone exactly).
+    """
+
+    def __init__(self, message: str, *, what: str = "", before_updates: bool = True):
+        super().__init__(message)
+        self.what = what
+        self.before_updates = before_updates
+
+
+class StepError(MemfitError, RuntimeError):
+    """A step failed after some parameters were already updated, and could not be undone.
+
+    ``updated`` counts the update ops that had run. Reload the last checkpoint, or build the Trainer
+    with ``transactional=True`` so such failures are undone exactly.
+    """
+
+    def __init__(self, message: str, *, updated: int = 0):
+        super().__init__(message)
+        self.updated = updated
+
+
 class KernelError(MemfitError, ValueError):
     """A kernel launcher was handed tensors it cannot run on."""
+
+
+class NonFiniteWarning(UserWarning):
+    """A step was skipped (or a parameter's update was) because of a NaN/inf loss or gradient."""
 
 
 def where_what_got(where: str, expected: str, got: object, todo: str) -> str:

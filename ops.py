@@ -50,27 +50,32 @@ def adamw_update(
     eps: float,
     weight_decay: float,
     micro_steps: int = 1,
+    spike_threshold: float = 0.0,
 ) -> None:
     run_adamw_update(adamw_ref, param, grad, exp_avg, exp_avg_sq, grad_acc, lr, step, micro_step,
-                     beta1, beta2, eps, weight_decay, micro_steps)
+                     beta1, beta2, eps, weight_decay, micro_steps, spike_threshold)
 
 
 @adamw_update.register_fake
 def _(param, grad, exp_avg, exp_avg_sq, grad_acc, lr, step, micro_step, beta1, beta2, eps, weight_decay,
-      micro_steps=1):
+      micro_steps=1, spike_threshold=0.0):
     return None
 
 
 def run_adamw_update(kernel, param, grad, exp_avg, exp_avg_sq, grad_acc, lr, step, micro_step,
-                     beta1, beta2, eps, weight_decay, micro_steps=1):
-    """Body of ``memfit::adamw_update`` with the elementwise step supplied (Triton launcher or reference)."""
+                     beta1, beta2, eps, weight_decay, micro_steps=1, spike_threshold=0.0):
+    """Body of ``memfit::adamw_update`` with the elementwise step supplied (Triton launcher or reference).
+
+    ``spike_threshold > 0`` is SPAM's spike-aware clipping, applied inside the step (passed as a keyword
+    argument on the graph node, so the positional layout the other passes read is unchanged)."""
     g, scale = _accumulated(grad, grad_acc, micro_step, micro_steps)
     if g is None:
         return
     if not g.is_contiguous():
         g = g.contiguous()
+    extra = {"spike_threshold": spike_threshold} if spike_threshold > 0 else {}
     kernel(param, g, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-           weight_decay=weight_decay, step=step, grad_scale=scale)
+           weight_decay=weight_decay, step=step, grad_scale=scale, **extra)
     if grad_acc is not None and micro_steps > 1:
         grad_acc.zero_()
 

@@ -46,7 +46,9 @@ if triton is not None:
         neg_step_size,
         bias_correction2_sqrt,
         eps,
+        spike_threshold,
         MAXIMIZE: tl.constexpr,
+        SPIKE_CLIP: tl.constexpr,
         LERP_FROM_END: tl.constexpr,
         PARAM_IS_BF16: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
@@ -62,6 +64,13 @@ if triton is not None:
         v = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
         if MAXIMIZE:
             g = -g
+        if SPIKE_CLIP:
+            # SPAM: an element whose g^2 exceeds threshold * v (the second moment before this step) is a
+            # spike; it keeps its sign at magnitude sqrt(threshold * v). Elements with v == 0 are left alone.
+            limit_sq = spike_threshold * v
+            spike = (g * g > limit_sq) & (v > 0)
+            limit = tl.sqrt_rn(limit_sq)
+            g = tl.where(spike, tl.where(g > 0, limit, -limit), g)
 
         # param.mul_(1 - lr * weight_decay); param_decay is exactly 1.0 when weight_decay == 0.
         p = p * param_decay
@@ -122,10 +131,13 @@ def adamw(
     step: int,
     grad_scale: float = 1.0,
     maximize: bool = False,
+    spike_threshold: float = 0.0,
 ) -> None:
     """One AdamW step in place on ``param``, ``exp_avg`` and ``exp_avg_sq`` (one fused kernel).
 
     ``grad`` is multiplied by ``grad_scale`` first (pass ``1 / loss_scale`` to unscale).
+    ``spike_threshold > 0`` clips gradient spikes as SPAM does (``g^2 > threshold * exp_avg_sq`` ->
+    ``sign(g) * sqrt(threshold * exp_avg_sq)``, the second moment read before it is updated).
     ``step`` counts updates including this one, as ``torch.optim``'s ``state["step"]`` does after
     its increment. Scalars are formed in double on the host and rounded once to fp32.
     """
@@ -165,7 +177,9 @@ def adamw(
         to_f32(-step_size),
         to_f32(bias_correction2_sqrt),
         to_f32(eps),
+        to_f32(spike_threshold),
         MAXIMIZE=bool(maximize),
+        SPIKE_CLIP=spike_threshold > 0,
         LERP_FROM_END=lerp_from_end,
         PARAM_IS_BF16=param.dtype == torch.bfloat16,
         BLOCK_SIZE=_BLOCK_SIZE,
@@ -188,11 +202,13 @@ def adamw_ref(
     step: int,
     grad_scale: float = 1.0,
     maximize: bool = False,
+    spike_threshold: float = 0.0,
 ) -> None:
     """``adamw`` in plain torch: ``torch.optim.AdamW``'s single-tensor step, op for op.
 
     bf16 / fp16 params are updated through an fp32 copy that is rounded back once at the end,
-    which is what the kernel does.
+    which is what the kernel does. SPAM's spike clipping (``spike_threshold > 0``) works on an owned
+    fp32 copy of the gradient in chunks of ``SPIKE_CHUNK`` values (see ``spike_workspace_bytes``).
     """
     work = param if param.dtype == torch.float32 else param.float()
     g = grad if grad.dtype == torch.float32 else grad.float()
@@ -200,6 +216,10 @@ def adamw_ref(
         g = g * grad_scale
     if maximize:
         g = -g
+    if spike_threshold > 0:
+        if g is grad:
+            g = grad.clone()
+        clip_spikes_(g, exp_avg_sq, spike_threshold)
 
     if weight_decay != 0:
         work.mul_(1 - lr * weight_decay)
@@ -216,3 +236,27 @@ def adamw_ref(
 
     if work is not param:
         param.copy_(work)
+
+
+SPIKE_CHUNK = 2**15
+
+
+def clip_spikes_(g: torch.Tensor, exp_avg_sq: torch.Tensor, threshold: float) -> None:
+    """SPAM's spike-aware clipping of ``g`` in place: where ``g^2 > threshold * exp_avg_sq`` (and the
+    moment is non-zero) ``g`` becomes ``sign(g) * sqrt(threshold * exp_avg_sq)``; the kernel's math, in
+    chunks so the temporaries stay at ``9 * min(numel, SPIKE_CHUNK)`` bytes."""
+    flat_g, flat_v = g.view(-1), exp_avg_sq.view(-1)
+    thr = torch.tensor(threshold, dtype=torch.float32).item()  # the fp32 value the kernel sees
+    for start in range(0, flat_g.numel(), SPIKE_CHUNK):
+        g_c = flat_g[start:start + SPIKE_CHUNK]
+        v_c = flat_v[start:start + SPIKE_CHUNK]
+        limit = v_c * thr
+        spike = (g_c * g_c) > limit
+        spike &= v_c > 0
+        limit.sqrt_().copysign_(g_c)
+        g_c.copy_(torch.where(spike, limit, g_c))
+
+
+def spike_workspace_bytes(numel: int) -> int:
+    """Peak temporaries of :func:`clip_spikes_` (fp32 limit + fp32 square or where-result + bool mask)."""
+    return 9 * min(numel, SPIKE_CHUNK)

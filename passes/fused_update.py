@@ -19,6 +19,7 @@ persistent accumulator inside the update op and updates on the last micro-step w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +40,10 @@ class AdamW:
     eps: float = 1e-8
     weight_decay: float = 1e-2
     kind: Literal["adamw"] = "adamw"
+    # SPAM (spike-aware Adam with momentum reset); all off by default. See AdamW.spam().
+    spike_threshold: float = 0.0  # clip g where g^2 > spike_threshold * v to sign(g) * sqrt(spike_threshold * v)
+    reset_interval: int = 0  # zero both moments before every step t with t % reset_interval == 0
+    reset_warmup: int = 0  # after a reset, scale lr by a cosine ramp 0 -> 1 over this many steps
 
     def __post_init__(self):
         _check_positive("memfit.AdamW", lr=self.lr, eps=self.eps)
@@ -47,6 +52,39 @@ class AdamW:
             raise ConfigError(where_what_got("memfit.AdamW", "betas in [0, 1)", self.betas, "e.g. (0.9, 0.999)"))
         if self.weight_decay < 0:
             raise ConfigError(where_what_got("memfit.AdamW", "weight_decay >= 0", self.weight_decay, "use 0 or more"))
+        if not (isinstance(self.spike_threshold, (int, float)) and self.spike_threshold >= 0):
+            raise ConfigError(where_what_got("memfit.AdamW(spike_threshold=)", "a number >= 0 (0: off; SPAM uses "
+                                             "5000)", self.spike_threshold, "e.g. 5000"))
+        for name in ("reset_interval", "reset_warmup"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(where_what_got(f"memfit.AdamW({name}=)", "an int >= 0 (0: off)", v,
+                                                 "e.g. reset_interval=500, reset_warmup=150"))
+        if self.reset_warmup and not self.reset_interval:
+            raise ConfigError(where_what_got("memfit.AdamW(reset_warmup=)", "reset_interval > 0 with it",
+                                             f"reset_warmup={self.reset_warmup}, reset_interval=0",
+                                             "set reset_interval (the warmup follows each moment reset)"))
+
+    @classmethod
+    def spam(cls, lr: float = 1e-3, *, spike_threshold: float = 5000.0, reset_interval: int = 500,
+             reset_warmup: int = 150, **kwargs) -> AdamW:
+        """AdamW with SPAM's defaults: spike-aware clipping at threshold 5000, moments reset every 500
+        steps, a 150-step cosine warmup after each reset (Huang et al., 2025)."""
+        return cls(lr=lr, spike_threshold=spike_threshold, reset_interval=reset_interval,
+                   reset_warmup=reset_warmup, **kwargs)
+
+    def lr_scale(self, step: int) -> float:
+        """SPAM's warmup factor for ``step`` (1-based): a cosine ramp after each moment reset, else 1."""
+        if not (self.reset_interval and self.reset_warmup) or step <= self.reset_interval:
+            return 1.0
+        since = (step - 1) % self.reset_interval + 1  # 1 on the reset step itself
+        if since > self.reset_warmup:
+            return 1.0
+        return 0.5 * (1.0 - math.cos(math.pi * since / (self.reset_warmup + 1)))
+
+    def resets_before(self, step: int) -> bool:
+        """Whether the moments are zeroed before ``step`` (never before the first)."""
+        return bool(self.reset_interval) and step > 1 and (step - 1) % self.reset_interval == 0
 
     def state_names(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
@@ -168,7 +206,8 @@ class FusedUpdate(Pass):
         if isinstance(o, AdamW):
             args = (p, grad, states["exp_avg"], states["exp_avg_sq"], acc, lr, step, micro,
                     float(o.betas[0]), float(o.betas[1]), float(o.eps), float(o.weight_decay), self.micro_steps)
-            return g.graph.call_function(torch.ops.memfit.adamw_update.default, args)
+            kwargs = {"spike_threshold": float(o.spike_threshold)} if o.spike_threshold > 0 else {}
+            return g.graph.call_function(torch.ops.memfit.adamw_update.default, args, kwargs)
         args = (p, grad, states.get("momentum_buffer"), acc, lr, step, micro, float(o.momentum),
                 float(o.dampening), bool(o.nesterov), float(o.weight_decay), self.micro_steps)
         return g.graph.call_function(torch.ops.memfit.sgd_update.default, args)

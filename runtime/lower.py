@@ -9,6 +9,8 @@ list cleared on entry) and FX's codegen, which drops every value at its last use
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -68,18 +70,45 @@ def _kernel_impls(triton: bool) -> dict:
     label = "triton" if triton else "reference"
     ops = torch.ops.memfit
     return {
-        ops.adamw_update.default: (_bind(memfit_ops.run_adamw_update, label, adamw), label),
-        ops.sgd_update.default: (_bind(memfit_ops.run_sgd_update, label, sgd), label),
-        ops.adam8bit_update.default: (_bind(memfit_ops.run_adam8bit_update, label, adam8bit, quant), label),
-        ops.lowrank_update.default: (_bind(memfit_ops.run_lowrank_update, label, lowrank_apply, quant), label),
+        ops.adamw_update.default: (_bind(memfit_ops.run_adamw_update, label, ops.adamw_update.default, adamw),
+                                   label),
+        ops.sgd_update.default: (_bind(memfit_ops.run_sgd_update, label, ops.sgd_update.default, sgd), label),
+        ops.adam8bit_update.default: (_bind(memfit_ops.run_adam8bit_update, label, ops.adam8bit_update.default,
+                                            adam8bit, quant), label),
+        ops.lowrank_update.default: (_bind(memfit_ops.run_lowrank_update, label, ops.lowrank_update.default,
+                                           lowrank_apply, quant), label),
     }
 
 
-def _bind(runner: Callable, label: str, *kernels: Callable) -> Callable:
-    """``runner`` with its kernels fixed, named so FX codegen can reference it."""
+_STEP_HOOK: contextvars.ContextVar = contextvars.ContextVar("memfit_step_hook", default=None)
+
+
+@contextlib.contextmanager
+def step_hook(hook):
+    """Within this context every memfit update op first calls ``hook.before_op(op, args, kwargs)`` (False
+    skips the op) and a loss guard calls ``hook.on_loss(loss)``: how the executor makes a step atomic."""
+    token = _STEP_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _STEP_HOOK.reset(token)
+
+
+def check_loss(loss: torch.Tensor) -> None:
+    """The loss guard ``lower(..., loss_guard=True)`` places right after the loss is computed."""
+    hook = _STEP_HOOK.get()
+    if hook is not None:
+        hook.on_loss(loss)
+
+
+def _bind(runner: Callable, label: str, op, *kernels: Callable) -> Callable:
+    """``runner`` with its kernels fixed, named so FX codegen can reference it; asks the step hook first."""
 
     @functools.wraps(runner)
     def bound(*args, **kwargs):
+        hook = _STEP_HOOK.get()
+        if hook is not None and hook.before_op(op, args, kwargs) is False:
+            return None
         return runner(*kernels, *args, **kwargs)
 
     bound.__name__ = f"{runner.__name__}_{label}"
@@ -123,9 +152,16 @@ def check_lowerable(node: fx.Node, device: torch.device) -> None:
                                           "report this graph"))
 
 
-def lower(gm: fx.GraphModule, device: torch.device | str = "cpu") -> Lowered:
-    """Copy ``gm``, swap memfit ops for kernels, check every op can run on ``device``, compile boxed."""
+def lower(gm: fx.GraphModule, device: torch.device | str = "cpu", *, loss_guard: bool = False) -> Lowered:
+    """Copy ``gm``, swap memfit ops for kernels, check every op can run on ``device``, compile boxed.
+
+    ``loss_guard`` places :func:`check_loss` right after the loss (the output's first value) so a step
+    hook sees the loss before the backward's first update op runs."""
     device = torch.device(device)
+    loss_node = None
+    if loss_guard:
+        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        loss_node = out.args[0][0]
     triton = use_triton(device)
     impls = _kernel_impls(triton)
     graph = fx.Graph()
@@ -139,6 +175,8 @@ def lower(gm: fx.GraphModule, device: torch.device | str = "cpu") -> Lowered:
             new.target = fn
             kernels[node.name] = label
         env[node] = new
+        if node is loss_node:
+            graph.call_function(check_loss, (new,))
     graph.set_codegen(fx.graph._BoxedCodeGen())
     lowered = fx.GraphModule(gm, graph)
     log.debug("lowered %d nodes for %s; memfit ops: %s", len(graph.nodes), device, kernels)
@@ -178,7 +216,13 @@ def workspace_bytes(node: fx.Node, device: torch.device | str = "cpu") -> int:
     if param.dtype != torch.float32:
         total += fp32
     if target is torch.ops.memfit.adamw_update.default:
-        return total + fp32 + (fp32 if micro_steps > 1 else 0)
+        spike = node.kwargs.get("spike_threshold", 0.0) > 0
+        if not spike:
+            return total + fp32 + (fp32 if micro_steps > 1 else 0)
+        from ..kernels.adamw import spike_workspace_bytes
+
+        # an owned fp32 gradient (the scaled sum, a cast, or a copy), then the chunked clip, then denom
+        return total + fp32 + max(spike_workspace_bytes(param.numel()), fp32)
     momentum, nesterov, weight_decay = node.args[7], node.args[9], node.args[10]
     owns_temp = micro_steps > 1 or weight_decay != 0 or (momentum != 0 and nesterov)
     return total + (fp32 if owns_temp else 0)

@@ -157,6 +157,10 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
             cat = PERSISTENT.get(role, "batch")
         persistent[cat] = persistent.get(cat, 0) + value_nbytes(n.meta.get("val"))
         resident.append((n.meta.get("memfit.name", n.name), value_nbytes(n.meta.get("val")), cat))
+        if role == "buffer" and n.meta.get("memfit.name") in g.buffer_updates:
+            # the Trainer snapshots every buffer the step writes, so a failed step can put it back
+            persistent[cat] += value_nbytes(n.meta.get("val"))
+            resident.append((f"{n.meta['memfit.name']} (step snapshot)", value_nbytes(n.meta.get("val")), cat))
 
     out_node = nodes[-1]
     last_use: dict[Any, int] = {}

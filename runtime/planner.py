@@ -61,9 +61,13 @@ class Choice:
     trials: tuple[Trial, ...]
 
 
-def _run(base: TrainGraph, passes: list[Pass], budget: int | None, device) -> tuple[TrainGraph, MemoryPlan, Trial]:
+def run_passes(base: TrainGraph, passes: list[Pass], budget: int | None, device
+               ) -> tuple[TrainGraph, MemoryPlan, Trial]:
+    """``passes`` on a clone of ``base``, scheduled and planned: what the planner tries, and what a Trainer
+    reruns on a new input shape with the passes chosen for the first (``g.info["passes"]``)."""
     g = Pipeline(passes)(base.clone())
     g.info["schedule"] = {"sunk": sink(g)}
+    g.info["passes"] = list(passes)
     p = plan_memory(g, budget, device)
     flops = int(g.info.get("remat", {}).get("recomputed_flops", 0))
     trial = Trial(tuple(q.to_json() for q in passes), p.peak_bytes, flops, budget is None or p.peak_bytes <= budget)
@@ -202,7 +206,7 @@ def choose(base: TrainGraph, budget_bytes: int | None, *, device: torch.device |
     fused update only), ``"near-lossless"`` (also 8-bit optimizer state) or ``"lossy"`` (also
     low-rank projection and APOLLO-Mini); the state levers are chosen per parameter, as few as fit."""
     if explicit is not None:
-        g, p, t = _run(base, explicit, budget_bytes, device)
+        g, p, t = run_passes(base, explicit, budget_bytes, device)
         if not t.fits:
             raise _budget_error(p, budget_bytes, "with the passes given (passes= is respected as is)")
         return Choice(g, p, (t,))
@@ -216,7 +220,7 @@ def choose(base: TrainGraph, budget_bytes: int | None, *, device: torch.device |
 
     def attempt(extra: tuple) -> tuple[tuple[TrainGraph, MemoryPlan] | None, tuple[TrainGraph, MemoryPlan, Trial]]:
         """(the fitting choice with the fewest recomputed FLOPs or None, the trial with the smallest peak)."""
-        g, p, t = _run(base, ladder(make("remat"), extra), budget_bytes, device)
+        g, p, t = run_passes(base, ladder(make("remat"), extra), budget_bytes, device)
         trials.append(t)
         if t.fits:
             return (g, p), (g, p, t)
@@ -294,7 +298,7 @@ def _remat_sweep(base, p: MemoryPlan, budget_bytes: int, device, make, ladder, t
     one that raises the peak), and every trial is kept, so a step out of order costs precision only.
     """
     def trial(cfg: dict) -> tuple[TrainGraph, MemoryPlan, Trial]:
-        run = _run(base, ladder(make(("remat", {"mode": "budget", **cfg}))), budget_bytes, device)
+        run = run_passes(base, ladder(make(("remat", {"mode": "budget", **cfg}))), budget_bytes, device)
         trials.append(run[2])
         return run
 

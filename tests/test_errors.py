@@ -187,9 +187,10 @@ def _snapshot(trainer):
 
 
 @pytest.mark.parametrize(("make_batch", "match"), [
-    (lambda x, y: (x[:7], y[:7]), r"batch\[0\]: expected shape \(8, 32\), dtype torch\.float32.*got shape \(7, 32\)"),
-    (lambda x, y: (x.double(), y), r"batch\[0\]: expected .*got shape \(8, 32\), dtype torch\.float64"),
-    (lambda x, y: (x, y.int()), r"batch\[1\]: expected shape \(8,\), dtype torch\.int64.*dtype torch\.int32"),
+    (lambda x, y: (torch.cat([x, x[:1]]), torch.cat([y, y[:1]])),
+     r"batch\[0\]: expected a shape of at most \(8, 32\) per dimension, the largest planned.*got shape \(9, 32\)"),
+    (lambda x, y: (x.double(), y), r"batch\[0\]: expected dtype torch\.float32.*got torch\.float64"),
+    (lambda x, y: (x, y.int()), r"batch\[1\]: expected dtype torch\.int64.*got torch\.int32"),
     (lambda x, y: (x,), r"a batch like example_inputs \(2 tensors\), got 1 tensors"),
     (lambda x, y: (x, y, y), r"a batch like example_inputs \(2 tensors\), got 3 tensors"),
     (lambda x, y: ({"x": x, "y": y},), r"got 2 tensors, keys \('x', 'y'\)"),
@@ -206,11 +207,12 @@ def test_wrong_batch_at_step_changes_nothing(stepped, make_batch, match):
         assert torch.equal(before[k], after[k]), f"{k} changed by a refused step"
 
 
-def test_micro_steps_expect_the_whole_batch_at_step():
+def test_micro_steps_need_a_row_per_micro_batch_at_step():
     trainer = memfit.optimize(models.build_mlp(), example_inputs=_mlp_batch(16), loss_fn=F.cross_entropy,
                               micro_steps=4)
-    with _raises(memfit.ConfigError, match=r"expected shape \(16, 32\).*got shape \(4, 32\)"):
-        trainer.step(*_mlp_batch(4))
+    with _raises(memfit.ConfigError, match=r"at most \(16, 32\) per dimension.*at least 4 rows for "
+                                           r"micro_steps=4, got shape \(3, 32\)"):
+        trainer.step(*_mlp_batch(3))
     assert trainer.step_count == 0
 
 
