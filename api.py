@@ -122,6 +122,7 @@ class Trainer:
         self._compiled: OrderedDict[tuple, CompiledStep] = OrderedDict()
         self._compiled[self._key(flat)] = first
         self.lowered = first.lowered
+        self._window: tuple[StepGuard, list[torch.Tensor], float] | None = None
 
     # ---- shapes and modes ----------------------------------------------------------------------
     def _modes(self) -> tuple[bool, ...]:
@@ -130,15 +131,16 @@ class Trainer:
     def _key(self, flat: Sequence[torch.Tensor]) -> tuple:
         return (tuple(tuple(t.shape) for t in flat), self._modes())
 
-    def _check_batch(self, batch: Sequence[Any]) -> list[tuple[torch.Tensor, ...]]:
-        """The batch as micro-batches of flat tensors, each checked against the largest planned shape."""
+    def _check_batch(self, batch: Sequence[Any], split: bool = True) -> list[tuple[torch.Tensor, ...]]:
+        """The batch as micro-batches of flat tensors, each checked against the largest planned shape
+        (``split=False``: the batch is one micro-batch already)."""
         flat, keys = flatten_batch(batch, "Trainer.step")
         if keys != self._keys or len(flat) != len(self._spec):
             raise ConfigError(where_what_got("Trainer.step", f"a batch like example_inputs ({len(self._spec)} "
                                              f"tensors{', keys ' + str(self._keys) if self._keys else ''})",
                                              f"{len(flat)} tensors{', keys ' + str(keys) if keys else ''}",
                                              "pass the same structure as at optimize()"))
-        k = self.micro_steps
+        k = self.micro_steps if split else 1
         for i, (t, (shape, dtype, device)) in enumerate(zip(flat, self._spec, strict=True)):
             name = f"batch[{keys[i]!r}]" if keys else f"batch[{i}]"
             largest = (shape[0] * k, *shape[1:]) if shape else shape
@@ -218,23 +220,52 @@ class Trainer:
     def step(self, *batch: Any) -> torch.Tensor:
         """One optimizer step on ``batch`` (forward, backward and update); returns the mean loss.
 
+        With ``micro_steps=k`` the batch is split into k micro-batches whose gradients are accumulated.
         A step that raises changes nothing (see the class doc); a skipped non-finite step returns a NaN
         loss, leaves ``step_count`` where it was and counts in ``skipped_steps``."""
+        if self._window is not None:
+            raise ConfigError(where_what_got("Trainer.step", "no accumulate() window open",
+                                             f"{len(self._window[1])} of {self.micro_steps} micro-batches fed",
+                                             "finish the window with accumulate() or call discard_window()"))
         micro = self._check_batch(batch)
-        self._check_model()
-        compiled = [self._compiled_for(mb) for mb in micro]
+        loss = None
+        for i, mb in enumerate(micro):
+            loss = self._micro(mb, None)
+            if self._window is None and i < len(micro) - 1:
+                return loss  # a skipped (non-finite) micro-batch undid the window
+        return loss
+
+    def accumulate(self, *batch: Any, lr: float | None = None) -> torch.Tensor:
+        """Feed one micro-batch of the current optimizer step (loops that hand micro-batches over one at a
+        time, such as ``transformers.Trainer``'s gradient accumulation). The ``micro_steps``-th call of a
+        window applies the update and returns the window's mean loss; earlier calls return their own loss.
+        ``lr`` overrides the learning rate of this step (read on the window's first call). A failure undoes
+        the whole window, as ``step`` does."""
+        (mb,) = self._check_batch(batch, split=False)
+        return self._micro(mb, lr)
+
+    def discard_window(self) -> None:
+        """Drop the micro-batches fed since the last update (their accumulated gradients are zeroed)."""
+        if self._window is not None:
+            self._window[0].rollback()
+            self._window = None
+
+    def _micro(self, mb: tuple[torch.Tensor, ...], lr: float | None) -> torch.Tensor:
+        if self._window is None:
+            self._check_model()
+            step = self.step_count + 1
+            resets = isinstance(self.optimizer, AdamW) and self.optimizer.resets_before(step)
+            guard = StepGuard(self.executor, nonfinite=self.nonfinite, transactional=self.transactional,
+                              reset_moments=resets, buffers=self._all_mutated_buffers)
+            self._window = (guard, [], self._lr_at(step) if lr is None else float(lr))
+        guard, losses, step_lr = self._window
         step = self.step_count + 1
-        lr = self._lr_at(step)
-        resets = isinstance(self.optimizer, AdamW) and self.optimizer.resets_before(step)
-        guard = StepGuard(self.executor, nonfinite=self.nonfinite, transactional=self.transactional,
-                          reset_moments=resets,
-                          buffers=sorted({b for c in compiled for b in c.graph.buffer_updates}))
-        losses = []
+        m = len(losses)
         try:
-            for m, (c, mb) in enumerate(zip(compiled, micro, strict=True)):
-                out = self.executor.run(c, mb, {"lr": lr, "step": step, "micro_step": m}, guard)
-                losses.append(out.loss)
+            compiled = self._compiled_for(mb)
+            out = self.executor.run(compiled, mb, {"lr": step_lr, "step": step, "micro_step": m}, guard)
         except BaseException as e:
+            self._window = None
             exact = guard.rollback()
             if not exact:
                 raise StepError(where_what_got(
@@ -247,16 +278,24 @@ class Trainer:
                 self.skipped_steps += 1
                 warnings.warn(f"memfit: step {step} skipped: non-finite {e.what}; parameters, optimizer state and "
                               f"buffers are unchanged ({self.skipped_steps} step(s) skipped so far)",
-                              NonFiniteWarning, stacklevel=2)
+                              NonFiniteWarning, stacklevel=3)
                 return torch.tensor(math.nan, device=self.device)
             raise
+        losses.append(out.loss)
+        if len(losses) < self.micro_steps:
+            return out.loss
+        self._window = None
         guard.commit()
         if guard.skipped:
             warnings.warn(f"memfit: step {step}: non-finite gradients of {guard.skipped[:5]} after other parameters "
                           "were already updated; those parameters kept their values (transactional=True skips "
-                          "such steps whole)", NonFiniteWarning, stacklevel=2)
+                          "such steps whole)", NonFiniteWarning, stacklevel=3)
         self.step_count = step
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+    @property
+    def _all_mutated_buffers(self) -> list[str]:
+        return sorted({b for c in self._compiled.values() for b in c.graph.buffer_updates})
 
     def measure_step(self, *batch: Any) -> PeakMeasurement:
         """Run one step under memfit.measure_peak; records the measured peak in ``self.plan``."""
