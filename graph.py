@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
-from .errors import UnsupportedGraph, where_what_got
+from .errors import ConfigError, UnsupportedGraph, where_what_got
 
 Role = Literal["param", "buffer", "input", "state", "hparam"]
 ROLE_KEY = "memfit.role"
@@ -125,6 +125,20 @@ class TrainGraph:
         patterns = [pattern] if isinstance(pattern, str) else list(pattern)
         pool = list(self.params) if names is None else list(names)
         return [n for n in pool if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+    def check_globs(self, patterns: str | Iterable[str], where: str) -> None:
+        """A ConfigError when a glob matches no parameter FQN of the model (a typo, or the FQNs of a wrapped
+        model that start with another prefix): it would otherwise select nothing, silently."""
+        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        names = [*self.params, *self.tied]
+        for p in pats:
+            if any(fnmatch.fnmatchcase(n, p) for n in names):
+                continue
+            near = [n for n in names if fnmatch.fnmatchcase(n, "*" + p)]
+            hint = (f"did you mean {'*' + p!r}? (matches {near[0]!r})" if near else
+                    "use the FQNs of model.named_parameters()")
+            raise ConfigError(where_what_got(where, "a glob matching at least one parameter FQN", repr(p),
+                                             f"{hint}; the model has e.g. {names[:4]} ({len(names)} in all)"))
 
     def fake_mode(self):
         return self.fake

@@ -81,9 +81,9 @@ class _StepModule(nn.Module):
             if self.loss_fn is not None:
                 raise ConfigError(where_what_got("memfit.capture", "a positional batch when loss_fn is given",
                                                  "a dict batch", "drop loss_fn or pass (inputs..., target)"))
-            return (extract_loss(self.model(**batch)),)
+            return (_checked_grad(extract_loss(self.model(**batch))),)
         if self.loss_fn is None:
-            return (extract_loss(self.model(*flat)),)
+            return (_checked_grad(extract_loss(self.model(*flat))),)
         if len(flat) < 2:
             raise ConfigError(where_what_got("memfit.capture", "a batch (inputs..., target) when loss_fn is given",
                                              f"{len(flat)} tensor(s)", "pass the target as the batch's last item"))
@@ -93,7 +93,83 @@ class _StepModule(nn.Module):
             got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ConfigError(where_what_got("memfit.capture: loss_fn", "a 0-dim tensor", got,
                                              "reduce the loss (e.g. .mean()) inside loss_fn"))
-        return (loss,)
+        return (_checked_grad(loss),)
+
+
+def _checked_grad(loss: torch.Tensor) -> torch.Tensor:
+    if not loss.requires_grad:
+        raise ConfigError(where_what_got(
+            "memfit.capture", "a loss that depends on a trainable parameter", "a loss with requires_grad=False",
+            "the loss (or the output it is computed from) is detached, computed under torch.no_grad(), or "
+            "reads only frozen parameters: remove the .detach()/no_grad, or unfreeze what should train"))
+    return loss
+
+
+# (kind, patterns in the error text, hint). The first match classifies a capture failure.
+_CAPTURE_FAILURES = (
+    ("data-dependent branch", ("DataDependentOutputException", "data-dependent", "GuardOnDataDependentSymNode",
+                               "_local_scalar_dense", "Could not guard on data-dependent"),
+     "the model reads a tensor's value in Python (if x.any(): ..., int(t.item()), a loop over a tensor): "
+     "one graph cannot take both branches; compute both sides and select with torch.where, or move the "
+     "decision out of the step (pass it as a setting)"),
+    ("wrong inputs", ("positional argument", "unexpected keyword argument", "required positional argument",
+                      "required keyword-only argument"),
+     "example_inputs do not match the model's forward: with loss_fn the model gets batch[:-1] and "
+     "loss_fn(output, batch[-1]); without it the model gets the whole batch (one dict -> keywords)"),
+    ("parameter mutation", ("received a mutation", "mutation on a leaf", "a leaf Variable that requires grad"),
+     "the forward edits a parameter in place (e.g. weight.mul_(...)): memfit owns the updates; move the edit "
+     "out of forward, or make it out of place (w = w * s)"),
+    ("loss without grad", ("does not require gradients", "does not require grad"),
+     "the loss does not depend on a trainable parameter: remove a .detach()/torch.no_grad() on its path"),
+)
+
+
+def classify_capture_error(e: BaseException) -> UnsupportedGraph | ConfigError:
+    """A capture failure as a memfit error: its kind, the hint for that kind and the model source line."""
+    text = f"{type(e).__name__}: {e}"
+    cause = e.__cause__
+    while cause is not None:
+        text += f" | {type(cause).__name__}: {cause}"
+        cause = cause.__cause__
+    kind, hint = "unsupported op or construct", ("report the model with the line above, or keep that code out "
+                                                 "of the training step")
+    for k, patterns, h in _CAPTURE_FAILURES:
+        if any(p in text for p in patterns):
+            kind, hint = k, h
+            break
+    where = model_frame(e)
+    first = str(e).splitlines()[0] if str(e) else ""
+    msg = where_what_got(f"memfit.capture ({kind}{', at ' + where if where else ''})", "a traceable training step",
+                         f"{type(e).__name__}: {first}", hint)
+    return ConfigError(msg) if kind == "wrong inputs" else UnsupportedGraph(msg)
+
+
+def model_frame(e: BaseException) -> str | None:
+    """The innermost traceback frame of ``e`` (or its causes) in model code: not torch, not memfit's own
+    package, not the standard library; ``"file:line: code"``."""
+    import os
+    import sysconfig
+    import traceback
+
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    user_dirs = tuple(os.path.join(pkg, d) + os.sep for d in ("tests", "examples", "bench"))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    stdlib = sysconfig.get_paths()["stdlib"] + os.sep
+    best = None
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for exc in reversed(chain):
+        for fr in traceback.extract_tb(exc.__traceback__):
+            f = os.path.abspath(fr.filename)
+            if f.startswith(torch_dir) or f.startswith(stdlib) or "<" in fr.filename:
+                continue
+            if f.startswith(pkg + os.sep) and not f.startswith(user_dirs):
+                continue
+            best = f"{fr.filename}:{fr.lineno}: {(fr.line or '').strip()}"
+    return best
 
 
 def _attr(module: nn.Module, fqn: str):
@@ -157,10 +233,12 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable |
             cause = cause.__cause__
         if isinstance(cause, ConfigError):
             raise cause from None
-        raise UnsupportedGraph(where_what_got("memfit.capture (aot_export_module)", "a traceable training step",
-                                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                                              "remove data-dependent Python control flow or report the model")
-                               ) from e
+        err = classify_capture_error(e)
+        if "(parameter mutation)" in str(err):
+            line = locate_param_mutation(model, example_inputs, loss_fn)
+            if line:
+                err = type(err)(str(err).replace("(parameter mutation)", f"(parameter mutation, at {line})", 1))
+        raise err from e
     tg = _to_train_graph(gm, sig, trainable)
     tg.fake = mode
     _record_tied(tg, model)
@@ -293,4 +371,37 @@ def locate_op_source(model: nn.Module, example_inputs: Sequence[Any], loss_fn: C
         schema = getattr(node.target, "_schema", None)
         if schema is not None and schema.name == op_name:
             return user_frame(node.meta.get("stack_trace") or "")
+    return None
+
+
+def locate_param_mutation(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable | None) -> str | None:
+    """The model source line of the first in-place op on a parameter, or None: the forward re-run on fake
+    tensors under a TorchFunctionMode that stops at the first ``op_(param, ...)``."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    flat, keys = flatten_batch(example_inputs)
+    wrapper = _StepModule(model, loss_fn, keys)
+    mode, fakes, fake_inputs = _fake_world(wrapper, flat)
+    params = {id(t) for t in fakes.values() if t.requires_grad}
+
+    class _Found(Exception):
+        pass
+
+    class _Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name.endswith("_") and not name.endswith("__") and args and id(args[0]) in params:
+                frames = traceback.extract_stack()[:-1]
+                raise _Found(user_frame("".join(traceback.format_list(frames))))
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with _reparametrize_module(wrapper, fakes, tie_weights=True), mode, export_mode(), _Watch():
+            wrapper(*fake_inputs)
+    except _Found as found:
+        return found.args[0]
+    except Exception:
+        return None
     return None

@@ -34,11 +34,13 @@ class Freeze(Pass):
                                              "e.g. frozen=('model.embed_tokens.*', 'model.layers.[0-1].*')"))
 
     def memory_effect(self, g: TrainGraph) -> MemoryEffect:
+        g.check_globs(self.frozen, "freeze.frozen")
         hit = g.match(self.frozen, g.grad_outputs)
         per = {f: -value_nbytes(g.params[f].meta["val"]) for f in hit}
         return MemoryEffect(transient=sum(per.values()), per_param=per)
 
     def run(self, g: TrainGraph) -> PassResult:
+        g.check_globs(self.frozen, "freeze.frozen")
         hit = g.match(self.frozen, g.grad_outputs)
         if not hit:
             return PassResult(g, False)

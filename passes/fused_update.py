@@ -166,6 +166,7 @@ class FusedUpdate(Pass):
         return MemoryEffect(persistent=sum(per_param.values()), transient=transient, per_param=per_param)
 
     def run(self, g: TrainGraph) -> PassResult:
+        g.check_globs(self.targets, "passes['fused_update'].targets")
         fqns = g.match(self.targets, g.grad_outputs)
         if not fqns:
             return PassResult(g, False)

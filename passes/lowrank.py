@@ -204,6 +204,8 @@ class LowRank(Pass):
     # ---- which parameters ----------------------------------------------------------------------
     def selected(self, g: TrainGraph) -> tuple[list[str], list[str]]:
         """(projected FQNs, matched-but-skipped FQNs) among the parameters with an AdamW update."""
+        g.check_globs(self.targets, "passes['lowrank'].targets")
+        g.check_globs([glob for glob, _ in self.overrides], "passes['lowrank'].overrides")
         with_update = [f for f, n in g.updates.items() if n.target is _ADAMW]
         chosen, skipped = [], []
         for fqn in g.match(self.targets, with_update):
@@ -269,6 +271,12 @@ class LowRank(Pass):
         saved = 0
         for i, fqn in enumerate(chosen):
             old = g.updates[fqn]
+            if old.kwargs.get("spike_threshold"):
+                raise ConfigError(where_what_got(
+                    f"passes['lowrank'] on {fqn!r}", "an AdamW update without SPAM spike clipping",
+                    f"spike_threshold={old.kwargs['spike_threshold']}",
+                    "spike clipping runs in the fp32 AdamW update only: drop spike_threshold, or exclude the "
+                    "parameter from this pass's targets"))
             shape = tuple(g.params[fqn].meta["val"].shape)
             cfg = self.for_param(fqn)
             offset = (i * self.gap) // len(chosen) if self.stagger else 0

@@ -72,6 +72,8 @@ class QuantizeState(Pass):
 
     def _selected(self, g: TrainGraph) -> list[tuple[str, int]]:
         """(fqn, moment numel) of every update this pass rewrites."""
+        g.check_globs(self.targets, "passes['quantize_state'].targets")
+        g.check_globs([glob for glob, _ in self.overrides], "passes['quantize_state'].overrides")
         out = []
         for fqn in g.match(self.targets, list(g.updates)):
             node = g.updates[fqn]
@@ -95,6 +97,12 @@ class QuantizeState(Pass):
         per_param = {}
         for fqn, numel in chosen:
             old = g.updates[fqn]
+            if old.kwargs.get("spike_threshold"):
+                raise ConfigError(where_what_got(
+                    f"passes['quantize_state'] on {fqn!r}", "an AdamW update without SPAM spike clipping",
+                    f"spike_threshold={old.kwargs['spike_threshold']}",
+                    "spike clipping runs in the fp32 AdamW update only: drop spike_threshold, or exclude the "
+                    "parameter from this pass's targets"))
             bits = per_param[fqn] = self.bits_for(fqn)
             suffix = ("_q8" if bits == 8 else "_q4") if old.target is _ADAMW else \
                 ("_lowrank_q8" if bits == 8 else "_lowrank_q4")
