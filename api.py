@@ -123,6 +123,7 @@ class Trainer:
         self._compiled[self._key(flat)] = first
         self.lowered = first.lowered
         self._window: tuple[StepGuard, list[torch.Tensor], float] | None = None
+        self.last_micro_loss: torch.Tensor | None = None  # the loss of the last micro-batch run
 
     # ---- shapes and modes ----------------------------------------------------------------------
     def _modes(self) -> tuple[bool, ...]:
@@ -282,6 +283,7 @@ class Trainer:
                 return torch.tensor(math.nan, device=self.device)
             raise
         losses.append(out.loss)
+        self.last_micro_loss = out.loss
         if len(losses) < self.micro_steps:
             return out.loss
         self._window = None
@@ -516,10 +518,10 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         raise ConfigError(where_what_got("memfit.optimize(micro_steps=)", "an int >= 1", micro_steps,
                                          "e.g. 4"))
     if micro_steps > 1:
-        if any(t.dim() == 0 or t.shape[0] % micro_steps for t in flat):
+        if any(t.dim() and t.shape[0] % micro_steps for t in flat):
             raise ConfigError(where_what_got("memfit.optimize(micro_steps=)", "batch dim divisible by micro_steps",
                                              [tuple(t.shape) for t in flat], "pick a divisor of the batch size"))
-        micro = [t.chunk(micro_steps)[0] for t in flat]
+        micro = [t.chunk(micro_steps)[0] if t.dim() else t for t in flat]  # 0-dim inputs go to every micro-batch
         capture_inputs = (dict(zip(keys, micro, strict=True)),) if keys else tuple(micro)
     else:
         capture_inputs = tuple(example_inputs)

@@ -150,6 +150,14 @@ class FusedUpdate(Pass):
         if not (isinstance(self.micro_steps, int) and self.micro_steps >= 1):
             raise ConfigError(where_what_got("fused_update.micro_steps", "an int >= 1", self.micro_steps,
                                              "use 1 for no accumulation"))
+        if self.clip_grad_norm is not None and self.micro_steps > 1:
+            # The clip would see each micro-batch's gradient, not the accumulated one torch clips: refuse
+            # rather than train with a different clip than the user asked for.
+            raise ConfigError(where_what_got(
+                "fused_update", "clip_grad_norm without gradient accumulation",
+                f"clip_grad_norm={self.clip_grad_norm} with micro_steps={self.micro_steps}",
+                "clipping the accumulated gradient is not supported yet: drop clip_grad_norm, or use "
+                "micro_steps=1 with a smaller batch"))
 
     def memory_effect(self, g: TrainGraph) -> MemoryEffect:
         per_param = {}
