@@ -55,9 +55,9 @@ How Hugging Face's pieces map onto memfit's:
   train mode again (Hugging Face calls ``model.train()``), whose compiled steps are cached, so evaluation
   costs no recompilation.
 * **Gradient clipping** (``max_grad_norm > 0``) becomes memfit's ``clip_grad_norm`` (``clip="global"``,
-  exactly ``torch.nn.utils.clip_grad_norm_``) with ``gradient_accumulation_steps=1``. With accumulation
-  memfit clips each micro-batch's gradient rather than the window's sum, which is not what Hugging Face
-  does, so ``max_grad_norm > 0`` with ``gradient_accumulation_steps > 1`` raises ``ConfigError``: set
+  exactly ``torch.nn.utils.clip_grad_norm_``) with ``gradient_accumulation_steps=1``. memfit cannot clip
+  the accumulated gradient yet (``optimize`` refuses clipping with ``micro_steps > 1``), so
+  ``max_grad_norm > 0`` with ``gradient_accumulation_steps > 1`` raises ``ConfigError``: set
   ``max_grad_norm=0``. No ``grad_norm`` is logged (memfit keeps no gradient to measure).
 * **Weight decay.** Hugging Face decays every parameter but biases and norm weights
   (``get_decay_parameter_names``); memfit's fused AdamW update applies one ``weight_decay`` to every
