@@ -160,3 +160,45 @@ def build_cnn(seed: int = 0, channels: int = 16, classes: int = 10) -> nn.Module
         nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
         nn.Conv2d(channels, channels * 2, 3, stride=2, padding=1), nn.BatchNorm2d(channels * 2), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels * 2, classes))
+
+
+class _DepthwiseSeparable(nn.Sequential):
+    """Depthwise 3x3 (groups=channels) then pointwise 1x1, each followed by BatchNorm and ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False), nn.BatchNorm2d(c_in),
+            nn.ReLU(),
+            nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+def build_mobilenet_tiny(seed: int = 0, classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
+    """A MobileNet-style CNN for 8x8 images (sklearn's digits, NCHW float32): a 3x3 stem, three
+    depthwise-separable blocks (8x8 -> 4x4 -> 2x2), global average pool, linear head."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        _DepthwiseSeparable(width, 2 * width),
+        _DepthwiseSeparable(2 * width, 4 * width, stride=2),
+        _DepthwiseSeparable(4 * width, 4 * width, stride=2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, classes))
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding -> ``nn.LSTM(batch_first=True)`` -> Linear to the vocabulary; returns logits (B, S, vocab)."""
+
+    def __init__(self, vocab: int = 256, embed: int = 64, hidden: int = 128, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(input_ids))
+        return self.head(out)
+
+
+def build_lstm_lm(seed: int = 0, vocab: int = 256, embed: int = 64, hidden: int = 128, layers: int = 2) -> nn.Module:
+    """A byte-level LSTM language model (use with :func:`lm_loss`)."""
+    torch.manual_seed(seed)
+    return LSTMLanguageModel(vocab, embed, hidden, layers)

@@ -105,7 +105,7 @@ class Remat(Pass):
         choice = self.select(g)
         if not choice.freed:
             return PassResult(g, False)
-        saved_before = sum(saved_activations(g).values())
+        saved_before = sum(choice.model.saved.values())  # g is still the graph the choice was made on
         rewired = _materialize(g, choice)
         made = [n for n in g.graph.nodes if "memfit.recomputed" in n.meta and not _is_view(n)]
         stats = {"recomputed": len(made), "freed_values": len(choice.freed), "rewired_reads": rewired,
@@ -167,7 +167,8 @@ class _Liveness:
         self.recomputable = {n for n in forward if n not in protected and _pure(n)}
         self.points: dict[fx.Node, list[int]] = {}  # backward readers of a saved value, in half steps
         self.forward_end: dict[fx.Node, int] = {}  # where its forward copy dies once freed
-        for v in saved_activations(g):
+        self.saved = saved_activations(g)
+        for v in self.saved:
             group = aliases(v)
             readers = {u for a in group for u in a.users if u not in group}
             self.points[v] = sorted(pos[u] for u in readers if u in backward)
@@ -408,8 +409,7 @@ def _materialize(g: TrainGraph, choice: _Choice) -> int:
             if not n.users and n.op == "call_function" and _dead_ok(n, m):
                 g.graph.erase_node(n)
                 changed = True
-    g.graph.lint()
-    g.recompile()
+    g.graph.lint()  # the Pipeline recompiles the module after every pass (as for every other pass)
     return rewired
 
 

@@ -134,11 +134,6 @@ def node_layers(g: TrainGraph) -> dict[fx.Node, str]:
     return labels
 
 
-def _owner(node: fx.Node) -> Any:
-    """Key of the storage a node's value lives in: the node that allocated it."""
-    return storage_root(node)
-
-
 def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
                 device: torch.device | str = "cpu") -> MemoryPlan:
     """Predicted peak of one step of ``g`` as it is scheduled now, lowered for ``device``."""
@@ -163,6 +158,14 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
             resident.append((f"{n.meta['memfit.name']} (step snapshot)", value_nbytes(n.meta.get("val")), cat))
 
     out_node = nodes[-1]
+    roots: dict[fx.Node, Any] = {}  # storage owner of each node, looked up once
+
+    def _owner(node: fx.Node) -> Any:
+        root = roots.get(node)
+        if root is None:
+            root = roots[node] = storage_root(node)
+        return root
+
     last_use: dict[Any, int] = {}
     alloc: dict[int, list[tuple[Any, int]]] = {}
     seen_owner: set[Any] = set()
@@ -205,27 +208,30 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
     live = dict.fromkeys((*INTERMEDIATE, "kernel workspace"), 0)
     sizes = {o: b for owners in alloc.values() for o, b in owners}
     base = sum(persistent.values())
-    best, best_at, best_node, best_live, best_owners = -1, dict(live), "-", [], {}
-    live_owners: dict[Any, int] = {}
+    best, best_at, best_node, best_i = -1, dict(live), "-", -1
     timeline = []
     per_cat: dict[str, list[int]] = {k: [] for k in live}
     for i, n in enumerate(nodes):
         for owner, nbytes in alloc.get(i, ()):
             live[category[owner]] += nbytes
-            live_owners[owner] = nbytes
         live["kernel workspace"] = workspace_bytes(n, device)
         total = sum(live.values())
         timeline.append(base + total)
         for k, v in live.items():
             per_cat[k].append(v)
         if total > best:
-            best, best_at, best_node = total, dict(live), n.name
-            best_live = [(o.name, b, category[o]) for o, b in live_owners.items()]
-            best_owners = dict(live_owners)
+            best, best_at, best_node, best_i = total, dict(live), n.name, i
         live["kernel workspace"] = 0
         for owner in frees.get(i, ()):
             live[category[owner]] -= sizes[owner]
-            live_owners.pop(owner, None)
+    # the storages live at the peak, in allocation order: allocated at or before it, not yet freed
+    # (rebuilt once here rather than copied at every new maximum, which is quadratic on deep graphs)
+    best_owners: dict[Any, int] = {}
+    for i in sorted(k for k in alloc if k <= best_i):
+        for owner, nbytes in alloc[i]:
+            if owner not in last_use or last_use[owner] >= best_i:
+                best_owners[owner] = nbytes
+    best_live = [(o.name, b, category[o]) for o, b in best_owners.items()]
     at_peak = {**persistent, **best_at}
     labels = node_layers(g)
     by_layer: dict[str, int] = {}
