@@ -3,8 +3,17 @@
 from . import ops as _ops  # noqa: F401  (registers memfit:: ops)
 from . import passes as _passes  # noqa: F401  (registers the built-in passes)
 from .api import Trainer, optimize, parse_budget, plan, size_model
-from .errors import (BudgetError, ConfigError, KernelError, MemfitError, NonFiniteError, NonFiniteWarning, StepError,
-                     UnsupportedGraph)
+from .errors import (
+                     BudgetError,
+                     ConfigError,
+                     KernelError,
+                     MemfitError,
+                     MemfitWarning,
+                     NonFiniteError,
+                     NonFiniteWarning,
+                     StepError,
+                     UnsupportedGraph,
+)
 from .frontends.dynamo import backend
 from .graph import StateSpec, TrainGraph
 from .measure import PeakMeasurement, measure_peak
@@ -15,8 +24,33 @@ from .runtime.plot import plot_memory
 
 __version__ = "0.1.0"
 __all__ = [
-    "SGD", "AdamW", "BudgetError", "ConfigError", "KernelError", "MemfitError", "MemoryEffect", "MemoryPlan",
-    "NonFiniteError", "NonFiniteWarning", "StepError", "Pass", "PassResult", "PeakMeasurement", "Pipeline", "StateSpec", "TrainGraph", "Trainer", "UnsupportedGraph",
-    "backend", "measure_peak", "optimize", "parse_budget", "plan", "plot_memory", "register_pass", "registered_passes",
-    "size_model",
+                     "SGD",
+                     "AdamW",
+                     "BudgetError",
+                     "ConfigError",
+                     "KernelError",
+                     "MemfitError",
+                     "MemfitWarning",
+                     "MemoryEffect",
+                     "MemoryPlan",
+                     "NonFiniteError",
+                     "NonFiniteWarning",
+                     "Pass",
+                     "PassResult",
+                     "PeakMeasurement",
+                     "Pipeline",
+                     "StateSpec",
+                     "StepError",
+                     "TrainGraph",
+                     "Trainer",
+                     "UnsupportedGraph",
+                     "backend",
+                     "measure_peak",
+                     "optimize",
+                     "parse_budget",
+                     "plan",
+                     "plot_memory",
+                     "register_pass",
+                     "registered_passes",
+                     "size_model",
 ]

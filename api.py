@@ -14,8 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BudgetError, ConfigError, NonFiniteError, NonFiniteWarning, StepError, UnsupportedGraph, \
-    where_what_got
+from .errors import (
+    BudgetError,
+    ConfigError,
+    NonFiniteError,
+    NonFiniteWarning,
+    StepError,
+    UnsupportedGraph,
+    where_what_got,
+)
 from .frontends.export import capture, flatten_batch, locate_op_source
 from .graph import TrainGraph
 from .measure import PeakMeasurement, measure_peak

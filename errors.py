@@ -75,6 +75,11 @@ class KernelError(MemfitError, ValueError):
     """A kernel launcher was handed tensors it cannot run on."""
 
 
+class MemfitWarning(UserWarning):
+    """memfit did less than asked without failing: e.g. torch.compile ran a model (or part of it) eagerly,
+    so memfit's backend never saw it."""
+
+
 class NonFiniteWarning(UserWarning):
     """A step was skipped (or a parameter's update was) because of a NaN/inf loss or gradient."""
 

@@ -37,10 +37,12 @@ def main(argv: list[str] | None = None) -> None:
         for part in (zoo.door1_row, zoo.door2_row, zoo.lossy_budget_row):
             row.update(part(zoo.CASES[name](0)))
         masked = case.unmasked is not None
-        row["mask"] = (f"{row['loss_masked']:.5f} vs {row['loss_all_ones_mask']:.5f} (eager {row['eager_loss_masked']:.5f}"
-                       f" vs {row['eager_loss_all_ones_mask']:.5f})") if masked else "no mask"
+        row["mask"] = (f"{row['loss_masked']:.5f} vs {row['loss_all_ones_mask']:.5f} "
+                       f"(eager {row['eager_loss_masked']:.5f} vs {row['eager_loss_all_ones_mask']:.5f})"
+                       ) if masked else "no mask"
         row["door1"] = f"{row['door1_max_rel_diff']:.1e}"
-        row["door2"] = f"{row['door2_max_rel_diff']:.1e}" + ("" if row["door2_memfit_graphs"] else " (Dynamo ran it eagerly)")
+        eager_note = "" if row["door2_memfit_graphs"] else " (Dynamo ran it eagerly)"
+        row["door2"] = f"{row['door2_max_rel_diff']:.1e}" + eager_note
         row["peak"] = (f"{mib(row['predicted_peak_bytes'])} / {mib(row['measured_peak_bytes'])}"
                        f" ({'equal' if row['predicted_peak_bytes'] == row['measured_peak_bytes'] else 'DIFFER'})")
         row["lossy"] = (f"{mib(row['lossy_measured_bytes'])} <= {mib(row['lossy_budget_bytes'])}, "

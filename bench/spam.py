@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in curves:
         own = name.replace("spiked", "clean")
-        rows.append({"method": name, "spike": runs[name][1] and args.spike or 1.0,
-                     "max_dev_after_spike": round(dev(name, own), 4), "vs_adamw_clean": round(dev(name, "adamw clean"), 4),
+        rows.append({"method": name, "spike": (runs[name][1] and args.spike) or 1.0,
+                     "max_dev_after_spike": round(dev(name, own), 4),
+                     "vs_adamw_clean": round(dev(name, "adamw clean"), 4),
                      "final_loss": round(statistics.fmean(losses[name][-20:]), 4),
                      "loss_after_spike": round(losses[name][args.spike_step], 4), "losses": losses[name]})
     header = (f"### Gradient spike x{args.spike:g} at step {args.spike_step}: AdamW vs SPAM (memfit fused update), "

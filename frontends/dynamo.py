@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..errors import ConfigError, where_what_got
+from ..errors import ConfigError, MemfitWarning, where_what_got
 from ..graph import NAME_KEY, ROLE_KEY, TrainGraph, saved_activations
 from ..passes.base import Pass, Pipeline, make_pass
 from ..runtime.lower import lower
@@ -49,10 +49,6 @@ DEFAULT_PASSES = ("remat",)
 # graphs memfit's backend compiled, graph breaks and frames run eagerly under it, since the watch was armed
 # (first use of Dynamo with memfit, or the first use after torch._dynamo.reset())
 TOTALS: Counter = Counter()
-
-
-class MemfitWarning(UserWarning):
-    """memfit did not get (all of) what the user asked it to compile."""
 
 
 def fqn_from_source(source: str) -> str | None:

@@ -3,7 +3,6 @@ non-finite losses and gradients, and SPAM's spike handling."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -65,7 +64,7 @@ def test_raise_in_any_micro_batch_leaves_everything_and_the_next_step_is_clean(m
     bad_x, bad_y = good[1][0].clone(), good[1][1].clone()
     rows = bad_x.shape[0] // micro_steps
     bad_y[position * rows] = 99  # an out-of-range class: cross_entropy raises in that micro-batch's forward
-    with pytest.raises((IndexError, RuntimeError), match="out of bounds|Target 99"):
+    with pytest.raises((IndexError, RuntimeError), match=r"out of bounds|Target 99"):
         seen.step(bad_x, bad_y)
     _assert_same(before, _snapshot(seen))
     assert seen.step_count == 1 and torch.equal(torch.get_rng_state(), rng)
@@ -150,7 +149,7 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught_before_its_update():
     tr = memfit.optimize(model, example_inputs=(x, y), loss_fn=loss_fn, optimizer=memfit.AdamW(lr=0.1),
                          nonfinite="raise")
     before = _snapshot(tr)
-    with pytest.raises(memfit.NonFiniteError, match="expected a finite gradient of (weight|bias)") as info:
+    with pytest.raises(memfit.NonFiniteError, match=r"expected a finite gradient of (weight|bias)") as info:
         tr.step(x, y)
     assert info.value.before_updates
     _assert_same(before, _snapshot(tr))
