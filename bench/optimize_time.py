@@ -25,7 +25,7 @@ from memfit import models
 from memfit.frontends import export
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS
+from _common import RESULTS, write_table
 
 
 class LSTMLM(nn.Module):
@@ -83,8 +83,12 @@ def main(argv=None):
         print(rows[-1], flush=True)
     out = RESULTS / "optimize_time.json"
     old = json.loads(out.read_text()) if out.exists() else []
-    keep = [r for r in old if not r["method"].endswith(f"({args.label})")]
-    out.write_text(json.dumps(keep + rows, indent=2) + "\n")
+    rows = [r for r in old if not r["method"].endswith(f"({args.label})")] + rows
+    header = (f"### Time of `memfit.optimize()` (median of {args.repeats} fresh calls, cpu; capture = the last "
+              "call's `frontends.export.capture`, AOTAutograd tracing)\n\nRows labelled by the checkout they ran "
+              "on; compare rows run back to back on the same machine only.")
+    write_table("optimize_time", rows, [("method", "model (checkout)"), ("optimize_s", "optimize() s"),
+                                        ("capture_s", "of which capture s")], header)
 
 
 if __name__ == "__main__":

@@ -223,3 +223,24 @@ def test_spam_moment_reset_zeroes_moments_before_the_update():
             torch.testing.assert_close(v, m * m * (0.001 / 0.01), rtol=1e-4, atol=1e-12)
             checked += 1
     assert checked == 6
+
+
+def test_accumulate_feeds_micro_batches_like_step_and_guards_its_window():
+    by_step, by_feed = _trainer(micro_steps=2), _trainer(micro_steps=2)
+    x, y = _mlp_batches(1)[0]
+    whole = by_step.step(x, y)
+    first = by_feed.accumulate(x[:4], y[:4])
+    assert by_feed.step_count == 0
+    with pytest.raises(memfit.ConfigError, match=r"Trainer\.step: expected no accumulate\(\) window open, got 1 of 2 "
+                                                 r"micro-batches fed; finish the window"):
+        by_feed.step(x, y)
+    mean = by_feed.accumulate(x[4:], y[4:])
+    assert by_feed.step_count == 1 and torch.equal(mean, whole)
+    assert torch.equal(mean, torch.stack([first, by_feed.last_micro_loss]).mean())
+    _assert_same(_snapshot(by_step), _snapshot(by_feed))
+    by_feed.accumulate(x[:4], y[:4])
+    by_feed.discard_window()  # the fed micro-batch's gradient is dropped
+    by_feed.accumulate(x[:4], y[:4])
+    by_feed.accumulate(x[4:], y[4:])
+    by_step.step(x, y)
+    _assert_same(_snapshot(by_step), _snapshot(by_feed))
