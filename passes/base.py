@@ -95,6 +95,16 @@ def register_pass(name: str):
     return deco
 
 
+def refuse_spike_clipping(update: torch.fx.Node, pass_name: str, fqn: str) -> None:
+    """A pass replacing an fp32 AdamW update would drop SPAM's spike clipping (a keyword of that op): refuse."""
+    if update.kwargs.get("spike_threshold"):
+        raise ConfigError(where_what_got(
+            f"passes[{pass_name!r}] on {fqn!r}", "an AdamW update without SPAM spike clipping",
+            f"spike_threshold={update.kwargs['spike_threshold']}",
+            "spike clipping runs in the fp32 AdamW update only: drop spike_threshold, or exclude the parameter "
+            "from this pass's targets"))
+
+
 def registered_passes() -> dict[str, type[Pass]]:
     return dict(_REGISTRY)
 

@@ -60,7 +60,7 @@ from .. import projection as pj
 from ..errors import ConfigError, where_what_got
 from ..graph import NAME_KEY, StateSpec, TrainGraph
 from ..ops import SCHED_LEN, state_block
-from .base import MemoryEffect, Pass, PassResult, register_pass
+from .base import MemoryEffect, Pass, PassResult, refuse_spike_clipping, register_pass
 
 _PROJECTORS = ("svd", "randomized", "dct", "random")
 _RULES = ("galore", "apollo", "fira", "frugal")
@@ -271,12 +271,7 @@ class LowRank(Pass):
         saved = 0
         for i, fqn in enumerate(chosen):
             old = g.updates[fqn]
-            if old.kwargs.get("spike_threshold"):
-                raise ConfigError(where_what_got(
-                    f"passes['lowrank'] on {fqn!r}", "an AdamW update without SPAM spike clipping",
-                    f"spike_threshold={old.kwargs['spike_threshold']}",
-                    "spike clipping runs in the fp32 AdamW update only: drop spike_threshold, or exclude the "
-                    "parameter from this pass's targets"))
+            refuse_spike_clipping(old, "lowrank", fqn)
             shape = tuple(g.params[fqn].meta["val"].shape)
             cfg = self.for_param(fqn)
             offset = (i * self.gap) // len(chosen) if self.stagger else 0

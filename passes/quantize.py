@@ -26,7 +26,7 @@ from .. import projection as pj
 from ..errors import ConfigError, where_what_got
 from ..graph import NAME_KEY, StateSpec, TrainGraph
 from ..ops import state_block
-from .base import MemoryEffect, Pass, PassResult, register_pass
+from .base import MemoryEffect, Pass, PassResult, refuse_spike_clipping, register_pass
 from .lowrank import Overrides, normalize_overrides, override_for
 
 _ADAMW = torch.ops.memfit.adamw_update.default
@@ -97,12 +97,7 @@ class QuantizeState(Pass):
         per_param = {}
         for fqn, numel in chosen:
             old = g.updates[fqn]
-            if old.kwargs.get("spike_threshold"):
-                raise ConfigError(where_what_got(
-                    f"passes['quantize_state'] on {fqn!r}", "an AdamW update without SPAM spike clipping",
-                    f"spike_threshold={old.kwargs['spike_threshold']}",
-                    "spike clipping runs in the fp32 AdamW update only: drop spike_threshold, or exclude the "
-                    "parameter from this pass's targets"))
+            refuse_spike_clipping(old, "quantize_state", fqn)
             bits = per_param[fqn] = self.bits_for(fqn)
             suffix = ("_q8" if bits == 8 else "_q4") if old.target is _ADAMW else \
                 ("_lowrank_q8" if bits == 8 else "_lowrank_q4")

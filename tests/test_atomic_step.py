@@ -3,6 +3,7 @@ non-finite losses and gradients, and SPAM's spike handling."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -244,3 +245,13 @@ def test_accumulate_feeds_micro_batches_like_step_and_guards_its_window():
     by_feed.accumulate(x[4:], y[4:])
     by_step.step(x, y)
     _assert_same(_snapshot(by_step), _snapshot(by_feed))
+
+
+def test_passes_replacing_the_adamw_update_refuse_spam_clipping():
+    model = models.build_llama("tiny-llama", num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    x = torch.randint(0, 256, (2, 8))
+    for spec in (("lowrank", {"rank": 4}), ("quantize_state", {"min_numel": 16})):
+        with pytest.raises(memfit.ConfigError, match=rf"passes\['{spec[0]}'\] on '.+': expected an AdamW update "
+                                                     r"without SPAM spike clipping, got spike_threshold=5000\.0"):
+            memfit.optimize(copy.deepcopy(model), example_inputs=(x, x), loss_fn=models.lm_loss,
+                            optimizer=memfit.AdamW.spam(), passes=["fused_update", spec])
