@@ -6,7 +6,7 @@ from the weight's shape (m, n) to the projected shape, (r, n) when m < n or (m, 
 projector becomes pass state (the fp32 matrix, int4-packed with ``proj_bits=4``, r indices for
 ``dct``, nothing for ``random``, which regenerates it from a seed).
 
-Settings (see ``projection.py`` for the math and shared/METHODS.md for the papers):
+Settings (see ``projection.py`` for the math and the papers it follows):
   - ``projector``: ``svd`` (GaLore), ``randomized`` (range finder, no full SVD), ``dct`` (SVD-free,
     r indices), ``random`` (APOLLO's seeded Gaussian).
   - ``rule``: ``galore`` (W -= lr·scale·P·Adam(R)), ``apollo`` (the raw gradient scaled per channel,

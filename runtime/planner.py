@@ -1,6 +1,6 @@
 """The planner: which rewrites, with which settings, make the step fit the budget.
 
-Levers in order of cost (shared/DESIGN.md, Planner): the lossless ones first (``remat`` free recomputation
+Levers in order of cost (README, "the planner"): the lossless ones first (``remat`` free recomputation
 and ``fused_update``), then recomputation of saved activations that costs FLOPs (``remat`` in
 ``"budget"`` mode, searched over the FLOP cap ``max_flops`` for the fewest FLOPs that fit). Each
 trial is a Pipeline run on a clone of the captured graph plus the liveness plan of the result, so the

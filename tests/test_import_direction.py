@@ -1,7 +1,7 @@
 """Import directions, read from the source with ``ast`` (nothing is imported).
 
-shared/DESIGN.md: data flows one way, ``frontends -> graph -> passes -> runtime -> kernels``; a pass never
-imports the runtime; a kernel never imports a pass. STYLE.md: ``kernels/`` imports only torch and
+The layering (README, Layout): data flows one way, ``frontends -> graph -> passes -> runtime -> kernels``; a pass never
+imports the runtime; a kernel never imports a pass; ``kernels/`` imports only torch and
 triton; ``passes/`` never imports triton or the runtime. The rules as the code keeps them, per layer
 (direct imports, including those inside functions):
 
