@@ -229,7 +229,11 @@ def door1_row(case: Case, steps: int = 3, lr: float = 1e-3) -> dict[str, Any]:
                          optimizer=memfit.AdamW(lr=lr))
     setup = time.perf_counter() - t
     losses = [float(tr.step(*case.batch)) for _ in range(steps)]
+    order = {n: i for i, n in enumerate(tr.graph.graph.nodes)}
+    # the non-finite loss guard sits right after the loss: it must come before the first in-place update
+    guard_first = order[tr.graph.loss] < min(order[n] for n in tr.graph.updates.values())
     row: dict[str, Any] = {"door1_max_rel_diff": _rel(losses, _eager_losses(case, steps, lr)), "door1_setup_s": setup,
+                           "loss_before_first_update": guard_first,
                            "predicted_peak_bytes": tr.plan.peak_bytes,
                            "measured_peak_bytes": tr.measure_step(*case.batch).peak_bytes}
     if case.unmasked is not None:

@@ -25,7 +25,6 @@ step (all its micro-batches):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -214,7 +213,3 @@ def _named_args(op, args: tuple, kwargs: dict) -> dict:
 def _written_tensors(op, named: dict) -> dict[str, torch.Tensor]:
     return {a.name: named[a.name] for a in op._schema.arguments
             if a.alias_info is not None and a.alias_info.is_write and isinstance(named.get(a.name), torch.Tensor)}
-
-
-def nan_loss(device: torch.device) -> torch.Tensor:
-    return torch.tensor(math.nan, device=device)

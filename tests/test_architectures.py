@@ -16,6 +16,7 @@ def test_door1_matches_eager_and_predicts_its_peak(name):
     row = zoo.door1_row(case)
     assert row["door1_max_rel_diff"] <= 1e-5, row
     assert row["predicted_peak_bytes"] == row["measured_peak_bytes"], row
+    assert row["loss_before_first_update"], row  # a NaN loss is caught before any parameter changes
     if case.unmasked is not None:  # the padding mask matters, and memfit follows it
         assert abs(row["eager_loss_masked"] - row["eager_loss_all_ones_mask"]) > 1e-6, row
         assert abs(row["loss_masked"] - row["eager_loss_masked"]) <= 1e-5 * abs(row["eager_loss_masked"]), row
