@@ -16,7 +16,8 @@ spiked run's smoothed curve and its own optimizer's clean run over the steps aft
 did to that optimizer), ``vs_adamw_clean`` the same against ``adamw clean``; ``final_loss`` the mean of the
 last 20 losses. Writes bench/results/spam.{md,json,png}.
 
-    python bench/spam.py [--steps 300 --spike-step 100 --spike 1000 --threshold 5000 --reset 100 --warmup 20]
+    python bench/spam.py [--steps 300 --spike-step 100 --spike 1000 --threshold 5000 --reset 100 --warmup 20
+                          --seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -64,11 +65,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reset", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--window", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated; the loss curves are averaged over the seeds")
     args = ap.parse_args(argv)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    per_seed = [run_seed(args, seed) for seed in seeds]
+    losses = {n: [statistics.fmean(run[n][i] for run in per_seed) for i in range(args.steps)] for n in per_seed[0]}
+    report(args, seeds, losses, per_seed)
 
-    base = ScaledLoss(models.build_llama("tiny-llama", seed=args.seed))
-    batches = data.ByteBatches(data.stdlib_corpus(), args.batch, args.seq, seed=args.seed)
+
+def run_seed(args, seed: int) -> dict[str, list[float]]:
+    base = ScaledLoss(models.build_llama("tiny-llama", seed=seed))
+    batches = data.ByteBatches(data.stdlib_corpus(), args.batch, args.seq, seed=seed)
     stream = [next(batches) for _ in range(args.steps)]
     one = torch.tensor(1.0)
     spam = dict(spike_threshold=args.threshold, reset_interval=args.reset, reset_warmup=args.warmup)
@@ -88,8 +95,12 @@ def main(argv: list[str] | None = None) -> None:
             loss = float(trainers[name].step(x, y, torch.tensor(scale)))
             losses[name].append(loss / scale)
         if step % 50 == 0:
-            print(f"step {step}: " + ", ".join(f"{n} {v[-1]:.3f}" for n, v in losses.items()), flush=True)
+            print(f"seed {seed} step {step}: " + ", ".join(f"{n} {v[-1]:.3f}" for n, v in losses.items()), flush=True)
+    return losses
 
+
+def report(args, seeds: list[int], losses: dict[str, list[float]], per_seed: list[dict[str, list[float]]]) -> None:
+    runs = {"adamw clean": False, "adamw spiked": True, "spam spiked": True, "spam clean": False}
     curves = {n: smooth(v, args.window) for n, v in losses.items()}
     after = range(args.spike_step - 1, args.steps)
 
@@ -99,13 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in curves:
         own = name.replace("spiked", "clean")
-        rows.append({"method": name, "spike": (runs[name][1] and args.spike) or 1.0,
+        rows.append({"method": name, "spike": (runs[name] and args.spike) or 1.0,
                      "max_dev_after_spike": round(dev(name, own), 4),
                      "vs_adamw_clean": round(dev(name, "adamw clean"), 4),
                      "final_loss": round(statistics.fmean(losses[name][-20:]), 4),
-                     "loss_after_spike": round(losses[name][args.spike_step], 4), "losses": losses[name]})
+                     "loss_after_spike": round(losses[name][args.spike_step], 4), "losses": losses[name],
+                     "losses_per_seed": [run[name] for run in per_seed]})
     header = (f"### Gradient spike x{args.spike:g} at step {args.spike_step}: AdamW vs SPAM (memfit fused update), "
-              f"tiny-llama, {args.steps} steps, batch {args.batch} x seq {args.seq}\n\n"
+              f"tiny-llama, {args.steps} steps, batch {args.batch} x seq {args.seq}, "
+              f"seeds {seeds} (curves averaged)\n\n"
               f"SPAM: spike threshold {args.threshold:g}, moments reset every {args.reset} steps, {args.warmup}-step "
               f"cosine warmup after each reset. Deviation: the largest relative gap between a spiked run's loss "
               f"curve (mean over {args.window} steps) and the clean run of the same optimizer, over the steps "
