@@ -257,6 +257,9 @@ def export_mode():
     """
     import torch.compiler as tc
 
+    if not hasattr(tc, "_is_compiling_flag"):  # a torch without the flag: model code takes its eager branches
+        yield
+        return
     before = tc._is_compiling_flag
     tc._is_compiling_flag = True
     try:

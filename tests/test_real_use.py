@@ -168,3 +168,16 @@ def test_max_shapes_bounds_the_cache():
     for b in (7, 6, 5):
         tr.step(x[:b], y[:b])
     assert [k[0][0][0] for k in tr.compiled_shapes] == [6, 5]
+
+
+def test_max_shapes_must_be_a_positive_int():
+    x, y = torch.randn(8, 8), torch.randn(8, 2)
+    with pytest.raises(memfit.ConfigError, match=r"max_shapes=\): expected an int >= 1, got 0; e\.g\. 8"):
+        memfit.optimize(_dropout_mlp(), example_inputs=(x, y), loss_fn=_mse, max_shapes=0)
+
+
+def test_capture_leaves_the_compiling_flag_as_it_was():
+    import torch.compiler as tc
+
+    memfit.optimize(_dropout_mlp(), example_inputs=(torch.randn(4, 8), torch.randn(4, 2)), loss_fn=_mse)
+    assert tc.is_compiling() is False
