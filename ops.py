@@ -483,3 +483,82 @@ def run_adam8bit_update(kernel, qk: QuantKernels, param, grad, q_m, q_v, absmax,
         _store_moments(qk, m, v, q_m, q_v, absmax, bits)
     if grad_acc is not None and micro_steps > 1:
         grad_acc.zero_()
+
+
+# ---- named arguments: every consumer reads and writes memfit op arguments by schema name -------------
+
+class OpArgs:
+    """The arguments of a memfit op node by schema name (``args_of(node).rank``), defaults filled in.
+
+    Positions come from the op's registered schema, so adding an argument to an op never silently shifts
+    what a pass or the lowering reads."""
+
+    __slots__ = ("_values", "_op")
+
+    def __init__(self, op: torch._ops.OpOverload, values: dict):
+        object.__setattr__(self, "_op", op)
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str):
+        values = object.__getattribute__(self, "_values")
+        if name not in values:
+            op = object.__getattribute__(self, "_op")
+            raise AttributeError(f"{op._schema.name} has no argument {name!r}; it has {sorted(values)}")
+        return values[name]
+
+    def as_dict(self) -> dict:
+        return dict(self._values)
+
+
+def args_of(node) -> OpArgs:
+    """Bind ``node``'s positional and keyword arguments to its op's schema names."""
+    op = node.target
+    schema = op._schema
+    values = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            values[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            values[arg.name] = arg.default_value
+        else:
+            values[arg.name] = None
+    return OpArgs(op, values)
+
+
+def op_call(graph, op: torch._ops.OpOverload, **named):
+    """Insert ``op`` into ``graph`` (at its current insert point) with arguments given by schema name.
+
+    Arguments up to the last one named without a default are passed positionally, the rest by keyword;
+    an unknown or missing name raises at once, naming the op and the argument."""
+    schema = op._schema
+    names = [a.name for a in schema.arguments]
+    unknown = set(named) - set(names)
+    if unknown:
+        raise TypeError(f"{schema.name}: no argument(s) {sorted(unknown)}; it takes {names}")
+    args, kwargs = [], {}
+    for a in schema.arguments:
+        if a.has_default_value():
+            if a.name in named:
+                kwargs[a.name] = named[a.name]
+            continue
+        if a.name not in named:
+            raise TypeError(f"{schema.name}: argument {a.name!r} is required")
+        if kwargs:
+            raise TypeError(f"{schema.name}: required argument {a.name!r} after defaulted ones")
+        args.append(named[a.name])
+    return graph.call_function(op, tuple(args), kwargs)
+
+
+def replace_args(node, **changes) -> tuple[tuple, dict]:
+    """``node``'s (args, kwargs) with the named arguments changed (positions from the schema)."""
+    names = [a.name for a in node.target._schema.arguments]
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name, value in changes.items():
+        i = names.index(name)
+        if i < len(args):
+            args[i] = value
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs

@@ -28,6 +28,7 @@ from torch import fx
 
 from ..errors import ConfigError, where_what_got
 from ..graph import StateSpec, TrainGraph
+from ..ops import op_call
 from .base import MemoryEffect, Pass, PassResult, register_pass
 
 
@@ -213,13 +214,15 @@ class FusedUpdate(Pass):
             acc = g.add_state(f"{fqn}::grad_acc", StateSpec(shape, p.meta["val"].dtype, fqn, "accumulator"))
         o = self.optimizer
         if isinstance(o, AdamW):
-            args = (p, grad, states["exp_avg"], states["exp_avg_sq"], acc, lr, step, micro,
-                    float(o.betas[0]), float(o.betas[1]), float(o.eps), float(o.weight_decay), self.micro_steps)
-            kwargs = {"spike_threshold": float(o.spike_threshold)} if o.spike_threshold > 0 else {}
-            return g.graph.call_function(torch.ops.memfit.adamw_update.default, args, kwargs)
-        args = (p, grad, states.get("momentum_buffer"), acc, lr, step, micro, float(o.momentum),
-                float(o.dampening), bool(o.nesterov), float(o.weight_decay), self.micro_steps)
-        return g.graph.call_function(torch.ops.memfit.sgd_update.default, args)
+            extra = {"spike_threshold": float(o.spike_threshold)} if o.spike_threshold > 0 else {}
+            return op_call(g.graph, torch.ops.memfit.adamw_update.default, param=p, grad=grad,
+                           exp_avg=states["exp_avg"], exp_avg_sq=states["exp_avg_sq"], grad_acc=acc, lr=lr, step=step,
+                           micro_step=micro, beta1=float(o.betas[0]), beta2=float(o.betas[1]), eps=float(o.eps),
+                           weight_decay=float(o.weight_decay), micro_steps=self.micro_steps, **extra)
+        return op_call(g.graph, torch.ops.memfit.sgd_update.default, param=p, grad=grad,
+                       momentum_buffer=states.get("momentum_buffer"), grad_acc=acc, lr=lr, step=step, micro_step=micro,
+                       momentum=float(o.momentum), dampening=float(o.dampening), nesterov=bool(o.nesterov),
+                       weight_decay=float(o.weight_decay), micro_steps=self.micro_steps)
 
     def _global_clip_coef(self, g: TrainGraph, grads: list[fx.Node], order) -> fx.Node:
         """clip_grad_norm_'s coefficient: clamp(max_norm / (||(||g_i||)_i|| + 1e-6), max=1)."""

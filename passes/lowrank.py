@@ -59,7 +59,7 @@ from torch import fx
 from .. import projection as pj
 from ..errors import ConfigError, where_what_got
 from ..graph import NAME_KEY, StateSpec, TrainGraph
-from ..ops import SCHED_LEN, state_block
+from ..ops import SCHED_LEN, args_of, op_call, state_block
 from .base import MemoryEffect, Pass, PassResult, refuse_spike_clipping, register_pass
 
 _PROJECTORS = ("svd", "randomized", "dct", "random")
@@ -277,7 +277,7 @@ class LowRank(Pass):
             offset = (i * self.gap) // len(chosen) if self.stagger else 0
             with g.graph.inserting_before(old):
                 new, used_factors = cfg._replace(g, fqn, old, shape, offset, dct)
-            old_states = [a.meta[NAME_KEY] for a in old.args[2:4]]
+            old_states = [args_of(old).exp_avg.meta[NAME_KEY], args_of(old).exp_avg_sq.meta[NAME_KEY]]
             old.replace_all_uses_with(new)
             g.graph.erase_node(old)
             g.updates[fqn] = new
@@ -293,7 +293,8 @@ class LowRank(Pass):
         return PassResult(g, True, stats)
 
     def _replace(self, g: TrainGraph, fqn: str, old: fx.Node, shape, offset: int, dct: dict) -> tuple[fx.Node, bool]:
-        (param, grad, _m, _v, acc, lr, step, micro, beta1, beta2, eps, wd, micro_steps) = old.args
+        a = args_of(old)
+        grad, micro_steps = a.grad, a.micro_steps
         rows = pj.proj_shape(shape, self.rank)[0]
         low = pj.low_shape(shape, self.rank)
 
@@ -330,11 +331,16 @@ class LowRank(Pass):
         factors = self._factors(g, grad) if (self.factored and self.rule == "galore" and micro_steps == 1) else None
         if factors is not None:
             grad_left, grad_right = factors
-        args = (param, grad_left, grad_right, proj, proj_meta, m, v, absmax, sched, acc, dct.get(rows), lr, step,
-                micro, beta1, beta2, eps, wd, micro_steps, self.rank, self.gap, offset, float(self.scale),
-                self.projector, self.rule, self.scaling, self.moments, float(self.lazy_threshold),
-                int(self.proj_bits), int(self.state_bits), self._node_seed(fqn), float(self.limiter), self.seeds)
-        return g.graph.call_function(torch.ops.memfit.lowrank_update.default, args), factors is not None
+        new = op_call(g.graph, torch.ops.memfit.lowrank_update.default, param=a.param, grad=grad_left,
+                      grad_right=grad_right, proj=proj, proj_meta=proj_meta, exp_avg=m, exp_avg_sq=v, absmax=absmax,
+                      sched=sched, grad_acc=a.grad_acc, dct=dct.get(rows), lr=a.lr, step=a.step,
+                      micro_step=a.micro_step, beta1=a.beta1, beta2=a.beta2, eps=a.eps, weight_decay=a.weight_decay,
+                      micro_steps=micro_steps, rank=self.rank, gap=self.gap, offset=offset, scale=float(self.scale),
+                      projector=self.projector, rule=self.rule, scaling=self.scaling, moments=self.moments,
+                      lazy_threshold=float(self.lazy_threshold), proj_bits=int(self.proj_bits),
+                      state_bits=int(self.state_bits), seed=self._node_seed(fqn), limiter=float(self.limiter),
+                      seed_scheme=self.seeds)
+        return new, factors is not None
 
     def _node_seed(self, fqn: str) -> int:
         """The projector seed of ``fqn``: ``seed`` itself under ``seeds="apollo-torch"`` (apollo-torch seeds

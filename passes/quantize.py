@@ -25,14 +25,12 @@ import torch
 from .. import projection as pj
 from ..errors import ConfigError, where_what_got
 from ..graph import NAME_KEY, StateSpec, TrainGraph
-from ..ops import state_block
+from ..ops import args_of, op_call, replace_args, state_block
 from .base import MemoryEffect, Pass, PassResult, refuse_spike_clipping, register_pass
 from .lowrank import Overrides, normalize_overrides, override_for
 
 _ADAMW = torch.ops.memfit.adamw_update.default
 _LOWRANK = torch.ops.memfit.lowrank_update.default
-_LOWRANK_STATE_BITS = 29  # index of state_bits in lowrank_update's arguments
-_LOWRANK_RANK = 19
 
 
 def quantized_bytes(numel: int, bits: int) -> int:
@@ -79,8 +77,8 @@ class QuantizeState(Pass):
             node = g.updates[fqn]
             if node.target is _ADAMW:
                 numel = g.params[fqn].meta["val"].numel()
-            elif node.target is _LOWRANK and node.args[_LOWRANK_STATE_BITS] == 32:
-                numel = math.prod(pj.low_shape(tuple(g.params[fqn].meta["val"].shape), node.args[_LOWRANK_RANK]))
+            elif node.target is _LOWRANK and args_of(node).state_bits == 32:
+                numel = math.prod(pj.low_shape(tuple(g.params[fqn].meta["val"].shape), args_of(node).rank))
             else:
                 continue
             if numel >= self.min_numel:
@@ -107,17 +105,17 @@ class QuantizeState(Pass):
             q_v = g.add_state(f"{fqn}::exp_avg_sq{suffix}", StateSpec((per,), torch.uint8, fqn, kind))
             absmax = g.add_state(f"{fqn}::absmax{suffix}",
                                  StateSpec((2, -(-numel // state_block(bits))), torch.float32, fqn, kind))
-            args = list(old.args)
+            a = args_of(old)
             with g.graph.inserting_before(old):
                 if old.target is _ADAMW:
-                    (param, grad, _m, _v, acc, lr, step, micro, b1, b2, eps, wd, micro_steps) = args
-                    new = g.graph.call_function(torch.ops.memfit.adam8bit_update.default, (
-                        param, grad, q_m, q_v, absmax, acc, lr, step, micro, b1, b2, eps, wd, micro_steps, bits))
+                    new = op_call(g.graph, torch.ops.memfit.adam8bit_update.default, param=a.param, grad=a.grad,
+                                  q_m=q_m, q_v=q_v, absmax=absmax, grad_acc=a.grad_acc, lr=a.lr,
+                                  step=a.step, micro_step=a.micro_step, beta1=a.beta1, beta2=a.beta2, eps=a.eps,
+                                  weight_decay=a.weight_decay, micro_steps=a.micro_steps, bits=bits)
                 else:
-                    args[5], args[6], args[7], args[_LOWRANK_STATE_BITS] = q_m, q_v, absmax, bits
-                    new = g.graph.call_function(_LOWRANK, tuple(args))
-            moments = (2, 3) if old.target is _ADAMW else (5, 6)
-            old_states = [old.args[i].meta[NAME_KEY] for i in moments]
+                    new = g.graph.call_function(_LOWRANK, *replace_args(old, exp_avg=q_m, exp_avg_sq=q_v,
+                                                                        absmax=absmax, state_bits=bits))
+            old_states = [a.exp_avg.meta[NAME_KEY], a.exp_avg_sq.meta[NAME_KEY]]
             old.replace_all_uses_with(new)
             g.graph.erase_node(old)
             g.updates[fqn] = new

@@ -25,6 +25,7 @@ from torch import fx
 from .. import ops as memfit_ops
 from ..errors import UnsupportedGraph, where_what_got
 from ..graph import user_frame
+from ..ops import args_of
 
 log = logging.getLogger("memfit.lower")
 
@@ -205,8 +206,9 @@ def workspace_bytes(node: fx.Node, device: torch.device | str = "cpu") -> int:
         return _adam8bit_workspace(node, use_triton(torch.device(device)))
     if target not in (torch.ops.memfit.adamw_update.default, torch.ops.memfit.sgd_update.default):
         return 0
-    param, grad = node.args[0].meta["val"], node.args[1].meta["val"]
-    micro_steps = node.args[-1]
+    a = args_of(node)
+    param, grad = a.param.meta["val"], a.grad.meta["val"]
+    micro_steps = a.micro_steps
     fp32 = param.numel() * 4
     total = 0
     if micro_steps <= 1 and not grad.is_contiguous():
@@ -223,16 +225,17 @@ def workspace_bytes(node: fx.Node, device: torch.device | str = "cpu") -> int:
 
         # an owned fp32 gradient (the scaled sum, a cast, or a copy), then the chunked clip, then denom
         return total + fp32 + max(spike_workspace_bytes(param.numel()), fp32)
-    momentum, nesterov, weight_decay = node.args[7], node.args[9], node.args[10]
+    momentum, nesterov, weight_decay = a.momentum, a.nesterov, a.weight_decay
     owns_temp = micro_steps > 1 or weight_decay != 0 or (momentum != 0 and nesterov)
     return total + (fp32 if owns_temp else 0)
 
 
 def _adam8bit_workspace(node: fx.Node, triton: bool) -> int:
-    param = node.args[0].meta["val"]
-    bits, micro_steps = node.args[14], node.args[13]
+    a = args_of(node)
+    param = a.param.meta["val"]
+    bits, micro_steps = a.bits, a.micro_steps
     numel = param.numel()
-    grad_copy = 0 if node.args[1].meta["val"].is_contiguous() or micro_steps > 1 else numel * 4
+    grad_copy = 0 if a.grad.meta["val"].is_contiguous() or micro_steps > 1 else numel * 4
     if triton and bits == 8:
         return grad_copy
     if bits == 8:  # the reference works in chunks of _REF_CHUNK values: fp32 m, v, update and the code search
@@ -246,19 +249,19 @@ def _adam8bit_workspace(node: fx.Node, triton: bool) -> int:
 def _lowrank_workspace(node: fx.Node, triton: bool) -> int:
     from .. import projection as pj
 
-    a = node.args
-    param = a[0].meta["val"]
+    a = args_of(node)
+    param = a.param.meta["val"]
     m, n = param.shape
-    rank, projector, rule, proj_bits = a[19], a[23], a[24], a[28]
+    rank, projector, rule, proj_bits = a.rank, a.projector, a.rule, a.proj_bits
     rows = pj.proj_shape((m, n), rank)[0]
     low = 4 * math.prod(pj.low_shape((m, n), rank))
     full = 4 * m * n
     step = 4 * low  # R, N and two moment-sized temporaries
-    if a[2] is not None:  # factored: P^T L (rank x tokens) first
-        step += 4 * rank * a[1].meta["val"].shape[1]
-    if a[18] > 1:
+    if a.grad_right is not None:  # factored: P^T L (rank x tokens) first
+        step += 4 * rank * a.grad.meta["val"].shape[1]
+    if a.micro_steps > 1:
         step += full  # the accumulated gradient, scaled, in fp32
-    if rule == "apollo" and param.dtype == a[1].meta["val"].dtype == torch.float32:
+    if rule == "apollo" and param.dtype == a.grad.meta["val"].dtype == torch.float32:
         step += 4 * max(m, n)  # W += G ∘ ratio in place (ops._apollo_in_place): G's per-channel norms only
     elif rule != "galore":
         step += 2 * full  # the fp32 gradient and the projected-back update

@@ -17,6 +17,7 @@ from torch import nn
 import memfit
 from memfit import models
 from memfit.frontends.export import capture
+from memfit.ops import args_of
 from memfit.passes.base import make_pass
 from memfit.runtime.memory import plan_memory
 
@@ -84,7 +85,7 @@ def test_adamw_update_node_per_param_placed_after_its_gradient_and_every_read():
 
     order = {n: i for i, n in enumerate(g.graph.nodes)}
     for fqn, upd in g.updates.items():
-        assert upd.args[0] is g.params[fqn]
+        assert args_of(upd).param is g.params[fqn]
         assert order[upd] > order[g.grad_of[fqn]], f"{fqn}: update before its gradient"
         readers = [r for r in g.param_readers(fqn) if r is not upd]
         assert readers, f"{fqn}: the forward reads the parameter"
@@ -128,10 +129,10 @@ def test_sgd_momentum_nesterov_inserts_sgd_update_with_a_momentum_buffer():
     assert len(updates) == 4 and not _calls(g, ADAMW_UPDATE)
     for fqn, upd in g.updates.items():
         assert _is_op(upd, SGD_UPDATE)
-        param, _grad, buf, acc, *_, momentum, dampening, nesterov, weight_decay, micro_steps = upd.args
-        assert param is g.params[fqn] and acc is None
-        assert buf is g.state[f"{fqn}::momentum_buffer"]
-        assert (momentum, dampening, nesterov, weight_decay, micro_steps) == (0.9, 0.0, True, 1e-3, 1)
+        a = args_of(upd)
+        assert a.param is g.params[fqn] and a.grad_acc is None
+        assert a.momentum_buffer is g.state[f"{fqn}::momentum_buffer"]
+        assert (a.momentum, a.dampening, a.nesterov, a.weight_decay, a.micro_steps) == (0.9, 0.0, True, 1e-3, 1)
         spec = g.state_specs[f"{fqn}::momentum_buffer"]
         assert (spec.shape, spec.dtype) == (tuple(g.params[fqn].meta["val"].shape), torch.float32)
     assert len(g.state_specs) == 4
@@ -141,7 +142,7 @@ def test_sgd_without_momentum_has_no_state():
     g = capture(_mlp2(), _mlp2_batch(), F.cross_entropy)
     g = _fused(g, optimizer=memfit.SGD(lr=0.1))
     assert len(_calls(g, SGD_UPDATE)) == 4
-    assert all(upd.args[2] is None for upd in g.updates.values())
+    assert all(args_of(upd).momentum_buffer is None for upd in g.updates.values())
     assert g.state_specs == {}
 
 
@@ -253,7 +254,7 @@ def test_global_clip_places_every_update_after_the_last_gradient():
     assert min(order[u] for u in g.updates.values()) > last_grad
     # each update consumes grad * coef, not the raw gradient
     for fqn, upd in g.updates.items():
-        assert upd.args[1] is not g.grad_of[fqn] and upd.args[1].target is torch.ops.aten.mul.Tensor
+        assert args_of(upd).grad is not g.grad_of[fqn] and args_of(upd).grad.target is torch.ops.aten.mul.Tensor
 
 
 # ---- gradient accumulation ---------------------------------------------------------------------------
