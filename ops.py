@@ -493,7 +493,7 @@ class OpArgs:
     Positions come from the op's registered schema, so adding an argument to an op never silently shifts
     what a pass or the lowering reads."""
 
-    __slots__ = ("_values", "_op")
+    __slots__ = ("_op", "_values")
 
     def __init__(self, op: torch._ops.OpOverload, values: dict):
         object.__setattr__(self, "_op", op)

@@ -44,7 +44,8 @@ import torch
 from torch import fx
 
 from ..errors import ConfigError, where_what_got
-from ..graph import TrainGraph, aliases, is_view_op, node_flops, saved_activations, storage_root, value_nbytes
+from ..graph import TrainGraph, aliases, is_view_op, node_flops, saved_activations, storage_root
+from ..liveness import Timeline, add_spans, half_end, storages
 from .base import MemoryEffect, Pass, PassResult, register_pass
 
 _CHEAP = {"aten::cat", "aten::_to_copy", "aten::clone"}
@@ -124,42 +125,16 @@ class _Liveness:
     """Each storage's live span in the graph as captured, in half steps, and the timeline they add up to."""
 
     def __init__(self, g: TrainGraph, grads_consumed: bool):
-        self.nodes = list(g.graph.nodes)
-        self.index = {n: i for i, n in enumerate(self.nodes)}
-        pos = {n: 2 * i + 1 for n, i in self.index.items()}
-        start: dict[fx.Node, int] = {}
-        self.end: dict[fx.Node, int] = {}  # last reader's half step (2 * len(nodes) when an output holds it)
-        self.nbytes: dict[fx.Node, int] = {}  # bytes the forward copy owns (what freeing it saves)
         consumed = {storage_root(v) for v in g.grad_of.values()} if grads_consumed else set()
-        for n in self.nodes:
-            if n.op == "output":
-                for inp in n.all_input_nodes:
-                    if storage_root(inp) in consumed:  # the update reads it where it is made
-                        continue
-                    if storage_root(inp) in self.end:
-                        self.end[storage_root(inp)] = 2 * len(self.nodes)
-                continue
-            if n.op != "call_function":
-                continue
-            if storage_root(n) is n:
-                val = n.meta.get("val")
-                if n.target is operator.getitem:  # a tuple element exists from the moment the tuple op ran
-                    start[n], self.nbytes[n] = pos[n.args[0]], value_nbytes(val)
-                elif isinstance(val, (tuple, list)):  # elements nobody reads live as long as the tuple
-                    read = {u.args[1] for u in n.users if u.target is operator.getitem}
-                    start[n] = pos[n]
-                    self.nbytes[n] = sum(value_nbytes(v) for i, v in enumerate(val) if i not in read)
-                else:
-                    start[n], self.nbytes[n] = pos[n], value_nbytes(val)
-                self.end[n] = pos[n]
-            for inp in n.all_input_nodes:
-                root = storage_root(inp)
-                if root in self.end:
-                    self.end[root] = max(self.end[root], pos[n])
+        st = self.storages = storages(g, consumed=consumed)  # the one memory model (memfit.liveness)
+        self.nodes, self.index = st.nodes, st.index
+        pos = {n: 2 * i + 1 for n, i in self.index.items()}
+        self.end = {o: half_end(st, o) for o in st.alloc}  # last reader's half step (2 * len(nodes): held)
+        self.nbytes = st.nbytes  # bytes the forward copy owns (what freeing it saves)
         self.length = 2 * len(self.nodes) + 1
-        self.base = _add_spans(np.zeros(self.length, dtype=np.int64),
-                               [(start[n], self.end[n], b) for n, b in self.nbytes.items() if b])
-        self.peak = int(self.base.max())
+        self.timeline = Timeline.of(st)
+        self.base = self.timeline.values
+        self.peak = self.timeline.peak
 
         forward, backward = g.forward_nodes(), g.backward_nodes()
         protected = {storage_root(v) for v in (g.loss, *g.buffer_updates.values(), *g.forward_outputs)}
@@ -186,16 +161,6 @@ def _pure(n: fx.Node) -> bool:
     t = n.target
     return (isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded not in t.tags
             and not t._schema.is_mutable and t._schema.name not in _UNDEFINED)
-
-
-def _add_spans(timeline: np.ndarray, spans: list[tuple[int, int, int]]) -> np.ndarray:
-    if not spans:
-        return timeline
-    lo, hi, b = (np.fromiter((s[k] for s in spans), dtype=np.int64, count=len(spans)) for k in range(3))
-    diff = np.zeros(len(timeline) + 1, dtype=np.int64)
-    np.add.at(diff, lo, b)
-    np.add.at(diff, hi + 1, -b)
-    return timeline + np.cumsum(diff[:-1])
 
 
 class _Choice:
@@ -231,7 +196,7 @@ class _Choice:
         new.free_only = free_only
         if not new._free(v):
             return None
-        new.timeline = _add_spans(self.timeline, new._spans)
+        new.timeline = add_spans(self.timeline, new._spans)
         new.peak = int(new.timeline.max())
         return new
 
@@ -260,7 +225,7 @@ class _Choice:
         self.end[v] = m.forward_end[v]
         self.freed[v] = None
         self.freed_bytes += m.nbytes[v]
-        nbytes = value_nbytes(v.meta.get("val"))
+        nbytes = m.storages.size(v)
         clusters: list[list[int]] = []
         for p in points:
             if any(s <= p <= e for s, e in self.instances.get(v, ())):
@@ -273,8 +238,8 @@ class _Choice:
 
     def _instance(self, u: fx.Node, start: int, end: int) -> bool:
         self._own(u).append([start, end])
-        self._span(start, end, value_nbytes(u.meta.get("val")))
-        self.flops += node_flops(u)
+        self._span(start, end, self.model.storages.size(u))
+        self.flops += self.model.storages.flops(u)
         if self.max_flops is not None and self.flops > self.max_flops:
             return False
         return self._inputs_at(u, start)
@@ -293,7 +258,7 @@ class _Choice:
         if u not in self.freed and self.end[u] >= at:  # the forward copy is still there
             self.forward_reads[u] = self.forward_reads.get(u, frozenset()) | {at}
             return True
-        nbytes = value_nbytes(u.meta.get("val"))
+        nbytes = m.storages.size(u)
         before = max((i for i in own if i[1] < at), key=lambda i: i[1], default=None)
         after = min((i for i in own if i[0] > at), key=lambda i: i[0], default=None)
         if self.free_only:  # only within the span the forward copy had before anything was recomputed

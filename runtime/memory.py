@@ -10,7 +10,6 @@ The predicted peak is the persistent bytes plus the largest sum of live intermed
 from __future__ import annotations
 
 import dataclasses
-import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..graph import TrainGraph, saved_activations, storage_root, value_nbytes
+from ..graph import TrainGraph, saved_activations, value_nbytes
+from ..liveness import storages
 from .lower import workspace_bytes
 
 PERSISTENT = {"param": "parameters", "buffer": "buffers", "input": "batch", "hparam": "batch"}
@@ -157,56 +157,19 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
             persistent[cat] += value_nbytes(n.meta.get("val"))
             resident.append((f"{n.meta['memfit.name']} (step snapshot)", value_nbytes(n.meta.get("val")), cat))
 
-    out_node = nodes[-1]
-    roots: dict[fx.Node, Any] = {}  # storage owner of each node, looked up once
-
-    def _owner(node: fx.Node) -> Any:
-        root = roots.get(node)
-        if root is None:
-            root = roots[node] = storage_root(node)
-        return root
-
-    last_use: dict[Any, int] = {}
-    alloc: dict[int, list[tuple[Any, int]]] = {}
-    seen_owner: set[Any] = set()
-    for n in nodes:
-        if n.op != "call_function":
-            continue
-        owner = _owner(n)
-        val = n.meta.get("val")
-        if owner is n and owner not in seen_owner:
-            seen_owner.add(owner)
-            if n.target is operator.getitem:
-                # a tuple element exists from the moment the tuple op ran, owned by the getitem reading it
-                alloc.setdefault(index[n.args[0]], []).append((owner, value_nbytes(val)))
-            elif isinstance(val, (tuple, list)):
-                # elements nobody reads live as long as the tuple itself
-                read = {u.args[1] for u in n.users if u.target is operator.getitem}
-                alloc.setdefault(index[n], []).append(
-                    (owner, sum(value_nbytes(v) for i, v in enumerate(val) if i not in read)))
-            else:
-                alloc.setdefault(index[n], []).append((owner, value_nbytes(val)))
-        for inp in n.all_input_nodes:
-            key = _owner(inp)
-            last_use[key] = max(last_use.get(key, -1), index[n])
-        last_use.setdefault(owner, index[n])
-    for inp in out_node.all_input_nodes:
-        last_use[_owner(inp)] = len(nodes)
-
-    grad_roots = {_owner(v) for v in g.grad_of.values()}
-    saved = {_owner(k) for k in saved_activations(g)}
-    category = {}
-    for owners in alloc.values():
-        for owner, _ in owners:
-            category[owner] = ("gradients" if owner in grad_roots else
-                               "saved activations" if owner in saved else "temporaries")
+    st = storages(g)  # the one memory model (memfit.liveness): owners, allocation and last use
+    alloc = {i: [(o, st.nbytes[o]) for o in owners] for i, owners in st.by_alloc().items()}
+    last_use = st.last
+    grad_roots = {st.root(v) for v in g.grad_of.values()}
+    saved = {st.root(k) for k in saved_activations(g)}
+    category = {o: ("gradients" if o in grad_roots else "saved activations" if o in saved else "temporaries")
+                for o in st.alloc}
     frees: dict[int, list[Any]] = {}
     for owner, i in last_use.items():
-        if owner in category:
-            frees.setdefault(i, []).append(owner)
+        frees.setdefault(i, []).append(owner)
 
     live = dict.fromkeys((*INTERMEDIATE, "kernel workspace"), 0)
-    sizes = {o: b for owners in alloc.values() for o, b in owners}
+    sizes = st.nbytes
     base = sum(persistent.values())
     best, best_at, best_node, best_i = -1, dict(live), "-", -1
     timeline = []

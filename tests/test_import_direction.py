@@ -5,13 +5,14 @@ imports the runtime; a kernel never imports a pass; ``kernels/`` imports only to
 triton; ``passes/`` never imports triton or the runtime. The rules as the code keeps them, per layer
 (direct imports, including those inside functions):
 
-* ``errors``: nothing from memfit. ``graph``: only ``errors`` (the IR every layer speaks).
+* ``errors``: nothing from memfit. ``graph``: only ``errors`` (the IR every layer speaks). ``liveness``: only
+  ``errors`` and ``graph`` (the one memory model, read by passes and runtime alike).
 * ``kernels/``: torch, triton, the standard library and ``memfit.errors`` (the one error hierarchy).
 * ``projection``: nothing from memfit (the low-rank math in plain torch, shared by ops, passes and runtime).
 * ``ops``: ``errors``, ``kernels`` and ``projection`` (each op's CPU body is its kernel's reference).
-* ``passes/``: ``errors``, ``graph``, ``ops``, ``projection`` (shapes) and other passes; never the runtime,
+* ``passes/``: ``errors``, ``graph``, ``liveness``, ``ops``, ``projection`` (shapes) and other passes; never the runtime,
   kernels, frontends, the API or triton. Passes insert memfit ops through ``torch.ops.memfit``, never a kernel.
-* ``runtime/``: ``errors``, ``graph``, ``ops``, ``kernels``, ``projection`` and ``passes.base`` (the planner reads
+* ``runtime/``: ``errors``, ``graph``, ``liveness``, ``ops``, ``kernels``, ``projection`` and ``passes.base`` (the planner reads
   each pass's ``memory_effect``, never a pass's internals); never frontends or the API.
 * ``frontends/``: ``errors``, ``graph`` and other frontends; ``frontends/dynamo.py`` alone also imports
   ``passes.base`` and ``runtime`` (it is the torch.compile door: it runs the Pipeline on what it
@@ -40,11 +41,12 @@ ANY = object()  # a door: may import anything
 ALLOWED: dict[str, object] = {
     "errors": set(),
     "graph": {"errors"},
+    "liveness": {"errors", "graph"},
     "kernels": {"errors", "kernels"},
     "projection": set(),
     "ops": {"errors", "kernels", "projection"},
-    "passes": {"errors", "graph", "ops", "passes", "projection"},
-    "runtime": {"errors", "graph", "ops", "kernels", "runtime", "passes.base", "projection"},
+    "passes": {"errors", "graph", "liveness", "ops", "passes", "projection"},
+    "runtime": {"errors", "graph", "liveness", "ops", "kernels", "runtime", "passes.base", "projection"},
     "frontends": {"errors", "graph", "frontends"},
     "frontends.dynamo": {"errors", "graph", "frontends", "runtime", "passes.base"},
     "measure": {"errors"},
