@@ -26,7 +26,7 @@ from .errors import (
 from .frontends.export import capture, flatten_batch, locate_op_source
 from .graph import TrainGraph
 from .measure import PeakMeasurement, measure_peak
-from .passes.base import Pass, make_pass
+from .passes.base import PIPELINES, Pass, make_pass
 from .passes.fused_update import SGD, AdamW
 from .runtime.executor import NONFINITE_MODES, CompiledStep, Executor, StepGuard
 from .runtime.lower import lower
@@ -471,7 +471,7 @@ def size_model(model: nn.Module, *, example_inputs: Sequence[Any], dim: str = "b
         resized = [_resize(t, axis, size) for t in flat]
         batch = (dict(zip(keys, resized, strict=True)),) if keys else tuple(resized)
         _, p = build_graph(model, batch, loss_fn=loss_fn, optimizer=optimizer,
-                           passes=passes if passes is not None else ["remat", "fused_update"], frozen=frozen,
+                           passes=passes if passes is not None else list(PIPELINES["lossless"]), frozen=frozen,
                            device=dev)
         plans.append(p)
     default_limit = 4096 if dim == "batch" else int(getattr(getattr(model, "config", None),

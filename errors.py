@@ -33,8 +33,8 @@ class BudgetError(MemfitError):
 
     ``plan`` is the MemoryPlan of the smallest peak reached, when the raiser has one (``memfit plan``
     prints and draws it); ``smallest_peak_bytes`` its peak and ``budget_bytes`` the budget. When the
-    budget is below what no lever can reduce (parameters, optimizer state), the planner stops early:
-    ``floor_only`` is True and ``smallest_peak_bytes`` is None (the search that finds it was skipped).
+    budget is below what no lever can reduce (parameters, optimizer state), ``floor_only`` is True: the
+    planner skipped its search and verified only the plan with every lever at its smallest.
     """
 
     def __init__(self, message: str, *, plan: Any = None, budget_bytes: int | None = None,
@@ -43,7 +43,7 @@ class BudgetError(MemfitError):
         self.plan = plan
         self.budget_bytes = budget_bytes
         self.floor_only = floor_only
-        self.smallest_peak_bytes = None if floor_only else getattr(plan, "peak_bytes", None)
+        self.smallest_peak_bytes = getattr(plan, "peak_bytes", None)
 
 
 class NonFiniteError(MemfitError, FloatingPointError):

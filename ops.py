@@ -562,3 +562,97 @@ def replace_args(node, **changes) -> tuple[tuple, dict]:
         else:
             kwargs[name] = value
     return tuple(args), kwargs
+
+
+# ---- workspace: the bytes each op allocates and frees while it runs ------------------------------------
+# Declared here with the ops and read both by the lowering's plan (``workspace_bytes`` of a node) and by the
+# passes' planner options (the value-level functions), so there is one figure for each op.
+
+def adamw_workspace(numel: int, low_precision: bool, grad_copy: int, micro_steps: int, triton: bool,
+                    spike: bool = False) -> int:
+    """``memfit::adamw_update``: ``grad_copy`` (a contiguous copy of a non-contiguous gradient); on the CPU
+    reference also an fp32 working copy of a low-precision parameter, ``denom``, the scaled accumulated
+    gradient and, with spike clipping, the chunked clip's temporaries. Triton keeps the rest in registers."""
+    if triton:
+        return grad_copy
+    fp32 = numel * 4
+    total = grad_copy + (fp32 if low_precision else 0)
+    if not spike:
+        return total + fp32 + (fp32 if micro_steps > 1 else 0)
+    from .kernels.adamw import spike_workspace_bytes
+
+    # an owned fp32 gradient (the scaled sum, a cast, or a copy), then the chunked clip, then denom
+    return total + fp32 + max(spike_workspace_bytes(numel), fp32)
+
+
+def sgd_workspace(numel: int, low_precision: bool, grad_copy: int, micro_steps: int, triton: bool,
+                  owns_temp: bool) -> int:
+    """``memfit::sgd_update``: the gradient copy; on the CPU reference an fp32 parameter copy when low
+    precision and one owned gradient temporary when it scales, decays or uses Nesterov."""
+    if triton:
+        return grad_copy
+    return grad_copy + (numel * 4 if low_precision else 0) + (numel * 4 if owns_temp else 0)
+
+
+def adam8bit_workspace(numel: int, low_precision: bool, grad_copy: int, bits: int, triton: bool) -> int:
+    """``memfit::adam8bit_update``: 8-bit Triton keeps a block in registers; the 8-bit reference works in
+    chunks (fp32 m, v, update and the code search); 4-bit holds whole fp32 m and v, unpacked codes,
+    ``denom`` and an fp32 parameter copy when low precision."""
+    if triton and bits == 8:
+        return grad_copy
+    if bits == 8:
+        from .kernels.adam8bit import _REF_CHUNK
+
+        return grad_copy + 7 * 4 * min(numel, _REF_CHUNK) + 8192
+    return grad_copy + 5 * numel * 4 + (numel * 4 if low_precision else 0)
+
+
+def lowrank_workspace(shape: tuple[int, int], *, rank: int, projector: str, rule: str, proj_bits: int,
+                      micro_steps: int, fp32_param_and_grad: bool, low_precision: bool, factored_tokens: int,
+                      triton: bool) -> int:
+    """``memfit::lowrank_update`` at its worst step, a subspace refresh: R, N and two moment-sized
+    temporaries; P^T L first when factored; the accumulated gradient; the rule's full-size temporaries;
+    a regenerated or unpacked projector; the refresh itself (``projection.refresh_bytes``)."""
+    m, n = shape
+    rows = pj.proj_shape((m, n), rank)[0]
+    full = 4 * m * n
+    step = 4 * 4 * math.prod(pj.low_shape((m, n), rank))
+    step += 4 * rank * factored_tokens
+    if micro_steps > 1:
+        step += full  # the accumulated gradient, scaled, in fp32
+    if rule == "apollo" and fp32_param_and_grad:
+        step += 4 * max(m, n)  # W += G ∘ ratio in place (_apollo_in_place): G's per-channel norms only
+    elif rule != "galore":
+        step += 2 * full  # the fp32 gradient and the projected-back update
+    elif not triton:
+        step += full if low_precision else 0
+    if projector == "random" or proj_bits == 4:
+        step += 4 * rows * rank
+    return step + pj.refresh_bytes((m, n), rank, projector)
+
+
+def workspace_bytes(node, triton: bool) -> int:
+    """Workspace of the memfit op at ``node`` (0 for any other node), for the Triton kernels or the CPU
+    references (``triton``)."""
+    target = node.target
+    ops = torch.ops.memfit
+    if target not in (ops.adamw_update.default, ops.sgd_update.default, ops.adam8bit_update.default,
+                      ops.lowrank_update.default):
+        return 0
+    a = args_of(node)
+    param, grad = a.param.meta["val"], a.grad.meta["val"]
+    numel = param.numel()
+    low = param.dtype != torch.float32
+    if target is ops.lowrank_update.default:
+        return lowrank_workspace(tuple(param.shape), rank=a.rank, projector=a.projector, rule=a.rule,
+                                 proj_bits=a.proj_bits, micro_steps=a.micro_steps,
+                                 fp32_param_and_grad=param.dtype == grad.dtype == torch.float32, low_precision=low,
+                                 factored_tokens=grad.shape[1] if a.grad_right is not None else 0, triton=triton)
+    if target is ops.adam8bit_update.default:
+        copy = 0 if grad.is_contiguous() or a.micro_steps > 1 else numel * 4
+        return adam8bit_workspace(numel, low, copy, a.bits, triton)
+    copy = grad.numel() * grad.element_size() if a.micro_steps <= 1 and not grad.is_contiguous() else 0
+    if target is ops.adamw_update.default:
+        return adamw_workspace(numel, low, copy, a.micro_steps, triton, spike=(a.spike_threshold or 0) > 0)
+    owns = a.micro_steps > 1 or a.weight_decay != 0 or (a.momentum != 0 and a.nesterov)
+    return sgd_workspace(numel, low, copy, a.micro_steps, triton, owns)

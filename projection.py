@@ -244,3 +244,24 @@ def dequantize_int4(packed: torch.Tensor, meta: torch.Tensor, shape: tuple[int, 
     pad = (-numel) % INT4_GROUP
     q = torch.nn.functional.pad(q, (0, pad)).view(-1, INT4_GROUP)
     return (q * meta[1][:, None] + meta[0][:, None]).reshape(-1)[:numel].view(shape)
+
+
+def refresh_bytes(shape: tuple[int, int], rank: int, projector: str) -> int:
+    """Bytes a subspace refresh of an (m, n) weight allocates on top of a normal step, the peak of its
+    temporaries: the one figure the lowrank pass reports to the planner and the lowering plans with.
+
+    svd: the fp32 gradient, U (rows x k), S and Vh (k x other) from LAPACK, and the new projector;
+    randomized: the sketch, its QR and the small SVD at oversampling 8; dct: the fp32 gradient and its
+    transform; random: the regenerated projector."""
+    m, n = shape
+    k = min(m, n)
+    rows = proj_shape((m, n), rank)[0]
+    full = 4 * m * n
+    if projector == "svd":
+        return full + 4 * (rows * k + k * (m + n - rows) + rows * rank)
+    if projector == "randomized":
+        p = min(rank + 8, k)
+        return 4 * (3 * (m + n) * p + p * p)
+    if projector == "dct":
+        return 2 * full
+    return 4 * rows * rank

@@ -41,11 +41,11 @@ from torch import fx
 
 from ..errors import ConfigError, MemfitWarning, where_what_got
 from ..graph import NAME_KEY, ROLE_KEY, TrainGraph, saved_activations
-from ..passes.base import Pass, Pipeline, make_pass
+from ..passes.base import PIPELINES, Pass, Pipeline, make_pass
 from ..runtime.lower import lower
 
 LAST_STATS: dict[str, Any] = {}
-DEFAULT_PASSES = ("remat",)
+DEFAULT_PASSES = PIPELINES["compile"]
 # graphs memfit's backend compiled, graph breaks and frames run eagerly under it, since the watch was armed
 # (first use of Dynamo with memfit, or the first use after torch._dynamo.reset())
 TOTALS: Counter = Counter()

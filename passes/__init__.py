@@ -1,3 +1,3 @@
 """Graph rewrites, one file per family, each registered by name."""
 
-from . import freeze, fused_update, lowrank, quantize, remat  # noqa: F401  (registration side effects)
+from . import freeze, fused_update, lowrank, quantize, remat, sink  # noqa: F401  (registration side effects)

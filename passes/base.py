@@ -44,6 +44,47 @@ class MemoryEffect:
     per_param: dict[str, int] = field(default_factory=dict)
 
 
+LOSSINESS = ("lossless", "near-lossless", "lossy")  # a lever's class: how far it may move the training numerics
+
+# The one written pipeline: every door and the planner read their pass sequences from here.
+PIPELINES: dict[str, tuple[str, ...]] = {
+    # memfit.optimize / memfit.plan without a budget, the planner's starting point, size_model's default
+    "lossless": ("remat", "fused_update"),
+    # torch.compile's joint graphs keep gradients as outputs: no fused update there
+    "compile": ("remat",),
+}
+SCHEDULE_PASS = "sink"  # the last pass of every pipeline, explicit passes= lists included
+LEVER_PASSES: tuple[str, ...] = ("quantize_state", "lowrank")  # passes whose options() the planner may take
+RECOMPUTE_PASS = "remat"  # the pass whose recomputation sequence the planner cuts (see Pass.options)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting a lever pass offers for one target, with what it costs: the planner's table row.
+
+    ``persistent`` is the change in bytes that live across steps (negative saves), ``transient`` the
+    extra bytes live while the target's op runs (a subspace refresh, a dequantized tile), ``flops`` the
+    FLOPs added per step, ``lossiness`` one of LOSSINESS and ``degree`` the order among one target's
+    options of the same class (higher: further from the exact step; lower is preferred on a tie). At
+    most one option of a ``group`` is taken per target (one optimizer-state setting per parameter).
+    ``config`` is what ``from_options`` needs to build the pass that applies it."""
+
+    pass_name: str
+    target: str
+    label: str
+    config: tuple[tuple[str, Any], ...]
+    persistent: int
+    transient: int = 0
+    flops: int = 0
+    lossiness: str = "lossless"
+    degree: int = 0
+    group: str = "state"
+
+    @property
+    def rank(self) -> int:
+        return LOSSINESS.index(self.lossiness)
+
+
 @dataclass(frozen=True)
 class Pass(abc.ABC):
     """Base class: subclasses are frozen dataclasses registered with :func:`register_pass`."""
@@ -53,6 +94,20 @@ class Pass(abc.ABC):
     before: ClassVar[tuple[str, ...]] = ()  # passes this one must precede when both are present
     joint_ok: ClassVar[bool] = False  # runs on torch.compile joint graphs (keeps the output structure)
     lossless: ClassVar[bool] = True
+    last: ClassVar[bool] = False  # runs after every other pass (the schedule)
+    keeps_meta: ClassVar[bool] = False  # every node it adds carries a correct meta["val"]: no re-propagation
+
+    @classmethod
+    def options(cls, g: TrainGraph, levers: str) -> list[Option]:
+        """The settings this pass offers the planner on ``g`` within ``levers`` (a LOSSINESS level), each
+        with its exact bytes, FLOPs and lossiness class. A pass that declares options is a lever: list it
+        in LEVER_PASSES (or pass it to the planner) and the planner may pick it; it never names passes."""
+        return []
+
+    @classmethod
+    def from_options(cls, chosen: list[Option]) -> tuple[str, dict]:
+        """The pass spec ``(name, config)`` applying ``chosen`` (this pass's options, one per target)."""
+        raise NotImplementedError(f"pass {cls.name!r} declares no options")
 
     @abc.abstractmethod
     def run(self, g: TrainGraph) -> PassResult:
@@ -143,6 +198,7 @@ class Pipeline:
     def __call__(self, g: TrainGraph) -> TrainGraph:
         check_graph(g, "capture")
         done: list[str] = []
+        stale = False  # the module's Python code lags the graph: recompiled once, at the end (planning never runs it)
         for p in self.passes:
             missing = [r for r in p.requires if r not in g.applied]
             if missing:
@@ -154,8 +210,9 @@ class Pipeline:
                 g.sync_outputs()
                 g.eliminate_dead_code()
                 g.graph.lint()
-                g.recompile()
-                refresh_meta(g)
+                stale = True
+                if result.modified and not p.keeps_meta:
+                    refresh_meta(g)
                 check_graph(g, p.name)
             except MemfitError as e:  # same error, same attributes (op/node, plan), plus where it happened
                 e.args = (f"{e} [in pass {p.name!r}, after {done or 'capture'}]",)
@@ -168,6 +225,8 @@ class Pipeline:
             g.applied.append(p.name)
             g.info.setdefault("pass_stats", {})[p.name] = {"modified": result.modified, **result.stats}
             done.append(p.name)
+        if stale:
+            g.recompile()
         return g
 
 
@@ -175,6 +234,9 @@ def _order(passes: list[Pass]) -> list[Pass]:
     """Stable topological order: after what it ``requires``, before what it names in ``before``."""
     names = [p.name for p in passes]
     after = {p.name: set(p.requires) for p in passes}
+    for p in passes:  # last passes (the schedule) follow every other one
+        if p.last:
+            after[p.name] |= {q.name for q in passes if not q.last}
     for p in passes:
         for q in p.before:
             after.setdefault(q, set()).add(p.name)

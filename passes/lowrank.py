@@ -59,12 +59,25 @@ from torch import fx
 from .. import projection as pj
 from ..errors import ConfigError, where_what_got
 from ..graph import NAME_KEY, StateSpec, TrainGraph
-from ..ops import SCHED_LEN, args_of, op_call, state_block
-from .base import MemoryEffect, Pass, PassResult, refuse_spike_clipping, register_pass
+from ..ops import SCHED_LEN, args_of, lowrank_workspace, op_call, state_block
+from .base import MemoryEffect, Option, Pass, PassResult, refuse_spike_clipping, register_pass
 
 _PROJECTORS = ("svd", "randomized", "dct", "random")
 _RULES = ("galore", "apollo", "fira", "frugal")
 _ADAMW = torch.ops.memfit.adamw_update.default
+FULL_RANK_NAMES = ("embed", "wte", "wpe", "lm_head", "shared")  # the lever keeps these at full rank (by FQN)
+GALORE_LEVER = {"projector": "svd", "rule": "galore", "scaling": "channel", "scale": 0.25}
+APOLLO_MINI_LEVER = {"rank": 1, "projector": "random", "rule": "apollo", "scaling": "tensor", "scale": 128.0}
+
+
+def _embedding_tables(g: TrainGraph) -> set[str]:
+    """Parameters read by an embedding lookup (their rows are indexed, not multiplied)."""
+    out = set()
+    for fqn, node in g.params.items():
+        if any(u.op == "call_function" and getattr(u.target, "overloadpacket", None) is torch.ops.aten.embedding
+               for u in node.users):
+            out.add(fqn)
+    return out
 _TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
 OVERRIDABLE = ("rank", "projector", "rule", "scaling", "scale", "proj_bits", "seed")  # per-parameter fields
 
@@ -238,17 +251,7 @@ class LowRank(Pass):
 
     def refresh_transient(self, shape: tuple[int, int]) -> int:
         """Bytes a subspace refresh allocates on top of a normal step (the peak of its temporaries)."""
-        m, n = shape
-        k = min(m, n)
-        rows = pj.proj_shape(shape, self.rank)[0]
-        if self.projector == "svd":  # fp32 G, U (rows x k), S, Vh (k x other), LAPACK work ~ U
-            return 4 * (m * n + 2 * rows * k + k + k * (m + n - rows))
-        if self.projector == "randomized":
-            p = min(self.rank + 8, k)
-            return 4 * (3 * (m + n) * p + p * p)
-        if self.projector == "dct":
-            return 4 * 2 * m * n
-        return 4 * rows * self.rank
+        return pj.refresh_bytes(shape, self.rank, self.projector)
 
     def memory_effect(self, g: TrainGraph) -> MemoryEffect:
         per_param = {}
@@ -259,6 +262,55 @@ class LowRank(Pass):
             per_param[fqn] = cfg.state_bytes(shape) - 8 * shape[0] * shape[1]
             transient = max(transient, cfg.refresh_transient(shape))
         return MemoryEffect(persistent=sum(per_param.values()), transient=transient, per_param=per_param)
+
+    # ---- as a planner lever --------------------------------------------------------------------
+    @classmethod
+    def options(cls, g: TrainGraph, levers: str) -> list[Option]:
+        """At ``levers="lossy"``, per 2-D weight with an AdamW update (not an embedding table or the output
+        head, which GaLore and APOLLO keep at full rank): GaLore (SVD projector) at rank min(m, n)/4, /8 and
+        /16, then APOLLO-Mini (rank 1, random projector, tensor scaling), all with 8-bit low-rank moments;
+        each costed by this pass's own state arithmetic; the transient is the op's workspace at a refresh
+        (``ops.lowrank_workspace``, for Triton when ``g.info["triton"]``), less the weight gradient where the
+        factored path never makes it. Lossy, degree in that order."""
+        if levers != "lossy":
+            return []
+        out = []
+        embedded = _embedding_tables(g)
+        for fqn, node in g.updates.items():
+            shape = tuple(g.params[fqn].meta["val"].shape)
+            if (node.target is not _ADAMW or len(shape) != 2 or fqn in embedded or fqn in g.tied
+                    or any(k in fqn for k in FULL_RANK_NAMES) or node.kwargs.get("spike_threshold")):
+                continue
+            settings = [(f"svd r={min(shape) // d}", {"rank": min(shape) // d, **GALORE_LEVER}) for d in (4, 8, 16)
+                        if min(shape) // d >= 2]
+            for degree, (label, cfg) in enumerate([*settings, ("apollo-mini", APOLLO_MINI_LEVER)]):
+                one = cls(**cfg, state_bits=8)
+                if min(shape) <= one.rank:
+                    continue
+                a = args_of(node)
+                param, grad = g.params[fqn].meta["val"], a.grad.meta["val"]
+                tokens = _factor_tokens(a.grad) if (one.factored and one.rule == "galore"
+                                                    and a.micro_steps == 1) else None
+                work = lowrank_workspace(shape, rank=one.rank, projector=one.projector, rule=one.rule,
+                                         proj_bits=one.proj_bits, micro_steps=a.micro_steps,
+                                         fp32_param_and_grad=param.dtype == grad.dtype == torch.float32,
+                                         low_precision=param.dtype != torch.float32, factored_tokens=tokens or 0,
+                                         triton=bool(g.info.get("triton")))
+                if tokens is not None:  # the weight gradient is never made: its bytes are not live at the update
+                    work -= grad.numel() * grad.element_size()
+                out.append(Option("lowrank", fqn, label, tuple(sorted(cfg.items())),
+                                  persistent=one.state_bytes(shape) - 8 * shape[0] * shape[1],
+                                  transient=work, lossiness="lossy", degree=degree))
+        return out
+
+    @classmethod
+    def from_options(cls, chosen: list[Option]) -> tuple[str, dict]:
+        """One pass: the commonest setting pass-wide, the others as per-parameter ``overrides``."""
+        keys = [o.config for o in chosen]
+        common = max(dict.fromkeys(keys), key=keys.count)  # the commonest, the first seen on a tie
+        overrides = tuple((o.target, dict(o.config)) for o in chosen if o.config != common)
+        return "lowrank", {**dict(common), "state_bits": 8, "targets": tuple(o.target for o in chosen),
+                           "overrides": overrides}
 
     # ---- rewrite -------------------------------------------------------------------------------
     def run(self, g: TrainGraph) -> PassResult:
@@ -369,6 +421,21 @@ class LowRank(Pass):
             return a, b
         t = torch.ops.aten.t.default
         return g.graph.call_function(t, (b,)), g.graph.call_function(t, (a,))
+
+
+def _factor_tokens(grad: fx.Node) -> int | None:
+    """The inner dimension of the ``mm`` that ``grad`` is (through transposes, each used once), when the
+    factored path can take it; None otherwise (``LowRank._factors`` without inserting anything)."""
+    node = grad
+    while node.op == "call_function" and node.target in _TRANSPOSES:
+        if node.target is torch.ops.aten.permute.default and list(node.args[1]) != [1, 0]:
+            return None
+        node = node.args[0]
+        if len(node.users) != 1:
+            return None
+    if not (node.op == "call_function" and node.target is torch.ops.aten.mm.default):
+        return None
+    return int(node.args[0].meta["val"].shape[1])
 
 
 def _fqn_seed(fqn: str) -> int:

@@ -25,8 +25,8 @@ import torch
 from .. import projection as pj
 from ..errors import ConfigError, where_what_got
 from ..graph import NAME_KEY, StateSpec, TrainGraph
-from ..ops import args_of, op_call, replace_args, state_block
-from .base import MemoryEffect, Pass, PassResult, refuse_spike_clipping, register_pass
+from ..ops import adam8bit_workspace, args_of, op_call, replace_args, state_block
+from .base import MemoryEffect, Option, Pass, PassResult, refuse_spike_clipping, register_pass
 from .lowrank import Overrides, normalize_overrides, override_for
 
 _ADAMW = torch.ops.memfit.adamw_update.default
@@ -88,6 +88,31 @@ class QuantizeState(Pass):
     def memory_effect(self, g: TrainGraph) -> MemoryEffect:
         per_param = {f: quantized_bytes(n, self.bits_for(f)) - 8 * n for f, n in self._selected(g)}
         return MemoryEffect(persistent=sum(per_param.values()), per_param=per_param)
+
+    @classmethod
+    def options(cls, g: TrainGraph, levers: str) -> list[Option]:
+        """At ``levers`` near-lossless or lossy: 8-bit moments for every parameter with an fp32 AdamW update
+        of at least ``min_numel`` elements (near-lossless), costed exactly (codes plus block absmax); the
+        transient is the 8-bit op's workspace (``ops.adam8bit_workspace``)."""
+        if levers not in ("near-lossless", "lossy"):
+            return []
+        eff = cls(bits=8).memory_effect(g).per_param
+        out = []
+        for fqn, delta in eff.items():
+            node = g.updates[fqn]
+            if node.target is not _ADAMW or node.kwargs.get("spike_threshold"):
+                continue
+            param, grad = g.params[fqn].meta["val"], args_of(node).grad.meta["val"]
+            copy = 0 if grad.is_contiguous() or args_of(node).micro_steps > 1 else param.numel() * 4
+            work = adam8bit_workspace(param.numel(), param.dtype != torch.float32, copy, 8,
+                                      bool(g.info.get("triton")))
+            out.append(Option("quantize_state", fqn, "8-bit", (("bits", 8),), persistent=delta, transient=work,
+                              lossiness="near-lossless"))
+        return out
+
+    @classmethod
+    def from_options(cls, chosen: list[Option]) -> tuple[str, dict]:
+        return "quantize_state", {"bits": 8, "targets": tuple(o.target for o in chosen)}
 
     def run(self, g: TrainGraph) -> PassResult:
         chosen = self._selected(g)

@@ -35,6 +35,7 @@ same inputs); ``stats["recomputed_flops"]`` counts the FLOPs of every inserted i
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Literal
@@ -67,8 +68,10 @@ class Remat(Pass):
     free_bytes: int = 0  # budget mode: saved bytes to free beyond the free recomputations
     max_flops: int | None = None  # cap on recomputed FLOPs: the lowest predicted peak within it
     grads: Literal["auto", "held", "consumed"] = "auto"  # gradients' lifetime in the step the choice is scored on
+    targets: tuple[str, ...] = ()  # budget mode: exactly these saved values (node names) freed, after the free ones
     before = ("fused_update",)
     joint_ok = True  # also runs on torch.compile's joint graphs
+    keeps_meta = True  # an instance carries its original's meta["val"]
 
     def __post_init__(self):
         if self.mode not in ("free", "budget"):
@@ -80,6 +83,12 @@ class Remat(Pass):
         if self.grads not in ("auto", "held", "consumed"):
             raise ConfigError(where_what_got("remat.grads", "'auto', 'held' or 'consumed'", repr(self.grads),
                                              "'held' when gradients are outputs to the end of the step"))
+        if isinstance(self.targets, (list, str)):
+            object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else
+                               tuple(self.targets))
+        if self.targets and self.mode != "budget":
+            raise ConfigError(where_what_got("remat.targets", "mode='budget' with targets", f"mode={self.mode!r}",
+                                             "pass mode='budget' (targets name saved values to recompute)"))
         if self.max_flops is not None and not (isinstance(self.max_flops, int) and self.max_flops >= 0):
             raise ConfigError(where_what_got("remat.max_flops", "None or an int >= 0", repr(self.max_flops),
                                              "the most FLOPs the recomputation may add to a step"))
@@ -91,12 +100,20 @@ class Remat(Pass):
         if self.max_flops is not None:
             pool = [v for v in model.candidates if is_cheap(v)] if self.mode == "free" else model.candidates
             return _greedy(start, pool, free_only=self.mode == "free", until=self.free_bytes or None)
-        free = start
-        for v in model.candidates:  # forward order: inputs are decided before their users
-            if is_cheap(v):
-                free = free.with_freed(v, free_only=True) or free
+        free = free_choice(model)
         if self.mode == "free":
             return free
+        if self.targets:
+            by_name = {v.name: v for v in model.candidates}
+            missing = [t for t in self.targets if t not in by_name]
+            if missing:
+                raise ConfigError(where_what_got("remat.targets", "names of recomputable saved values of this graph",
+                                                 missing[:5], "take them from remat.recompute_sequence(g)"))
+            state = free
+            for t in self.targets:
+                if by_name[t] not in state.freed:
+                    state = state.with_freed(by_name[t], free_only=False) or state
+            return state
         return _greedy(start, model.candidates, free_only=False, until=free.freed_bytes + self.free_bytes)
 
     def memory_effect(self, g: TrainGraph) -> MemoryEffect:
@@ -320,6 +337,111 @@ def _greedy(state: _Choice, pool: list[fx.Node], *, free_only: bool, until: int 
             break
         state = best
     return state
+
+
+def free_choice(model: _Liveness) -> _Choice:
+    """``"free"`` mode's choice: every cheap saved value whose inputs are live at its readers anyway."""
+    free = _Choice.start(model, None)
+    for v in model.candidates:  # forward order: inputs are decided before their users
+        if is_cheap(v):
+            free = free.with_freed(v, free_only=True) or free
+    return free
+
+
+@dataclass(frozen=True)
+class RecomputeStep:
+    """One step of the recomputation sequence: the saved values it frees (one family) and, after it, the
+    FLOPs recomputed in all, the bytes freed in all and the predicted peak of intermediates."""
+
+    key: object
+    names: tuple[str, ...]
+    flops: int
+    freed_bytes: int
+    peak: int
+
+
+def recompute_sequence(g: TrainGraph, *, grads: str = "consumed", families: dict[fx.Node, object] | None = None,
+                       ) -> tuple[int, list[RecomputeStep]]:
+    """The budget-mode greedy as one sequence, computed once: (the free choice's predicted peak of
+    intermediates, the steps after it). Each step frees one *family* of saved values (``families`` maps a
+    saved value to a key; by default each value is its own family: identical blocks of a model share keys
+    so that a step frees the same value in every block), the family lowering the predicted peak most per
+    recomputed FLOP first, then the one lowering most the bytes above a level just under the peak, never
+    one that raises the peak. Scores are kept in a priority queue and re-scored lazily: a family is
+    re-scored when it reaches the top, and taken if it still beats the next one's last score.
+
+    A FLOP cap or a byte target is a prefix of this sequence; ``Remat(mode="budget", targets=...)`` with the
+    prefix's names reproduces its choice on this graph."""
+    import heapq
+
+    model = _Liveness(g, grads == "consumed" or (grads == "auto" and not g.joint))
+    state = free_choice(model)
+    groups: dict[object, list[fx.Node]] = {}
+    for v in model.candidates:
+        if v in state.freed:
+            continue
+        key = v.name if families is None else families.get(v, ("node", v.name))
+        groups.setdefault(key, []).append(v)
+    keys = list(groups)
+    band = max((sum(model.nbytes[v] for v in groups[k]) for k in keys), default=0)
+    heap = [(-math.inf, -math.inf, i) for i in range(len(keys))]
+    steps: list[RecomputeStep] = []
+    start_peak = state.peak
+
+    def extend(st: _Choice, members: list[fx.Node]) -> _Choice | None:
+        for v in members:
+            if v in st.freed:
+                continue
+            st = st.with_freed(v, free_only=False)
+            if st is None:
+                return None
+        return st
+
+    while heap:
+        level = state.peak - band
+        area = state.area_above(level)
+        shelved = []
+        taken = None
+        while heap:
+            _, _, i = heapq.heappop(heap)
+            new = extend(state, groups[keys[i]])
+            if new is None:
+                continue  # cannot be recomputed from what is there: never again
+            gain, shaved = state.peak - new.peak, area - new.area_above(level)
+            if new.peak > state.peak or (gain <= 0 and shaved <= 0):
+                shelved.append(i)
+                continue
+            cost = max(new.flops - state.flops, 1)
+            key = (gain / cost, shaved / cost)
+            if not heap or key >= (-heap[0][0], -heap[0][1]):
+                taken = (i, new)
+                break
+            heapq.heappush(heap, (-key[0], -key[1], i))
+        for i in shelved:
+            heapq.heappush(heap, (0.0, 0.0, i))
+        if taken is None:
+            break
+        i, state = taken
+        steps.append(RecomputeStep(keys[i], tuple(v.name for v in groups[keys[i]]), state.flops, state.freed_bytes,
+                                   state.peak))
+    return start_peak, steps
+
+
+def replay_peaks(g: TrainGraph, steps: list[tuple[str, ...]], *, grads: str = "consumed") -> list[int]:
+    """The predicted peak of intermediates of ``g`` after the free choice and after each of ``steps`` (the
+    saved values each frees, by name): another graph's sequence replayed here (the 1-layer capture of
+    a model whose sequence was found on its 2-layer capture)."""
+    model = _Liveness(g, grads == "consumed" or (grads == "auto" and not g.joint))
+    state = free_choice(model)
+    by_name = {v.name: v for v in model.candidates}
+    peaks = [state.peak]
+    for names in steps:
+        for name in names:
+            v = by_name.get(name)
+            if v is not None and v not in state.freed:
+                state = state.with_freed(v, free_only=False) or state
+        peaks.append(state.peak)
+    return peaks
 
 
 def _materialize(g: TrainGraph, choice: _Choice) -> int:

@@ -13,7 +13,6 @@ import contextlib
 import contextvars
 import functools
 import logging
-import math
 import operator
 import os
 from collections.abc import Callable
@@ -25,7 +24,6 @@ from torch import fx
 from .. import ops as memfit_ops
 from ..errors import UnsupportedGraph, where_what_got
 from ..graph import user_frame
-from ..ops import args_of
 
 log = logging.getLogger("memfit.lower")
 
@@ -191,86 +189,6 @@ def lower(gm: fx.GraphModule, device: torch.device | str = "cpu", *, loss_guard:
 
 
 def workspace_bytes(node: fx.Node, device: torch.device | str = "cpu") -> int:
-    """Bytes a memfit op allocates and frees while it runs, for the implementation ``lower`` picks.
-
-    Update ops copy a non-contiguous gradient (e.g. a transposed weight gradient) to a contiguous
-    one; the CPU references add their own param-sized temporaries (AdamW's ``denom``; SGD's first
-    owned gradient temporary when it scales, decays or uses Nesterov; an fp32 working copy of a
-    low-precision parameter). The Triton kernels keep everything else in registers. The low-rank
-    update is costed at its worst step, a subspace refresh.
-    """
-    target = node.target
-    if target is torch.ops.memfit.lowrank_update.default:
-        return _lowrank_workspace(node, use_triton(torch.device(device)))
-    if target is torch.ops.memfit.adam8bit_update.default:
-        return _adam8bit_workspace(node, use_triton(torch.device(device)))
-    if target not in (torch.ops.memfit.adamw_update.default, torch.ops.memfit.sgd_update.default):
-        return 0
-    a = args_of(node)
-    param, grad = a.param.meta["val"], a.grad.meta["val"]
-    micro_steps = a.micro_steps
-    fp32 = param.numel() * 4
-    total = 0
-    if micro_steps <= 1 and not grad.is_contiguous():
-        total += grad.numel() * grad.element_size()
-    if use_triton(torch.device(device)):
-        return total
-    if param.dtype != torch.float32:
-        total += fp32
-    if target is torch.ops.memfit.adamw_update.default:
-        spike = node.kwargs.get("spike_threshold", 0.0) > 0
-        if not spike:
-            return total + fp32 + (fp32 if micro_steps > 1 else 0)
-        from ..kernels.adamw import spike_workspace_bytes
-
-        # an owned fp32 gradient (the scaled sum, a cast, or a copy), then the chunked clip, then denom
-        return total + fp32 + max(spike_workspace_bytes(param.numel()), fp32)
-    momentum, nesterov, weight_decay = a.momentum, a.nesterov, a.weight_decay
-    owns_temp = micro_steps > 1 or weight_decay != 0 or (momentum != 0 and nesterov)
-    return total + (fp32 if owns_temp else 0)
-
-
-def _adam8bit_workspace(node: fx.Node, triton: bool) -> int:
-    a = args_of(node)
-    param = a.param.meta["val"]
-    bits, micro_steps = a.bits, a.micro_steps
-    numel = param.numel()
-    grad_copy = 0 if a.grad.meta["val"].is_contiguous() or micro_steps > 1 else numel * 4
-    if triton and bits == 8:
-        return grad_copy
-    if bits == 8:  # the reference works in chunks of _REF_CHUNK values: fp32 m, v, update and the code search
-        from ..kernels.adam8bit import _REF_CHUNK
-
-        return grad_copy + 7 * 4 * min(numel, _REF_CHUNK) + 8192
-    # 4-bit: whole fp32 m and v, unpacked codes, AdamW's denom, one fp32 param copy when low precision
-    return grad_copy + 5 * numel * 4 + (numel * 4 if param.dtype != torch.float32 else 0)
-
-
-def _lowrank_workspace(node: fx.Node, triton: bool) -> int:
-    from .. import projection as pj
-
-    a = args_of(node)
-    param = a.param.meta["val"]
-    m, n = param.shape
-    rank, projector, rule, proj_bits = a.rank, a.projector, a.rule, a.proj_bits
-    rows = pj.proj_shape((m, n), rank)[0]
-    low = 4 * math.prod(pj.low_shape((m, n), rank))
-    full = 4 * m * n
-    step = 4 * low  # R, N and two moment-sized temporaries
-    if a.grad_right is not None:  # factored: P^T L (rank x tokens) first
-        step += 4 * rank * a.grad.meta["val"].shape[1]
-    if a.micro_steps > 1:
-        step += full  # the accumulated gradient, scaled, in fp32
-    if rule == "apollo" and param.dtype == a.grad.meta["val"].dtype == torch.float32:
-        step += 4 * max(m, n)  # W += G ∘ ratio in place (ops._apollo_in_place): G's per-channel norms only
-    elif rule != "galore":
-        step += 2 * full  # the fp32 gradient and the projected-back update
-    elif not triton:
-        step += full if param.dtype != torch.float32 else 0
-    if projector == "random" or proj_bits == 4:
-        step += 4 * rows * rank
-    k = min(m, n)
-    refresh = {"svd": full + 4 * (rows * k + k * (m + n - rows) + rows * rank),
-               "randomized": 4 * (3 * (m + n) * min(rank + 8, k) + min(rank + 8, k) ** 2),
-               "dct": 2 * full, "random": 4 * rows * rank}[projector]
-    return step + refresh
+    """Bytes a memfit op allocates and frees while it runs, for the implementation ``lower`` picks on
+    ``device`` (Triton kernels or the CPU references): ``ops.workspace_bytes``, declared with each op."""
+    return memfit_ops.workspace_bytes(node, use_triton(torch.device(device)))

@@ -45,6 +45,11 @@ class MemoryPlan:
     category_timeline: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     node_names: tuple[str, ...] = field(default=(), repr=False)
     backward_start: int | None = None  # index of the first node after the loss
+    # (layers captured, layers planned) when the figures come from identical blocks replicated
+    # (runtime.blocks): the timeline and node names are then those of the 2-layer capture
+    replicated: tuple[int, int] | None = None
+    # per parameter, the optimizer-state setting the planner chose (absent: fp32 state as captured)
+    state_choice: dict[str, str] = field(default_factory=dict)
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
         """Draw the memory timeline of one step to ``path`` (needs matplotlib: pip install memfit[plot])."""
@@ -68,6 +73,9 @@ class MemoryPlan:
             rows.append(("budget", fmt_bytes(self.budget_bytes)))
         width = max(len(r[0]) for r in rows)
         lines = [f"MemoryPlan (passes: {', '.join(self.passes) or 'none'}; peak at node {self.peak_node})"]
+        if self.replicated:
+            lines.append(f"  (one block planned and replicated: {self.replicated[1]} layers from captures of 1 and "
+                         f"{self.replicated[0]}; timeline and node names are the {self.replicated[0]}-layer step's)")
         lines += [f"  {a:<{width}}  {b:>12}" for a, b in rows]
         lines.append(f"  {'saved activations (all)':<{width}}  {fmt_bytes(self.saved_activation_bytes):>12}")
         lines.append(f"  {'gradients (all)':<{width}}  {fmt_bytes(self.gradient_bytes):>12}")

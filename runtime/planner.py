@@ -1,49 +1,62 @@
 """The planner: which rewrites, with which settings, make the step fit the budget.
 
-Levers in order of cost (README, "the planner"): the lossless ones first (``remat`` free recomputation
-and ``fused_update``), then recomputation of saved activations that costs FLOPs (``remat`` in
-``"budget"`` mode, searched over the FLOP cap ``max_flops`` for the fewest FLOPs that fit). Each
-trial is a Pipeline run on a clone of the captured graph plus the liveness plan of the result, so the
-figure the planner compares with the budget is the one the runtime will run. Among the trials that
-fit it keeps the one recomputing the fewest FLOPs; when none fits it raises BudgetError with the
-smallest peak it reached and the five largest tensors live at it. An explicit ``passes=`` list is
-planned as given, never changed.
+It is a policy over a table the passes write, and it names none of them:
 
-When no recomputation fits, the optimizer-state levers follow, chosen per parameter as far as
-``levers`` allows (``state_options``): every trainable parameter starts at fp32 AdamW state and may
-step through its own settings, least lossy first: 8-bit moments (near-lossless); then, for 2-D
-weights other than embeddings and the head, low-rank projection (SVD) at rank min(m, n)/4, /8, /16
-with 8-bit low-rank moments, then APOLLO-Mini (lossy). Each setting is costed by its pass's own
-``memory_effect`` on the lossless graph: the persistent bytes it saves and the transient of a
-subspace refresh. ``_StateGreedy`` orders the steps: each advances the parameter whose next setting
-saves the most bytes (ties: the larger parameter). The search walks that sequence forward to the
-first step whose predicted parameters + state leave room for the overhead the last trial showed
-above them (activations at full recomputation, kernel workspace) and for the largest refresh
-transient, and runs it for real, as one ``lowrank`` pass with per-parameter ``overrides`` and one
-``quantize_state`` pass with the 8-bit ``targets``, each with the recomputation sweep. A failed trial
-raises the overhead and the walk goes on; once a step fits, the search backs off towards the last
-step that did not (by the secant through their peaks), to keep as little lossy state as fits. At
-most ``_STATE_ROUNDS`` such trials; the last, if none fit yet, takes every step, so the error names
-the smallest peak the levers reach.
+- the **recomputation sequence** of the recompute pass (``RECOMPUTE_PASS``, ``remat``): the saved values
+  to recompute, best first, computed once on the captured graph (``remat.recompute_sequence``) with the
+  predicted peak of intermediates and the FLOPs after every step; a choice is a prefix of it;
+- the **options** of the lever passes (``LEVER_PASSES``, or ``lever_passes=``): per target (a parameter),
+  settings with their exact persistent bytes, transient bytes, FLOPs and lossiness class
+  (``Pass.options``); at most one per target and group.
+
+Policy (lossiness first, recomputed FLOPs second): the named pipeline ``"lossless"`` runs first; if it
+fits, that is the plan. Otherwise, with every recomputation step taken, the bytes still missing are
+covered by state options, choosing the set with the least lossiness on lossy settings, then on
+near-lossless ones, lossiness being parameter elements x (1 + the option's degree) (a knapsack solved by dynamic programming over the bytes, in
+``_UNITS`` steps, rounding savings down so that a chosen set never saves less than the table says);
+then the shortest recomputation prefix that fits with that state. The predicted peak of a choice is
+``persistent + intermediates(k) + gap``, where the intermediates come from the one memory model
+(``memfit.liveness``) on the captured graph and ``gap`` (kernel workspaces, the update's placement,
+the schedule) is measured: every choice is run once through the Pipeline and planned, and that plan's
+peak, the one the runtime runs, decides. A miss raises ``gap`` by the shortfall and the choice is made
+again (at most ``_ROUNDS`` times). An explicit ``passes=`` list is planned as given, never changed.
+
+A model of identical layers may be planned from two small captures (``Blocks``: 1 and 2 layers):
+recomputation steps then free the same value in every block (``runtime.blocks.block_keys``), state
+options are taken per parameter class (every layer's ``q_proj`` alike), and every plan is the affine
+extrapolation of the two small plans (``runtime.blocks.extrapolate``).
 """
 
 from __future__ import annotations
 
-import collections
-import heapq
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import BudgetError, ConfigError, where_what_got
 from ..graph import TrainGraph
-from ..passes.base import Pass, Pipeline, make_pass
+from ..passes.base import (
+    LEVER_PASSES,
+    LOSSINESS,
+    PIPELINES,
+    RECOMPUTE_PASS,
+    SCHEDULE_PASS,
+    Option,
+    Pass,
+    Pipeline,
+    make_pass,
+    registered_passes,
+)
+from .blocks import block_keys, extrapolate, param_class
+from .lower import use_triton
 from .memory import MemoryPlan, fmt_bytes, plan_memory
-from .schedule import sink
 
-_CAP_STEPS = 6  # bisection steps over the FLOP cap: the cap found is within ~1.4x of the fewest FLOPs that fit
+LEVELS = LOSSINESS
+_ROUNDS = 6  # verified choices at most
+_UNITS = 2048  # resolution of the state knapsack: the bytes to save in this many steps
 
 
 @dataclass(frozen=True)
@@ -61,263 +74,413 @@ class Choice:
     trials: tuple[Trial, ...]
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """A model of ``layers`` identical layers, captured at 1 and 2 layers (``one``, ``two``)."""
+
+    one: TrainGraph
+    two: TrainGraph
+    layers: int
+
+
 def run_passes(base: TrainGraph, passes: list[Pass], budget: int | None, device
                ) -> tuple[TrainGraph, MemoryPlan, Trial]:
-    """``passes`` on a clone of ``base``, scheduled and planned: what the planner tries, and what a Trainer
-    reruns on a new input shape with the passes chosen for the first (``g.info["passes"]``)."""
+    """``passes`` (and the schedule, last) on a clone of ``base``, planned: what the planner verifies, and
+    what a Trainer reruns on a new input shape with the passes chosen for the first (``g.info["passes"]``)."""
+    passes = list(passes)
+    if not any(p.name == SCHEDULE_PASS for p in passes):
+        passes.append(make_pass(SCHEDULE_PASS))
     g = Pipeline(passes)(base.clone())
-    g.info["schedule"] = {"sunk": sink(g)}
-    g.info["passes"] = list(passes)
+    g.info["passes"] = passes
     p = plan_memory(g, budget, device)
     flops = int(g.info.get("remat", {}).get("recomputed_flops", 0))
     trial = Trial(tuple(q.to_json() for q in passes), p.peak_bytes, flops, budget is None or p.peak_bytes <= budget)
     return g, p, trial
 
 
-LEVELS = ("lossless", "near-lossless", "lossy")
-_NOT_PROJECTED = ("embed", "wte", "wpe", "lm_head")  # embeddings and tied heads keep full Adam state
-_STATE_ROUNDS = 6  # state-lever trials at most, each with its recomputation sweep
-_BACKOFF_BYTES = 0.02  # stop backing off once a fitting and a failing step differ by less than this share of the budget
-_GALORE = {"projector": "svd", "rule": "galore", "scaling": "channel", "scale": 0.25}
-_APOLLO_MINI = {"rank": 1, "projector": "random", "rule": "apollo", "scaling": "tensor", "scale": 128.0}
+@dataclass
+class _Class:
+    """One planner target: a parameter, or a class of parameters (one per identical block)."""
+
+    name: str
+    members: list[list[str]]  # FQNs in each graph planned
+    mult: int  # parameters of the class in the model planned
+    numel: int  # elements of one member
+    options: list[Option] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class StateOption:
-    """One optimizer-state setting of one parameter: ``lowrank`` settings (None: full-shape 8-bit
-    moments), the change in persistent bytes against fp32 AdamW and the refresh transient."""
-
-    label: str
-    lowrank: dict | None
-    persistent: int
-    transient: int = 0
+@dataclass
+class _Decision:
+    k: int  # recomputation steps taken
+    state: dict[str, Option]  # class -> option
 
 
-def state_options(g: TrainGraph, levers: str, make: Callable[..., Pass] = make_pass) -> dict[str, list[StateOption]]:
-    """Per parameter of ``g`` (the lossless graph, ``fused_update`` applied), the optimizer-state settings
-    allowed at ``levers``, least lossy first, each costed by its pass's ``memory_effect``: 8-bit moments,
-    then for 2-D weights (not embeddings or the head) SVD projection at rank min(m, n)/4, /8, /16
-    with 8-bit low-rank moments, then APOLLO-Mini. A setting is kept only if it saves more than the
-    ones before it; parameters with none are left out."""
-    if levers == "lossless":
-        return {}
-    eight_bit = make(("quantize_state", {"bits": 8})).memory_effect(g).per_param
-    costed: dict[str, list[StateOption]] = {f: [StateOption("8-bit", None, d)] for f, d in eight_bit.items()}
-    if levers == "lossy":
-        for fqn, node in g.params.items():
-            shape = tuple(node.meta["val"].shape)
-            if len(shape) != 2 or any(k in fqn for k in _NOT_PROJECTED):
+class _Subject:
+    """The graph(s) planned and how their plans combine: one graph as captured, or Blocks extrapolated."""
+
+    def __init__(self, base: TrainGraph | Blocks):
+        self.blocks = base if isinstance(base, Blocks) else None
+        self.graphs = [base.one, base.two] if self.blocks else [base]
+
+    def combine(self, plans: list[MemoryPlan]) -> MemoryPlan:
+        return extrapolate(plans[0], plans[1], self.blocks.layers) if self.blocks else plans[0]
+
+    def run(self, per_graph: Callable[[int], list[Pass]], budget: int | None, device, trials: list[Trial]
+            ) -> tuple[TrainGraph, MemoryPlan]:
+        runs = [run_passes(g, per_graph(i), budget, device) for i, g in enumerate(self.graphs)]
+        self.last_runs = [(r[0], r[1]) for r in runs]
+        plan = self.combine([r[1] for r in runs])
+        plan = _with_budget(plan, budget)
+        flops = runs[0][2].recomputed_flops if not self.blocks else \
+            runs[0][2].recomputed_flops + (self.blocks.layers - 1) * (runs[1][2].recomputed_flops
+                                                                     - runs[0][2].recomputed_flops)
+        trials.append(Trial(runs[-1][2].passes, plan.peak_bytes, flops, budget is None or plan.peak_bytes <= budget))
+        g = runs[-1][0]
+        g.info["recomputed_flops_planned"] = flops
+        return g, plan
+
+    def classes(self, lossless: list[TrainGraph]) -> dict[str, _Class]:
+        g = lossless[-1]
+        if not self.blocks:
+            return {f: _Class(f, [[f]], 1, g.params[f].meta["val"].numel()) for f in g.params if f not in g.tied}
+        out: dict[str, _Class] = {}
+        for f in g.params:
+            if f in g.tied:
                 continue
-            settings = [(f"svd r={min(shape) // d}", {"rank": min(shape) // d, **_GALORE}) for d in (4, 8, 16)
-                        if min(shape) // d >= 2]
-            for label, cfg in [*settings, ("apollo-mini", _APOLLO_MINI)]:
-                eff = make(("lowrank", {**cfg, "state_bits": 8, "targets": (fqn,)})).memory_effect(g)
-                if fqn in eff.per_param:
-                    costed.setdefault(fqn, []).append(StateOption(label, cfg, eff.per_param[fqn], eff.transient))
-    options = {}
-    for fqn, opts in costed.items():
-        kept: list[StateOption] = []
-        for o in opts:
-            if o.persistent < (kept[-1].persistent if kept else 0):
-                kept.append(o)
-        if kept:
-            options[fqn] = kept
-    return options
+            c = param_class(f)
+            if c not in out:
+                members = [[m for m in gi.params if param_class(m) == c and m not in gi.tied] for gi in lossless]
+                mult = self.blocks.layers if c != f else 1
+                out[c] = _Class(c, members, mult, g.params[f].meta["val"].numel())
+        return out
 
 
-class _StateGreedy:
-    """The greedy sequence of per-parameter steps: at each step the parameter whose next setting saves
-    the most persistent bytes (ties: the larger parameter, then graph order) advances one setting.
-    Step k's configuration holds the first k steps; level 0 of a parameter is fp32 AdamW, level i is
-    ``options[fqn][i - 1]``. The sequence is extended lazily."""
+def _with_budget(plan: MemoryPlan, budget: int | None) -> MemoryPlan:
+    import dataclasses
 
-    def __init__(self, g: TrainGraph, options: dict[str, list[StateOption]], persistent: int):
-        self.options = options
-        self.steps: list[str] = []
-        self.persistent = [persistent]  # predicted parameters + state after k steps
-        self._level = dict.fromkeys(options, 0)
-        order = {f: i for i, f in enumerate(g.params)}
-        self._numel = {f: g.params[f].meta["val"].numel() for f in options}
-        self._heap = [self._entry(f, order[f]) for f in options]
-        heapq.heapify(self._heap)
-
-    def _entry(self, fqn: str, order: int) -> tuple[int, int, int, str]:
-        level, opts = self._level[fqn], self.options[fqn]
-        saving = (opts[level - 1].persistent if level else 0) - opts[level].persistent
-        return (-saving, -self._numel[fqn], order, fqn)
-
-    def _extend(self) -> bool:
-        if not self._heap:
-            return False
-        neg_saving, _, order, fqn = heapq.heappop(self._heap)
-        self._level[fqn] += 1
-        self.steps.append(fqn)
-        self.persistent.append(self.persistent[-1] + neg_saving)
-        if self._level[fqn] < len(self.options[fqn]):
-            heapq.heappush(self._heap, self._entry(fqn, order))
-        return True
-
-    def chosen(self, k: int) -> dict[str, StateOption]:
-        levels = collections.Counter(self.steps[:k])
-        return {f: self.options[f][levels[f] - 1] for f in self.options if levels[f]}
-
-    def first_within(self, after: int, budget: int, overhead: int) -> int:
-        """The first step after ``after`` whose persistent bytes plus ``overhead``, and plus its largest
-        refresh transient (live on top of the persistent bytes at a refresh), are within ``budget``;
-        the last step when none is."""
-        levels = collections.Counter(self.steps[:after])
-        k = after
-        while k < len(self.steps) or self._extend():
-            levels[self.steps[k]] += 1
-            k += 1
-            transient = max((self.options[f][lv - 1].transient for f, lv in levels.items()), default=0)
-            if self.persistent[k] + max(overhead, transient) <= budget:
-                return k
-        return k
-
-    def last(self) -> int:
-        while self._extend():
-            pass
-        return len(self.steps)
-
-    def passes(self, k: int) -> tuple[tuple[str, dict], ...]:
-        """Step k as at most one ``lowrank`` pass (the commonest setting pass-wide, the others as
-        ``overrides``) and one ``quantize_state`` pass (8-bit moments for its ``targets``)."""
-        chosen = self.chosen(k)
-        full = tuple(f for f, o in chosen.items() if o.lowrank is None)
-        low = {f: o.lowrank for f, o in chosen.items() if o.lowrank is not None}
-        out: list[tuple[str, dict]] = []
-        if low:
-            keys = [tuple(sorted(c.items())) for c in low.values()]
-            common = dict(max(dict.fromkeys(keys), key=keys.count))  # the commonest, the first seen on a tie
-            overrides = tuple((f, c) for f, c in low.items() if c != common)
-            out.append(("lowrank", {**common, "state_bits": 8, "targets": tuple(low), "overrides": overrides}))
-        if full:
-            out.append(("quantize_state", {"bits": 8, "targets": full}))
-        return tuple(out)
+    return dataclasses.replace(plan, budget_bytes=budget)
 
 
-def choose(base: TrainGraph, budget_bytes: int | None, *, device: torch.device | str = "cpu",
-           make: Callable[..., Pass] = make_pass, tail: tuple[str, ...] = ("fused_update",),
-           head: tuple[str, ...] = (), explicit: list[Pass] | None = None, levers: str = "lossy") -> Choice:
-    """Pick the passes for ``base`` (a freshly captured graph) so that its predicted peak fits.
+def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch.device | str = "cpu",
+           make: Callable[..., Pass] = make_pass, head: tuple[str, ...] = (), explicit: list[Pass] | None = None,
+           levers: str = "lossy", lever_passes: Sequence[str] = LEVER_PASSES) -> Choice:
+    """Pick the passes for ``base`` (a freshly captured graph, or ``Blocks``) so that its predicted peak fits.
 
-    ``levers`` bounds what may change the training numerics: ``"lossless"`` (recomputation and the
-    fused update only), ``"near-lossless"`` (also 8-bit optimizer state) or ``"lossy"`` (also
-    low-rank projection and APOLLO-Mini); the state levers are chosen per parameter, as few as fit."""
+    ``levers`` bounds what may change the training numerics: ``"lossless"`` (recomputation and the fused
+    update only), ``"near-lossless"`` (also options of that class: 8-bit optimizer state) or ``"lossy"``
+    (also low-rank projection and APOLLO-Mini); options are chosen per parameter, as few as fit."""
+    subject = _Subject(base)
+    trials: list[Trial] = []
     if explicit is not None:
-        g, p, t = run_passes(base, explicit, budget_bytes, device)
-        if not t.fits:
+        if subject.blocks:
+            raise ConfigError(where_what_got("memfit planner", "one captured graph with passes=", "Blocks",
+                                             "plan the full graph (replicate=False) with explicit passes"))
+        g, p = subject.run(lambda i: explicit, budget_bytes, device, trials)
+        if not trials[-1].fits:
             raise _budget_error(p, budget_bytes, "with the passes given (passes= is respected as is)")
-        return Choice(g, p, (t,))
+        return Choice(g, p, tuple(trials))
     if levers not in LEVELS:
         raise ConfigError(where_what_got("memfit planner: levers", f"one of {LEVELS}", repr(levers), "pick one"))
+    unknown = [n for n in lever_passes if n not in registered_passes()]
+    if unknown:
+        raise ConfigError(where_what_got("memfit planner: lever_passes",
+                                         f"registered passes ({sorted(registered_passes())})", unknown,
+                                         "register the pass or fix the name"))
 
-    def ladder(remat: Pass, extra: tuple = ()) -> list[Pass]:
-        return [*(make(h) for h in head), remat, *(make(t) for t in tail), *(make(e) for e in extra)]
+    pipeline = [*head, *PIPELINES["lossless"]]
 
-    trials: list[Trial] = []
+    def passes(i: int, d: _Decision | None = None) -> list[Pass]:
+        out = []
+        for name in pipeline:
+            if name == RECOMPUTE_PASS and d is not None and d.k:
+                out.append(make((name, {"mode": "budget", "targets": tuple(n for s in steps[:d.k] for n in s[i])})))
+            else:
+                out.append(make(name))
+        if d is not None:
+            by_pass: dict[str, list[Option]] = {}
+            for c, o in d.state.items():
+                for fqn in classes[c].members[i]:
+                    by_pass.setdefault(o.pass_name, []).append(_retarget(o, fqn))
+            out += [make(registered_passes()[n].from_options(opts)) for n, opts in by_pass.items()]
+        return out
 
-    def attempt(extra: tuple) -> tuple[tuple[TrainGraph, MemoryPlan] | None, tuple[TrainGraph, MemoryPlan, Trial]]:
-        """(the fitting choice with the fewest recomputed FLOPs or None, the trial with the smallest peak)."""
-        g, p, t = run_passes(base, ladder(make("remat"), extra), budget_bytes, device)
-        trials.append(t)
-        if t.fits:
-            return (g, p), (g, p, t)
-        if sum(p.persistent.values()) > budget_bytes:  # parameters + state alone: only a smaller state helps
-            return None, (g, p, t)
-        best, small = _remat_sweep(base, p, budget_bytes, device, make, lambda r: ladder(r, extra), trials)
-        return (best[:2] if best is not None else None), small
+    steps: list[list[tuple[str, ...]]] = []
+    classes: dict[str, _Class] = {}
+    g0, p0 = subject.run(lambda i: passes(i), budget_bytes, device, trials)
+    if budget_bytes is None or p0.peak_bytes <= budget_bytes:
+        return Choice(g0, p0, tuple(trials))
+    lossless_plan = p0
 
-    fit, small = attempt(())
-    if fit is not None:
-        return Choice(*fit, tuple(trials))
-    g0, p0 = small[0], small[1]
-    floor0 = sum(p0.persistent.values())
-    options = state_options(g0, levers, make)
-    smallest = small if floor0 <= budget_bytes else None
-    floor_plan = p0 if floor0 > budget_bytes else None
-    if floor0 > budget_bytes and options:  # how much room activations need at most recomputation
-        small = _remat_sweep(base, p0, budget_bytes, device, make, ladder, trials)[1]
-    overhead = small[2].peak_bytes - floor0  # above parameters + state at the smallest peak reached
-    greedy = _StateGreedy(g0, options, floor0)
-    lo, hi, best = 0, None, None  # the last step known not to fit, the first known to fit, its choice
-    peak = {0: small[2].peak_bytes}  # the smallest peak reached at a step tried
-    missed = False  # the last step backed off to did not fit either
-    for round_ in range(_STATE_ROUNDS):
-        pers = greedy.persistent
-        if hi is None:  # forward: the first step that leaves room for the overhead (the last round: every step)
-            k = greedy.last() if round_ == _STATE_ROUNDS - 1 else greedy.first_within(lo, budget_bytes, overhead)
-            if k == lo:
-                break
-        else:  # back, by the secant through the peaks at lo and hi (halving the bytes after a miss)
-            if pers[lo] - pers[hi] < _BACKOFF_BYTES * budget_bytes:
-                break
-            target = pers[hi] + (budget_bytes - peak[hi]) * (pers[lo] - pers[hi]) // max(peak[lo] - peak[hi], 1)
-            if missed:
-                target = min(target, (pers[lo] + pers[hi]) // 2)
-            k = min(next(i for i in range(lo + 1, hi + 1) if pers[i] <= target), hi - 1)
-            if k == lo:
-                break
-        fit, small = attempt(greedy.passes(k))
-        if fit is not None:
-            hi, best, peak[k], missed = k, fit, fit[1].peak_bytes, False
+    # the table: the recomputation sequence and every lever's options, on the lossless graph(s)
+    steps, curve = _recompute_table(subject)
+    lossless_runs = subject.last_runs
+    lossless = [r[0] for r in lossless_runs]
+    for g in lossless:  # which op implementations the options' workspaces are for
+        g.info["triton"] = use_triton(torch.device(device))
+    classes = subject.classes(lossless)
+    live_u = _live_at_updates(subject, lossless_runs, classes)
+    banned: set[tuple[str, str]] = set()
+    for name in lever_passes:
+        for o in registered_passes()[name].options(lossless[-1], levers):
+            c = param_class(o.target) if subject.blocks else o.target
+            if c in classes and (not subject.blocks or o.target == classes[c].members[-1][0]):
+                classes[c].options.append(o)
+    persistent0 = sum(p0.persistent.values())
+    gap = p0.peak_bytes - persistent0 - curve[0]
+    floor = persistent0 + sum(min([0] + [o.persistent * cl.mult for o in cl.options]) for cl in classes.values())
+
+    def everything() -> _Decision:
+        return _Decision(len(steps), {c: min(cl.options, key=lambda o: o.persistent)
+                                      for c, cl in classes.items() if cl.options})
+
+    if floor > budget_bytes:  # parameters + the smallest state: no recomputation helps
+        g, p = subject.run(lambda i: passes(i, everything()), budget_bytes, device, trials)
+        raise _floor_error(p, budget_bytes, levers, lossless_plan, floor)
+    best: tuple[TrainGraph, MemoryPlan, _Decision] | None = None
+    smallest: tuple[TrainGraph, MemoryPlan, _Decision] | None = None
+    tried: set[tuple] = set()
+    for _ in range(_ROUNDS):
+        d = _decide(classes, curve, persistent0, gap, budget_bytes, live_u, banned)
+        if d is None:  # the table says nothing fits: the smallest peak, verified, for the error
+            d = everything()
+        key = (d.k, tuple(sorted((c, o.label) for c, o in d.state.items())))
+        if key in tried:
+            break
+        tried.add(key)
+        g, p = subject.run(lambda i, d=d: passes(i, d), budget_bytes, device, trials)
+        if smallest is None or p.peak_bytes < smallest[1].peak_bytes:
+            smallest = (g, p, d)
+        if p.peak_bytes <= budget_bytes:
+            best = (g, p, d)
+            break
+        at = _update_at_peak(g, p, subject)
+        if at is not None and at in d.state:  # the peak is that option's own op (a refresh): not that option
+            banned.add((at, d.state[at].label))
             continue
-        lo, peak[k], missed = k, small[2].peak_bytes, hi is not None
-        persistent = sum(small[1].persistent.values())
-        if persistent > budget_bytes:
-            if floor_plan is None or persistent < sum(floor_plan.persistent.values()):
-                floor_plan = small[1]
-            overhead = max(overhead, persistent - pers[k])  # memory_effect fell short
-            continue
-        if smallest is None or small[2].peak_bytes < smallest[2].peak_bytes:
-            smallest = small
-        overhead = small[2].peak_bytes - pers[k]
+        predicted = persistent0 + sum(o.persistent * classes[c].mult for c, o in d.state.items()) + curve[d.k]
+        gap = max(gap + 1, p.peak_bytes - predicted)  # the table missed by this much at this choice
     if best is not None:
-        return Choice(*best, tuple(trials))
-    if smallest is None:
-        p = floor_plan
-        persistent = sum(p.persistent.values())
-        at = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.persistent.items() if v)
-        raise BudgetError(where_what_got(
-            "memfit planner", f"a step that fits the budget {fmt_bytes(budget_bytes)}",
-            f"a floor of {fmt_bytes(persistent)} that no lever reduces yet ({at}; levers={levers!r}); without a "
-            f"budget the peak is {fmt_bytes(p.peak_bytes)}; largest live at the peak: {p.describe_largest()}",
-            "raise the budget above the floor, allow lossier levers, or freeze parameters (frozen=...) to drop "
-            "their optimizer state"), plan=p, budget_bytes=budget_bytes, floor_only=True)
-    raise _budget_error(smallest[1], budget_bytes, "after trying recomputation of up to every saved activation"
-                        f" with every optimizer-state lever allowed (levers={levers!r})")
+        g, p, d = best
+        return Choice(g, _state_labelled(p, d, classes, subject), tuple(trials))
+    g, p, d = smallest
+    how = (f"after recomputing {d.k} of {len(steps)} steps of saved values and with optimizer-state options on "
+           f"{len(d.state)} of {len(classes)} parameter{'s' if not subject.blocks else ' classes'} "
+           f"(levers={levers!r}); the lossless plan ({', '.join(lossless_plan.passes)}) peaks at "
+           f"{fmt_bytes(lossless_plan.peak_bytes)}")
+    raise _budget_error(_state_labelled(p, d, classes, subject), budget_bytes, how)
 
 
-def _remat_sweep(base, p: MemoryPlan, budget_bytes: int, device, make, ladder, trials: list[Trial]):
-    """Budget-mode recomputation swept over the FLOP cap; (best fitting, smallest) trials.
+def _retarget(o: Option, fqn: str) -> Option:
+    import dataclasses
 
-    First with no cap: remat frees saved values while that lowers the predicted peak, the smallest peak
-    it reaches. Then under FLOP caps (``max_flops``), bisected in log scale for the fewest FLOPs whose
-    peak fits: the peak falls as the cap grows (remat extends one sequence of choices and never takes
-    one that raises the peak), and every trial is kept, so a step out of order costs precision only.
-    """
-    def trial(cfg: dict) -> tuple[TrainGraph, MemoryPlan, Trial]:
-        run = run_passes(base, ladder(make(("remat", {"mode": "budget", **cfg}))), budget_bytes, device)
-        trials.append(run[2])
-        return run
+    return o if o.target == fqn else dataclasses.replace(o, target=fqn)
 
-    runs = [trial({"free_bytes": int(p.saved_activation_bytes)})]
-    lo, hi = 1.0, float(max(runs[0][2].recomputed_flops, 1))
-    if runs[0][2].fits:
-        for _ in range(_CAP_STEPS):
-            cap = int(math.sqrt(lo * hi))
-            runs.append(trial({"max_flops": cap}))
-            lo, hi = (lo, cap) if runs[-1][2].fits else (cap, hi)
-    fitting = [r for r in runs if r[2].fits]
-    best = min(fitting, key=lambda r: (r[2].recomputed_flops, r[2].peak_bytes), default=None)
-    return best, min(runs, key=lambda r: r[2].peak_bytes)
+
+def _recompute_table(subject: _Subject) -> tuple[list[list[tuple[str, ...]]], list[int]]:
+    """The recomputation sequence (per step, the names it frees in each graph) and the predicted peak of
+    intermediates after k steps (extrapolated for Blocks), k = 0 (the free choice) .. len(steps)."""
+    from ..passes.remat import recompute_sequence, replay_peaks
+
+    if not subject.blocks:
+        start, seq = recompute_sequence(subject.graphs[0])
+        return [[s.names] for s in seq], [start] + [s.peak for s in seq]
+    g1, g2 = subject.graphs
+    keys = block_keys(g1, g2)
+    if keys is None:
+        raise ConfigError(where_what_got("memfit planner: Blocks", "captures of 1 and 2 identical layers",
+                                         "forwards that differ by more than one block of ops",
+                                         "plan the full graph (replicate=False)"))
+    k1, k2 = keys
+    start2, seq = recompute_sequence(g2, families=k2)
+    by_key1: dict[object, list[str]] = {}
+    for n, key in k1.items():
+        by_key1.setdefault(key, []).append(n.name)
+    steps = [[tuple(by_key1.get(s.key, ())), s.names] for s in seq]
+    peaks1 = replay_peaks(g1, [s[0] for s in steps])
+    peaks2 = [start2] + [s.peak for s in seq]
+    layers = subject.blocks.layers
+    return steps, [a + (layers - 1) * (b - a) for a, b in zip(peaks1, peaks2, strict=True)]
+
+
+def _live_at_updates(subject: _Subject, runs: list[tuple[TrainGraph, MemoryPlan]], classes: dict[str, _Class]
+                     ) -> dict[str, int]:
+    """Per class, the intermediates live where its update runs in the lossless plan (kernel workspace and
+    persistent bytes left out): what an option's transient comes on top of. Extrapolated for Blocks."""
+    per_graph = []
+    for i, (g, p) in enumerate(runs):
+        index = {name: j for j, name in enumerate(p.node_names)}
+        base = sum(p.persistent.values())
+        work = p.category_timeline.get("kernel workspace", ())
+        out = {}
+        for c, cl in classes.items():
+            fqn = cl.members[i][0] if cl.members[i] else None
+            node = g.updates.get(fqn) if fqn else None
+            if node is not None and node.name in index:
+                j = index[node.name]
+                out[c] = p.timeline[j] - base - (work[j] if work else 0)
+        per_graph.append(out)
+    if not subject.blocks:
+        return per_graph[0]
+    k = subject.blocks.layers - 1
+    return {c: a + k * (per_graph[1].get(c, a) - a) for c, a in per_graph[0].items()}
+
+
+def _update_at_peak(g: TrainGraph, p: MemoryPlan, subject: _Subject) -> str | None:
+    """The class whose update op is the plan's peak node, if the peak is at an update."""
+    for fqn, node in g.updates.items():
+        if node.name == p.peak_node:
+            return param_class(fqn) if subject.blocks else fqn
+    return None
+
+
+def _decide(classes: dict[str, _Class], curve: list[int], persistent0: int, gap: int, budget: int,
+            live_u: dict[str, int], banned: set[tuple[str, str]]) -> _Decision | None:
+    """The least lossy state that fits with every recomputation step, then the fewest steps that fit with it.
+
+    An option whose transient, on top of the state chosen and what is live at its update, would pass the
+    budget is set aside (``banned``) and the state chosen again."""
+    need = persistent0 + curve[-1] + gap - budget
+    for _ in range(32):
+        state = _knapsack(classes, need, banned) if need > 0 else {}
+        if state is None:
+            return None
+        after = persistent0 + sum(o.persistent * classes[c].mult for c, o in state.items())
+        # an option's transient comes on top of the state and what is live at its update: it needs the
+        # state to save that much more; the need grows to the largest such, and the choice is made again
+        wants = {(c, o.label): persistent0 + live_u.get(c, 0) + o.transient - budget
+                 for c, o in state.items() if o.transient}
+        short = {k: w for k, w in wants.items() if w > persistent0 - after}
+        if not short:
+            break
+        most = -_floor(classes, banned)
+        banned |= {k for k, w in short.items() if w > most}  # out of reach whatever else is chosen
+        need = max([need] + [w for k, w in short.items() if k not in banned])
+    else:
+        return None
+    after += gap
+    k = next((i for i, a in enumerate(curve) if after + a <= budget), len(curve) - 1)
+    return _Decision(k, state)
+
+
+def _floor(classes: dict[str, _Class], banned: set[tuple[str, str]]) -> int:
+    """The change in persistent bytes with every class at its largest saving (not banned): the most saved."""
+    return sum(min([0] + [o.persistent * cl.mult for o in cl.options if (c, o.label) not in banned])
+               for c, cl in classes.items())
+
+
+def _knapsack(classes: dict[str, _Class], need: int, banned: set[tuple[str, str]] = frozenset()
+              ) -> dict[str, Option] | None:
+    """Options saving at least ``need`` bytes with the fewest parameter elements on lossy options, then on
+    near-lossless ones (lossless options are free); None when all of them together save less."""
+    by_rank: dict[int, dict[str, list[Option]]] = {}
+    for c, cl in classes.items():
+        for o in cl.options:
+            if o.persistent < 0 and (c, o.label) not in banned:
+                by_rank.setdefault(o.rank, {}).setdefault(c, []).append(o)
+    chosen: dict[str, Option] = {}
+    remaining = need
+    for c, cl in classes.items():  # lossless options: take the best saving of each, at no cost
+        free = [o for o in by_rank.get(0, {}).get(c, [])]
+        if free:
+            chosen[c] = min(free, key=lambda o: o.persistent)
+            remaining += chosen[c].persistent * cl.mult
+    if remaining <= 0:
+        return chosen
+    ranks = sorted(r for r in by_rank if r > 0)
+    for level, r in enumerate(ranks):  # the lowest class that can cover the need on top of those below it
+        below = {c: min(opts, key=lambda o: o.persistent) for rr in ranks[:level] for c, opts in by_rank[rr].items()}
+        below_saving = {c: -o.persistent * classes[c].mult for c, o in below.items()}
+        extra = {}
+        for c, opts in by_rank[r].items():
+            for o in opts:
+                gain = -o.persistent * classes[c].mult - below_saving.get(c, 0)
+                if gain > 0:
+                    extra.setdefault(c, []).append((o, gain))
+        if sum(below_saving.values()) + sum(max(g for _, g in v) for v in extra.values()) < remaining:
+            continue
+        # fewest elements at this class covering what the classes below cannot; then the classes below
+        # cover the rest, as few elements as possible, level by level
+        top = _min_cost_cover(extra, classes, remaining - sum(below_saving.values()))
+        if top is None:
+            continue
+        left = remaining - sum(g for _, g in top.values())
+        for c, (o, _) in top.items():
+            chosen[c] = o
+        for rr in reversed(ranks[:level]):
+            if left <= 0:
+                break
+            cand = {c: [(o, -o.persistent * classes[c].mult) for o in opts]
+                    for c, opts in by_rank[rr].items() if c not in chosen}
+            sub = _min_cost_cover(cand, classes, left) or {c: max(v, key=lambda t: t[1]) for c, v in cand.items()}
+            for c, (o, g) in sub.items():
+                chosen[c] = o
+                left -= g
+        return chosen
+    return None
+
+
+def _min_cost_cover(items: dict[str, list[tuple[Option, int]]], classes: dict[str, _Class], need: int
+                    ) -> dict[str, tuple[Option, int]] | None:
+    """At most one (option, bytes saved) per class, saving at least ``need``, at the least lossiness, counted
+    as elements x (1 + degree) (rank n/16 on a weight weighs three times rank n/4): a multiple-choice knapsack by dynamic programming over the bytes in
+    ``_UNITS`` steps, each saving rounded down (a chosen set saves at least what the table says)."""
+    if need <= 0:
+        return {}
+    unit = max(1, math.ceil(need / _UNITS))
+    size = _UNITS + 1
+    cost = np.full(size, np.inf)  # cost[u]: fewest elements saving at least u units with the classes so far
+    cost[0] = 0.0
+    picks: list[tuple[str, np.ndarray, list[tuple[Option, int]]]] = []
+    for c, opts in items.items():
+        new = cost.copy()
+        arg = np.full(size, -1, dtype=np.int16)  # the option that reached each cell (-1: this class skipped)
+        for j, (o, gain) in enumerate(opts):
+            u = min(gain // unit, size - 1)
+            if u <= 0:
+                continue
+            w = classes[c].numel * classes[c].mult * (1.0 + o.degree)
+            shifted = np.concatenate([np.full(u, cost[0]), cost[:size - u]]) + w
+            better = shifted < new
+            new[better] = shifted[better]
+            arg[better] = j
+        picks.append((c, arg, opts))
+        cost = new
+    at = math.ceil(need / unit)
+    if not np.isfinite(cost[at]):
+        return None
+    out: dict[str, tuple[Option, int]] = {}
+    for c, arg, opts in reversed(picks):
+        j = int(arg[at])
+        if j >= 0:
+            o, gain = opts[j]
+            out[c] = (o, gain)
+            at = max(0, at - min(gain // unit, size - 1))
+    return out
+
+
+def _state_labelled(p: MemoryPlan, d: _Decision, classes: dict[str, _Class], subject: _Subject) -> MemoryPlan:
+    import dataclasses
+
+    choice = {c: o.label for c, o in d.state.items()}
+    return dataclasses.replace(p, state_choice=choice)
+
+
+def _floor_error(p: MemoryPlan, budget: int, levers: str, lossless: MemoryPlan, floor: int) -> BudgetError:
+    at = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.persistent.items() if v)
+    return BudgetError(where_what_got(
+        "memfit planner", f"a step that fits the budget {fmt_bytes(budget)}",
+        f"a floor of {fmt_bytes(floor)} that no lever reduces yet ({at} with every option levers={levers!r} "
+        f"allows); the smallest peak reachable is {fmt_bytes(p.peak_bytes)} (that plan: "
+        f"{', '.join(p.passes)}); the lossless plan ({', '.join(lossless.passes)}) peaks at "
+        f"{fmt_bytes(lossless.peak_bytes)}; largest live at the smallest peak: {p.describe_largest()}",
+        "raise the budget above the floor, allow lossier levers, or freeze parameters (frozen=...) to drop "
+        "their optimizer state"), plan=p, budget_bytes=budget, floor_only=True)
 
 
 def _budget_error(p: MemoryPlan, budget: int, how: str) -> BudgetError:
     at = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.at_peak.items() if v)
     return BudgetError(where_what_got(
         "memfit planner", f"a step that fits the budget {fmt_bytes(budget)}",
-        f"a smallest reachable peak of {fmt_bytes(p.peak_bytes)} {how} (at peak: {at}); "
-        f"largest live at the peak: {p.describe_largest()}",
+        f"a smallest reachable peak of {fmt_bytes(p.peak_bytes)} {how} (that plan: {', '.join(p.passes)}; at its "
+        f"peak: {at}); largest live at the peak: {p.describe_largest()}",
         "raise the budget, shrink the batch, or freeze parameters (frozen=...)"), plan=p, budget_bytes=budget)

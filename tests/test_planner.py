@@ -15,7 +15,7 @@ from torch import nn
 import memfit
 from memfit import models
 from memfit.api import build_graph
-from memfit.runtime.planner import state_options
+from memfit.passes.base import LEVER_PASSES, registered_passes
 
 
 def _case(name):
@@ -64,13 +64,14 @@ def test_budget_below_the_floor_stops_early_and_says_so():
     with pytest.raises(memfit.BudgetError,
                        match=r"a floor of [\d.]+ MiB that no lever reduces yet \(parameters") as err:
         memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, budget="10MiB")
-    assert err.value.floor_only and err.value.smallest_peak_bytes is None and err.value.plan is not None
+    assert err.value.floor_only and err.value.plan is not None
+    assert err.value.smallest_peak_bytes == err.value.plan.peak_bytes > err.value.budget_bytes
 
 
 def test_explicit_passes_are_respected_not_changed():
     model, batch, loss_fn = _case("gpt2")
     trainer = memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, passes=["fused_update"], budget="1GB")
-    assert trainer.graph.applied == ["fused_update"]
+    assert trainer.graph.applied == ["fused_update", "sink"]  # the schedule always runs last
     with pytest.raises(memfit.BudgetError, match="with the passes given"):
         memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, passes=["fused_update"], budget=1000)
 
@@ -144,19 +145,30 @@ def test_a_budget_between_two_uniform_settings_gets_a_mix_of_them(layers, width,
     assert sum(lower.persistent.values()) <= persistent < sum(upper.persistent.values())
 
 
-def test_state_options_follow_levers_and_each_parameter_s_shape():
+def _options(g, levers):
+    """Per parameter, the labels of every lever pass's options at ``levers``, in the order declared."""
+    out = {}
+    for name in LEVER_PASSES:
+        for o in registered_passes()[name].options(g, levers):
+            out.setdefault(o.target, []).append(o)
+    return out
+
+
+def test_lever_options_follow_levers_and_each_parameter_s_shape():
     g, _ = build_graph(models.build_mlp(), _mlp_batch(), loss_fn=F.cross_entropy, passes=["remat", "fused_update"])
-    assert state_options(g, "lossless") == {}
-    assert {f: [o.label for o in opts] for f, opts in state_options(g, "near-lossless").items()} == \
+    assert _options(g, "lossless") == {}
+    assert {f: [o.label for o in opts] for f, opts in _options(g, "near-lossless").items()} == \
         {"2.weight": ["8-bit"]}  # the others are under quantize_state's min_numel
-    lossy = state_options(g, "lossy")
+    lossy = _options(g, "lossy")
     assert {f: [o.label for o in opts] for f, opts in lossy.items()} == {
         "0.weight": ["svd r=8", "svd r=4", "svd r=2", "apollo-mini"],  # (64, 32): ranks from the smaller side
         "2.weight": ["8-bit", "svd r=16", "svd r=8", "svd r=4", "apollo-mini"],
         "4.weight": ["svd r=2", "apollo-mini"]}
     for opts in lossy.values():
-        assert all(a.persistent > b.persistent for a, b in itertools.pairwise(opts))
-        assert all(o.transient > 0 for o in opts if o.lowrank is not None)
+        low = [o for o in opts if o.pass_name == "lowrank"]
+        assert all(a.persistent > b.persistent for a, b in itertools.pairwise(low))
+        assert all(o.transient > 0 and o.lossiness == "lossy" for o in low)
+        assert [o.degree for o in low] == sorted(o.degree for o in low)
 
 
 def _mlp_batch():

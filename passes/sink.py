@@ -1,4 +1,8 @@
-"""Scheduling: a node order with a lower peak, for the plan and the runtime alike.
+"""sink: the schedule, a node order with a lower peak, for the plan and the runtime alike.
+
+Registered as the pass ``"sink"``: every named pipeline ends with it (``passes.base.PIPELINES``) and the
+planner appends it to an explicit ``passes=`` list, so it runs inside the Pipeline (linted, re-checked)
+like every other rewrite. Lossless: only the order changes, never a value.
 
 ``sink(g)`` moves each pure node to just before its first reader whenever that extends no input's
 lifetime (every input is persistent or read at or after that point anyway). The node's own output
@@ -15,6 +19,7 @@ import bisect
 from torch import fx
 
 from ..graph import TrainGraph, aliases, storage_root
+from .base import Pass, PassResult, register_pass
 
 
 def _pure(n: fx.Node) -> bool:
@@ -90,3 +95,17 @@ def sink(g: TrainGraph) -> int:
         g.graph.lint()
         g.recompile()
     return moved
+
+
+@register_pass("sink")
+class Sink(Pass):
+    """The schedule as a pass: ``sink(g)``; always the last pass (the planner and ``Pipeline`` put it there)."""
+
+    joint_ok = True
+    last = True
+    keeps_meta = True  # only the order changes
+
+    def run(self, g: TrainGraph) -> PassResult:
+        moved = sink(g)
+        g.info["schedule"] = {"sunk": moved}
+        return PassResult(g, bool(moved), {"sunk": moved})
