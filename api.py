@@ -31,7 +31,7 @@ from .passes.fused_update import SGD, AdamW
 from .runtime.executor import NONFINITE_MODES, CompiledStep, Executor, StepGuard
 from .runtime.lower import lower
 from .runtime.memory import MemoryPlan, fit_size_model, fmt_bytes, plan_memory
-from .runtime.planner import choose
+from .runtime.planner import Blocks, choose
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -402,14 +402,23 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
                 optimizer: AdamW | SGD | None = None, passes: Sequence[str | Pass | tuple[str, dict]] | None = None,
                 frozen: Sequence[str] = (), clip_grad_norm: float | None = None, clip: str = "global",
                 micro_steps: int = 1, budget_bytes: int | None = None,
-                device: torch.device | str = "cpu", levers: str = "lossy") -> tuple[TrainGraph, MemoryPlan]:
+                device: torch.device | str = "cpu", levers: str = "lossy",
+                replicate: bool = False) -> tuple[TrainGraph, MemoryPlan]:
     """Capture one training step and let the planner rewrite it to fit ``budget_bytes`` (fake tensors
-    throughout: nothing of the model's size is allocated). Returns the graph and its plan."""
+    throughout: nothing of the model's size is allocated). Returns the graph and its plan.
+
+    ``replicate``: plan a model of identical layers from captures of 1 and 2 layers (``replicated_model``)
+    and extrapolate; the graph returned is then the 2-layer one."""
     optimizer = AdamW() if optimizer is None else optimizer
     if not isinstance(optimizer, (AdamW, SGD)):
         raise ConfigError(where_what_got("memfit.optimize(optimizer=)", "memfit.AdamW(...) or memfit.SGD(...)",
                                          type(optimizer).__name__, "memfit builds the update into the graph"))
-    g = capture(model, example_inputs, loss_fn)
+    blocks = replicated_model(model) if replicate else None
+    if blocks is not None:
+        small, layers = blocks
+        base = Blocks(*(capture(m, example_inputs, loss_fn) for m in small), layers)
+    else:
+        base = capture(model, example_inputs, loss_fn)
     defaults = dict(optimizer=optimizer, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
                     frozen=tuple(frozen))
 
@@ -417,21 +426,64 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
         return make_pass(spec, **defaults)
 
     explicit = [make(s) for s in passes] if passes is not None else None
-    choice = choose(g, budget_bytes, device=device, make=make, head=("freeze",) if frozen else (),
+    choice = choose(base, budget_bytes, device=device, make=make, head=("freeze",) if frozen else (),
                     explicit=explicit, levers=levers)
     choice.graph.info["planner"] = {"trials": [t.__dict__ for t in choice.trials]}
     return choice.graph, choice.plan
 
 
+def num_layers(model: nn.Module) -> int | None:
+    """The layer count of a transformers-style model (``config.num_hidden_layers``), else None."""
+    return getattr(getattr(model, "config", None), "num_hidden_layers", None)
+
+
+def replicated_model(model: nn.Module) -> tuple[tuple[nn.Module, nn.Module], int] | None:
+    """``((model at 1 layer, model at 2 layers), layers)`` for a transformers-style model of identical
+    layers, built from its config on the device and in the dtype and mode of ``model``; None when the model
+    has no such config, fewer than 3 layers, layers that differ (``layer_types`` with more than one kind),
+    or when its parameter count is not exactly affine in the layer count."""
+    layers = num_layers(model)
+    if not isinstance(layers, int) or layers < 3 or not hasattr(model, "config"):
+        return None
+    kinds = getattr(model.config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and len(set(kinds)) > 1:
+        return None
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        return None
+    small = []
+    for k in (1, 2):
+        cfg = copy.deepcopy(model.config)
+        cfg.num_hidden_layers = k
+        if isinstance(kinds, (list, tuple)):
+            cfg.layer_types = list(kinds[:k])
+        try:
+            with torch.device(first.device):
+                m = type(model)(cfg)
+        except Exception:  # a model whose constructor wants more than its config: plan it whole
+            return None
+        small.append(m.to(first.dtype).train(model.training))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (*small, model)]
+    if counts[2] != counts[0] + (layers - 1) * (counts[1] - counts[0]):
+        return None
+    return (small[0], small[1]), layers
+
+
 def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float | str | None = None,
          loss_fn: Callable | None = None, optimizer: AdamW | SGD | None = None,
          passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
-         device: torch.device | str | None = None, levers: str = "lossy") -> MemoryPlan:
+         device: torch.device | str | None = None, levers: str = "lossy",
+         replicate: bool | str = "auto") -> MemoryPlan:
     """The memory plan of one training step, without running it or allocating the model's tensors.
 
     ``model`` and ``example_inputs`` may live on the ``meta`` device (build the model under
     ``torch.device("meta")``), which is how 7B-scale models are planned on a laptop; ``device`` says
     which runtime the plan is for (kernel workspaces differ), default the inputs' device or CPU.
+
+    ``replicate``: a transformers-style model of identical layers is planned from captures of 1 and 2
+    layers and every figure extrapolated (exact: the plan is affine in the layer count; the planner makes
+    the same choice in every layer). ``"auto"`` (default) does so for models of 3 or more layers on the
+    ``meta`` device planned without ``passes=`` or ``frozen=``; ``False`` captures the whole step.
     """
     if not isinstance(example_inputs, (tuple, list)):
         raise ConfigError(where_what_got("memfit.plan(example_inputs=)", "a tuple (one batch)",
@@ -440,8 +492,19 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     dev = torch.device(device) if device is not None else _device_of(model, flat)
     if dev.type == "meta":
         dev = torch.device("cpu")
+    if replicate not in (True, False, "auto"):
+        raise ConfigError(where_what_got("memfit.plan(replicate=)", "True, False or 'auto'", repr(replicate),
+                                         "pick one"))
+    if replicate == "auto":
+        first = next(iter(model.parameters()), None)
+        replicate = first is not None and first.device.type == "meta" and passes is None and not frozen
+    elif replicate and (passes is not None or frozen):
+        raise ConfigError(where_what_got("memfit.plan(replicate=True)", "no passes= and no frozen=",
+                                         f"passes={passes!r}, frozen={frozen!r}",
+                                         "these name the full model's parameters: plan it whole (replicate=False)"))
     _, p = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen,
-                       budget_bytes=parse_budget(budget, dev), device=dev, levers=levers)
+                       budget_bytes=parse_budget(budget, dev), device=dev, levers=levers,
+                       replicate=bool(replicate))
     return p
 
 

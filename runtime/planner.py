@@ -12,7 +12,8 @@ It is a policy over a table the passes write, and it names none of them:
 Policy (lossiness first, recomputed FLOPs second): the named pipeline ``"lossless"`` runs first; if it
 fits, that is the plan. Otherwise, with every recomputation step taken, the bytes still missing are
 covered by state options, choosing the set with the least lossiness on lossy settings, then on
-near-lossless ones, lossiness being parameter elements x (1 + the option's degree) (a knapsack solved by dynamic programming over the bytes, in
+near-lossless ones, lossiness being parameter elements x (1 + the option's degree) (a knapsack solved
+by dynamic programming over the bytes, in
 ``_UNITS`` steps, rounding savings down so that a chosen set never saves less than the table says);
 then the shortest recomputation prefix that fits with that state. The predicted peak of a choice is
 ``persistent + intermediates(k) + gap``, where the intermediates come from the one memory model
@@ -339,26 +340,40 @@ def _decide(classes: dict[str, _Class], curve: list[int], persistent0: int, gap:
 
     An option whose transient, on top of the state chosen and what is live at its update, would pass the
     budget is set aside (``banned``) and the state chosen again."""
-    need = persistent0 + curve[-1] + gap - budget
-    for _ in range(32):
+    base = persistent0 + curve[-1] + gap - budget
+    levels, tried = {base}, set()
+    state = None
+    for _ in range(48):  # needs in increasing order: the first self-consistent state is the least lossy
+        todo = sorted(x for x in levels if x not in tried)
+        if not todo:
+            return None
+        need = todo[0]
+        tried.add(need)
         state = _knapsack(classes, need, banned) if need > 0 else {}
         if state is None:
-            return None
+            return None  # a larger need has no answer either
         after = persistent0 + sum(o.persistent * classes[c].mult for c, o in state.items())
-        # an option's transient comes on top of the state and what is live at its update: it needs the
-        # state to save that much more; the need grows to the largest such, and the choice is made again
-        wants = {(c, o.label): persistent0 + live_u.get(c, 0) + o.transient - budget
+        # an option's transient comes on top of the state and what is live at its update: the state must
+        # save that much more for it; such needs are tried in turn
+        wants = {(c, o.label): persistent0 + min(live_u.get(c, 0), curve[-1]) + o.transient - budget
                  for c, o in state.items() if o.transient}
         short = {k: w for k, w in wants.items() if w > persistent0 - after}
         if not short:
             break
         most = -_floor(classes, banned)
         banned |= {k for k, w in short.items() if w > most}  # out of reach whatever else is chosen
-        need = max([need] + [w for k, w in short.items() if k not in banned])
+        levels |= {w for k, w in short.items() if k not in banned and w > need}
+        if all(k in banned for k in short):  # the same need again, without them
+            tried.discard(need)
     else:
         return None
     after += gap
-    k = next((i for i, a in enumerate(curve) if after + a <= budget), len(curve) - 1)
+
+    def fits(k: int) -> bool:  # the step's peak and every chosen option's transient, at k steps
+        return after + curve[k] <= budget and all(
+            after - gap + min(live_u.get(c, 0), curve[k]) + o.transient <= budget for c, o in state.items())
+
+    k = next((i for i in range(len(curve)) if fits(i)), len(curve) - 1)
     return _Decision(k, state)
 
 
