@@ -137,7 +137,8 @@ def meta_model(spec: str, dtype: str = "fp32") -> nn.Module:
 
 
 def plan_on_meta(model: nn.Module, *, batch: int, seq: int, optimizer: str = "adamw",
-                 budget: str | None = None, device: str = "cpu", levers: str = "lossy") -> MemoryPlan:
+                 budget: str | None = None, device: str = "cpu", levers: str = "lossy",
+                 replicate: bool | str = "auto") -> MemoryPlan:
     """``memfit.plan`` of one language-model step of ``model``: ``batch x seq`` int64 token ids (inputs and
     targets) on meta, ``models.lm_loss``, planned for the ``device`` runtime (``cuda``: Triton kernels, no
     CPU-reference workspaces). Raises BudgetError when nothing fits."""
@@ -150,7 +151,7 @@ def plan_on_meta(model: nn.Module, *, batch: int, seq: int, optimizer: str = "ad
             raise ConfigError(where_what_got(f"memfit plan {name}", "an int >= 1", v, "e.g. --batch 1 --seq 2048"))
     tokens = torch.zeros((batch, seq), dtype=torch.int64, device="meta")
     return memfit.plan(model, example_inputs=(tokens, tokens), loss_fn=models.lm_loss, budget=budget,
-                       optimizer=_optimizer(optimizer), device=device, levers=levers)
+                       optimizer=_optimizer(optimizer), device=device, levers=levers, replicate=replicate)
 
 
 def _optimizer(name: str) -> AdamW | SGD:
@@ -167,26 +168,57 @@ def hand_check(model: nn.Module, plan: MemoryPlan, optimizer: str = "adamw") -> 
     """One line comparing the plan's parameter and optimizer-state bytes with arithmetic on the model.
 
     Parameters: numel x bytes per element, tied tensors once (``model.parameters()`` deduplicates).
-    Optimizer state: fp32 moments, one per state name (AdamW 2, SGD with momentum 1, plain SGD 0).
+    Optimizer state, per trainable parameter, under the setting the planner chose for it
+    (``plan.state_choice``, by FQN or by layer class for a replicated plan): fp32 moments, one per state
+    name (AdamW 2, SGD with momentum 1, plain SGD 0); ``8-bit``: two uint8 moments plus one fp32 absmax
+    per block of 256 each; ``svd r=R``: two 8-bit moments of the projected (R x n) gradient, the fp32
+    projector and the 10-float64 schedule; ``apollo-mini``: the same at rank 1 without a stored projector.
     """
+    from memfit import projection as pj
+    from memfit.runtime.blocks import param_class
     from memfit.runtime.memory import fmt_bytes
 
-    params = list(model.parameters())
+    named = dict(model.named_parameters())
+    params = list(named.values())
     count = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     sizes = {p.element_size() for p in params}
     per = f"{sizes.pop()} B" if len(sizes) == 1 else "mixed dtypes"
     n_states = len(_optimizer(optimizer).state_names())
-    state_bytes = n_states * 4 * trainable
+
+    def eight_bit(numel: int) -> int:
+        return 2 * numel + 2 * 4 * -(-numel // 256)
+
+    def state_of(fqn: str, p) -> tuple[int, str]:
+        label = plan.state_choice.get(fqn) or plan.state_choice.get(param_class(fqn)) if plan.replicated else \
+            plan.state_choice.get(fqn)
+        if label is None:
+            return n_states * 4 * p.numel(), "fp32"
+        if label == "8-bit":
+            return eight_bit(p.numel()), label
+        m, n = p.shape
+        rank = 1 if label == "apollo-mini" else int(label.split("=")[1])
+        low = math.prod(pj.low_shape((m, n), rank))
+        proj = 0 if label == "apollo-mini" else 4 * pj.proj_shape((m, n), rank)[0] * rank
+        return eight_bit(low) + proj + 8 * 10, label
+
+    state_bytes, kinds = 0, {}
+    for fqn, p in named.items():
+        if p.requires_grad:
+            b, kind = state_of(fqn, p)
+            state_bytes += b
+            kinds[kind] = kinds.get(kind, 0) + 1
     got_params = plan.persistent.get("parameters", 0)
-    got_state = plan.persistent.get("optimizer state", 0)
+    got_state = plan.persistent.get("optimizer state", 0) + plan.persistent.get("pass state", 0)
 
     def verdict(want: int, got: int) -> str:
         return "matches" if want == got else f"MISMATCH: plan has {got:,} B, {got - want:+,} B"
 
+    how = (f"{n_states} x 4 B x {trainable:,}" if set(kinds) <= {"fp32"} else
+           "per parameter: " + ", ".join(f"{k} x {v}" for k, v in sorted(kinds.items())))
     line = (f"parameters: {count:,} ({trainable:,} trainable) x {per} = {fmt_bytes(param_bytes)} "
-            f"[{verdict(param_bytes, got_params)}]; {optimizer} state: {n_states} x 4 B x {trainable:,} = "
+            f"[{verdict(param_bytes, got_params)}]; {optimizer} state: {how} = "
             f"{fmt_bytes(state_bytes)} [{verdict(state_bytes, got_state)}]")
     return line, param_bytes == got_params and state_bytes == got_state
 
@@ -199,12 +231,13 @@ def _plan(args: argparse.Namespace) -> int:
     _check_output_path("memfit plan --out", args.out, picture=True)  # before the capture, not after it
     model = meta_model(args.model, args.dtype)
     layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    print(f"capturing {args.model}{f' ({layers} layers)' if layers else ''}...", file=sys.stderr, flush=True)
+    how = " (1 and 2 of them, replicated)" if layers and layers >= 3 and not args.full else ""
+    print(f"capturing {args.model}{f' ({layers} layers{how})' if layers else ''}...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     over: BudgetError | None = None
     try:
         plan = plan_on_meta(model, batch=args.batch, seq=args.seq, optimizer=args.optimizer, budget=args.budget,
-                            device=args.device, levers=args.levers)
+                            device=args.device, levers=args.levers, replicate=False if args.full else "auto")
     except BudgetError as e:  # the planner tried its levers; e.plan is the smallest peak it reached
         over, plan = e, e.plan
         if plan is None:
@@ -321,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levers", choices=("lossless", "near-lossless", "lossy"), default="lossy",
                    help="how far the planner may change the numerics to fit: recomputation only, also 8-bit "
                         "optimizer state, also low-rank projection (default)")
+    p.add_argument("--full", action="store_true",
+                   help="capture every layer (default: a model of identical layers is planned from captures of 1 "
+                        "and 2 layers and extrapolated, exact and much faster)")
     t = sub.add_parser("train", help="train a preset model on the stdlib corpus or a text file")
     t.add_argument("--model", default="tiny-llama", help="preset (tiny-llama, llama-60m, ...) or module:factory")
     t.add_argument("--steps", type=_count, default=200, help="train until this many optimizer steps in total")

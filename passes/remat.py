@@ -69,6 +69,9 @@ class Remat(Pass):
     max_flops: int | None = None  # cap on recomputed FLOPs: the lowest predicted peak within it
     grads: Literal["auto", "held", "consumed"] = "auto"  # gradients' lifetime in the step the choice is scored on
     targets: tuple[str, ...] = ()  # budget mode: exactly these saved values (node names) freed, after the free ones
+    # bytes the update of a parameter will hold where its gradient is made (the planner's worst option's
+    # transient): the choice keeps them in view, so no recomputed copy is kept alive across an update's peak
+    reserve: tuple[tuple[str, int], ...] = ()
     before = ("fused_update",)
     joint_ok = True  # also runs on torch.compile's joint graphs
     keeps_meta = True  # an instance carries its original's meta["val"]
@@ -83,6 +86,8 @@ class Remat(Pass):
         if self.grads not in ("auto", "held", "consumed"):
             raise ConfigError(where_what_got("remat.grads", "'auto', 'held' or 'consumed'", repr(self.grads),
                                              "'held' when gradients are outputs to the end of the step"))
+        if isinstance(self.reserve, dict):
+            object.__setattr__(self, "reserve", tuple(sorted(self.reserve.items())))
         if isinstance(self.targets, (list, str)):
             object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else
                                tuple(self.targets))
@@ -95,7 +100,7 @@ class Remat(Pass):
 
     def select(self, g: TrainGraph) -> _Choice:
         """The saved values to free and the instances that serve their readers."""
-        model = _Liveness(g, self.grads == "consumed" or (self.grads == "auto" and not g.joint))
+        model = _Liveness(g, self.grads == "consumed" or (self.grads == "auto" and not g.joint), dict(self.reserve))
         start = _Choice.start(model, self.max_flops)
         if self.max_flops is not None:
             pool = [v for v in model.candidates if is_cheap(v)] if self.mode == "free" else model.candidates
@@ -141,7 +146,7 @@ def _is_view(n: fx.Node) -> bool:
 class _Liveness:
     """Each storage's live span in the graph as captured, in half steps, and the timeline they add up to."""
 
-    def __init__(self, g: TrainGraph, grads_consumed: bool):
+    def __init__(self, g: TrainGraph, grads_consumed: bool, reserve: dict[str, int] | None = None):
         consumed = {storage_root(v) for v in g.grad_of.values()} if grads_consumed else set()
         st = self.storages = storages(g, consumed=consumed)  # the one memory model (memfit.liveness)
         self.nodes, self.index = st.nodes, st.index
@@ -150,6 +155,9 @@ class _Liveness:
         self.nbytes = st.nbytes  # bytes the forward copy owns (what freeing it saves)
         self.length = 2 * len(self.nodes) + 1
         self.timeline = Timeline.of(st)
+        if reserve:  # an update's transient where its gradient is made
+            self.timeline = self.timeline.with_spans([
+                (pos[g.grad_of[f]], pos[g.grad_of[f]], b) for f, b in reserve.items() if f in g.grad_of and b])
         self.base = self.timeline.values
         self.peak = self.timeline.peak
 
@@ -361,7 +369,7 @@ class RecomputeStep:
 
 
 def recompute_sequence(g: TrainGraph, *, grads: str = "consumed", families: dict[fx.Node, object] | None = None,
-                       ) -> tuple[int, list[RecomputeStep]]:
+                       reserve: dict[str, int] | None = None) -> tuple[int, list[RecomputeStep]]:
     """The budget-mode greedy as one sequence, computed once: (the free choice's predicted peak of
     intermediates, the steps after it). Each step frees one *family* of saved values (``families`` maps a
     saved value to a key; by default each value is its own family: identical blocks of a model share keys
@@ -374,7 +382,7 @@ def recompute_sequence(g: TrainGraph, *, grads: str = "consumed", families: dict
     prefix's names reproduces its choice on this graph."""
     import heapq
 
-    model = _Liveness(g, grads == "consumed" or (grads == "auto" and not g.joint))
+    model = _Liveness(g, grads == "consumed" or (grads == "auto" and not g.joint), reserve or {})
     state = free_choice(model)
     groups: dict[object, list[fx.Node]] = {}
     for v in model.candidates:
@@ -427,11 +435,12 @@ def recompute_sequence(g: TrainGraph, *, grads: str = "consumed", families: dict
     return start_peak, steps
 
 
-def replay_peaks(g: TrainGraph, steps: list[tuple[str, ...]], *, grads: str = "consumed") -> list[int]:
+def replay_peaks(g: TrainGraph, steps: list[tuple[str, ...]], *, grads: str = "consumed",
+                 reserve: dict[str, int] | None = None) -> list[int]:
     """The predicted peak of intermediates of ``g`` after the free choice and after each of ``steps`` (the
     saved values each frees, by name): another graph's sequence replayed here (the 1-layer capture of
     a model whose sequence was found on its 2-layer capture)."""
-    model = _Liveness(g, grads == "consumed" or (grads == "auto" and not g.joint))
+    model = _Liveness(g, grads == "consumed" or (grads == "auto" and not g.joint), reserve or {})
     state = free_choice(model)
     by_name = {v.name: v for v in model.candidates}
     peaks = [state.peak]

@@ -114,6 +114,8 @@ class _Class:
 class _Decision:
     k: int  # recomputation steps taken
     state: dict[str, Option]  # class -> option
+    steps: list = field(default_factory=list)  # the recomputation sequence it cuts (names per graph, per step)
+    reserve: list = field(default_factory=list)  # per graph, each update's transient under this state
 
 
 class _Subject:
@@ -194,7 +196,8 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
         out = []
         for name in pipeline:
             if name == RECOMPUTE_PASS and d is not None and d.k:
-                out.append(make((name, {"mode": "budget", "targets": tuple(n for s in steps[:d.k] for n in s[i])})))
+                out.append(make((name, {"mode": "budget", "targets": tuple(n for s in d.steps[:d.k] for n in s[i]),
+                                        "reserve": d.reserve[i]})))
             else:
                 out.append(make(name))
         if d is not None:
@@ -205,34 +208,59 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
             out += [make(registered_passes()[n].from_options(opts)) for n, opts in by_pass.items()]
         return out
 
-    steps: list[list[tuple[str, ...]]] = []
     classes: dict[str, _Class] = {}
     g0, p0 = subject.run(lambda i: passes(i), budget_bytes, device, trials)
     if budget_bytes is None or p0.peak_bytes <= budget_bytes:
         return Choice(g0, p0, tuple(trials))
     lossless_plan = p0
 
-    # the table: the recomputation sequence and every lever's options, on the lossless graph(s)
-    steps, curve = _recompute_table(subject)
+    # the table: every lever's options and the recomputation sequence, on the lossless graph(s)
     lossless_runs = subject.last_runs
     lossless = [r[0] for r in lossless_runs]
     for g in lossless:  # which op implementations the options' workspaces are for
         g.info["triton"] = use_triton(torch.device(device))
     classes = subject.classes(lossless)
-    live_u = _live_at_updates(subject, lossless_runs, classes)
-    banned: set[tuple[str, str]] = set()
     for name in lever_passes:
         for o in registered_passes()[name].options(lossless[-1], levers):
             c = param_class(o.target) if subject.blocks else o.target
             if c in classes and (not subject.blocks or o.target == classes[c].members[-1][0]):
                 classes[c].options.append(o)
+    # the recomputation sequence, with each update's transient under a state reserved where its gradient
+    # is made (so no recomputed copy is planned alive across an update's peak); one table per such state
+    tables: dict[frozenset, tuple[list, list[int], list[dict[str, int]]]] = {}
+
+    def table(state: dict[str, Option]) -> tuple[list, list[int], list[dict[str, int]]]:
+        key = frozenset((c, o.transient) for c, o in state.items() if o.transient)
+        if key not in tables:
+            res = [{f: o.transient for c, o in state.items() if o.transient for f in classes[c].members[i]}
+                   for i in range(len(subject.graphs))]
+            tables[key] = (*_recompute_table(subject, res), res)
+        return tables[key]
+
+    _, curve, _ = table({})
+    banned: set[tuple[str, str]] = set()
     persistent0 = sum(p0.persistent.values())
     gap = p0.peak_bytes - persistent0 - curve[0]
     floor = persistent0 + sum(min([0] + [o.persistent * cl.mult for o in cl.options]) for cl in classes.values())
 
     def everything() -> _Decision:
-        return _Decision(len(steps), {c: min(cl.options, key=lambda o: o.persistent)
-                                      for c, cl in classes.items() if cl.options})
+        state = {c: min(cl.options, key=lambda o: o.persistent) for c, cl in classes.items() if cl.options}
+        steps_, _, res = table(state)
+        return _Decision(len(steps_), state, steps_, res)
+
+    def decide() -> _Decision | None:
+        """A decision on the table of its own state (a few rounds until the state settles)."""
+        d, state = None, {}
+        for _ in range(4):
+            steps_, curve_, res = table(state)
+            d = _decide(classes, curve_, persistent0, gap, budget_bytes, banned)
+            if d is None:
+                return None
+            d.steps, d.reserve, d.curve = steps_, res, curve_
+            if {c: o.label for c, o in d.state.items()} == {c: o.label for c, o in state.items()}:
+                break
+            state = d.state
+        return d
 
     if floor > budget_bytes:  # parameters + the smallest state: no recomputation helps
         g, p = subject.run(lambda i: passes(i, everything()), budget_bytes, device, trials)
@@ -241,7 +269,7 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
     smallest: tuple[TrainGraph, MemoryPlan, _Decision] | None = None
     tried: set[tuple] = set()
     for _ in range(_ROUNDS):
-        d = _decide(classes, curve, persistent0, gap, budget_bytes, live_u, banned)
+        d = decide()
         if d is None:  # the table says nothing fits: the smallest peak, verified, for the error
             d = everything()
         key = (d.k, tuple(sorted((c, o.label) for c, o in d.state.items())))
@@ -258,13 +286,14 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
         if at is not None and at in d.state:  # the peak is that option's own op (a refresh): not that option
             banned.add((at, d.state[at].label))
             continue
-        predicted = persistent0 + sum(o.persistent * classes[c].mult for c, o in d.state.items()) + curve[d.k]
+        predicted = persistent0 + sum(o.persistent * classes[c].mult for c, o in d.state.items()) + \
+            table(d.state)[1][d.k]
         gap = max(gap + 1, p.peak_bytes - predicted)  # the table missed by this much at this choice
     if best is not None:
         g, p, d = best
         return Choice(g, _state_labelled(p, d, classes, subject), tuple(trials))
     g, p, d = smallest
-    how = (f"after recomputing {d.k} of {len(steps)} steps of saved values and with optimizer-state options on "
+    how = (f"after recomputing {d.k} of {len(d.steps)} steps of saved values and with optimizer-state options on "
            f"{len(d.state)} of {len(classes)} parameter{'s' if not subject.blocks else ' classes'} "
            f"(levers={levers!r}); the lossless plan ({', '.join(lossless_plan.passes)}) peaks at "
            f"{fmt_bytes(lossless_plan.peak_bytes)}")
@@ -277,13 +306,13 @@ def _retarget(o: Option, fqn: str) -> Option:
     return o if o.target == fqn else dataclasses.replace(o, target=fqn)
 
 
-def _recompute_table(subject: _Subject) -> tuple[list[list[tuple[str, ...]]], list[int]]:
+def _recompute_table(subject: _Subject, reserve: list[dict[str, int]]) -> tuple[list[list[tuple[str, ...]]], list[int]]:
     """The recomputation sequence (per step, the names it frees in each graph) and the predicted peak of
     intermediates after k steps (extrapolated for Blocks), k = 0 (the free choice) .. len(steps)."""
     from ..passes.remat import recompute_sequence, replay_peaks
 
     if not subject.blocks:
-        start, seq = recompute_sequence(subject.graphs[0])
+        start, seq = recompute_sequence(subject.graphs[0], reserve=reserve[0])
         return [[s.names] for s in seq], [start] + [s.peak for s in seq]
     g1, g2 = subject.graphs
     keys = block_keys(g1, g2)
@@ -292,38 +321,15 @@ def _recompute_table(subject: _Subject) -> tuple[list[list[tuple[str, ...]]], li
                                          "forwards that differ by more than one block of ops",
                                          "plan the full graph (replicate=False)"))
     k1, k2 = keys
-    start2, seq = recompute_sequence(g2, families=k2)
+    start2, seq = recompute_sequence(g2, families=k2, reserve=reserve[1])
     by_key1: dict[object, list[str]] = {}
     for n, key in k1.items():
         by_key1.setdefault(key, []).append(n.name)
     steps = [[tuple(by_key1.get(s.key, ())), s.names] for s in seq]
-    peaks1 = replay_peaks(g1, [s[0] for s in steps])
+    peaks1 = replay_peaks(g1, [s[0] for s in steps], reserve=reserve[0])
     peaks2 = [start2] + [s.peak for s in seq]
     layers = subject.blocks.layers
     return steps, [a + (layers - 1) * (b - a) for a, b in zip(peaks1, peaks2, strict=True)]
-
-
-def _live_at_updates(subject: _Subject, runs: list[tuple[TrainGraph, MemoryPlan]], classes: dict[str, _Class]
-                     ) -> dict[str, int]:
-    """Per class, the intermediates live where its update runs in the lossless plan (kernel workspace and
-    persistent bytes left out): what an option's transient comes on top of. Extrapolated for Blocks."""
-    per_graph = []
-    for i, (g, p) in enumerate(runs):
-        index = {name: j for j, name in enumerate(p.node_names)}
-        base = sum(p.persistent.values())
-        work = p.category_timeline.get("kernel workspace", ())
-        out = {}
-        for c, cl in classes.items():
-            fqn = cl.members[i][0] if cl.members[i] else None
-            node = g.updates.get(fqn) if fqn else None
-            if node is not None and node.name in index:
-                j = index[node.name]
-                out[c] = p.timeline[j] - base - (work[j] if work else 0)
-        per_graph.append(out)
-    if not subject.blocks:
-        return per_graph[0]
-    k = subject.blocks.layers - 1
-    return {c: a + k * (per_graph[1].get(c, a) - a) for c, a in per_graph[0].items()}
 
 
 def _update_at_peak(g: TrainGraph, p: MemoryPlan, subject: _Subject) -> str | None:
@@ -335,45 +341,15 @@ def _update_at_peak(g: TrainGraph, p: MemoryPlan, subject: _Subject) -> str | No
 
 
 def _decide(classes: dict[str, _Class], curve: list[int], persistent0: int, gap: int, budget: int,
-            live_u: dict[str, int], banned: set[tuple[str, str]]) -> _Decision | None:
-    """The least lossy state that fits with every recomputation step, then the fewest steps that fit with it.
-
-    An option whose transient, on top of the state chosen and what is live at its update, would pass the
-    budget is set aside (``banned``) and the state chosen again."""
-    base = persistent0 + curve[-1] + gap - budget
-    levels, tried = {base}, set()
-    state = None
-    for _ in range(48):  # needs in increasing order: the first self-consistent state is the least lossy
-        todo = sorted(x for x in levels if x not in tried)
-        if not todo:
-            return None
-        need = todo[0]
-        tried.add(need)
-        state = _knapsack(classes, need, banned) if need > 0 else {}
-        if state is None:
-            return None  # a larger need has no answer either
-        after = persistent0 + sum(o.persistent * classes[c].mult for c, o in state.items())
-        # an option's transient comes on top of the state and what is live at its update: the state must
-        # save that much more for it; such needs are tried in turn
-        wants = {(c, o.label): persistent0 + min(live_u.get(c, 0), curve[-1]) + o.transient - budget
-                 for c, o in state.items() if o.transient}
-        short = {k: w for k, w in wants.items() if w > persistent0 - after}
-        if not short:
-            break
-        most = -_floor(classes, banned)
-        banned |= {k for k, w in short.items() if w > most}  # out of reach whatever else is chosen
-        levels |= {w for k, w in short.items() if k not in banned and w > need}
-        if all(k in banned for k in short):  # the same need again, without them
-            tried.discard(need)
-    else:
+            banned: set[tuple[str, str]]) -> _Decision | None:
+    """The least lossy state that fits with every recomputation step, then the fewest steps that fit with it
+    (the curve holds each update's worst transient where its gradient is made)."""
+    need = persistent0 + curve[-1] + gap - budget
+    state = _knapsack(classes, need, banned) if need > 0 else {}
+    if state is None:
         return None
-    after += gap
-
-    def fits(k: int) -> bool:  # the step's peak and every chosen option's transient, at k steps
-        return after + curve[k] <= budget and all(
-            after - gap + min(live_u.get(c, 0), curve[k]) + o.transient <= budget for c, o in state.items())
-
-    k = next((i for i in range(len(curve)) if fits(i)), len(curve) - 1)
+    after = persistent0 + sum(o.persistent * classes[c].mult for c, o in state.items()) + gap
+    k = next((i for i, a in enumerate(curve) if after + a <= budget), len(curve) - 1)
     return _Decision(k, state)
 
 
@@ -437,7 +413,8 @@ def _knapsack(classes: dict[str, _Class], need: int, banned: set[tuple[str, str]
 def _min_cost_cover(items: dict[str, list[tuple[Option, int]]], classes: dict[str, _Class], need: int
                     ) -> dict[str, tuple[Option, int]] | None:
     """At most one (option, bytes saved) per class, saving at least ``need``, at the least lossiness, counted
-    as elements x (1 + degree) (rank n/16 on a weight weighs three times rank n/4): a multiple-choice knapsack by dynamic programming over the bytes in
+    as elements x (1 + degree) (rank n/16 on a weight weighs three times rank n/4): a multiple-choice
+    knapsack by dynamic programming over the bytes in
     ``_UNITS`` steps, each saving rounded down (a chosen set saves at least what the table says)."""
     if need <= 0:
         return {}
@@ -484,10 +461,10 @@ def _floor_error(p: MemoryPlan, budget: int, levers: str, lossless: MemoryPlan, 
     at = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.persistent.items() if v)
     return BudgetError(where_what_got(
         "memfit planner", f"a step that fits the budget {fmt_bytes(budget)}",
-        f"a floor of {fmt_bytes(floor)} that no lever reduces yet ({at} with every option levers={levers!r} "
-        f"allows); the smallest peak reachable is {fmt_bytes(p.peak_bytes)} (that plan: "
+        f"a floor of {fmt_bytes(floor)} that no lever reduces yet ({at}, with every option levers={levers!r} "
+        f"allows taken); the smallest peak reachable is {fmt_bytes(p.peak_bytes)} (that plan: "
         f"{', '.join(p.passes)}); the lossless plan ({', '.join(lossless.passes)}) peaks at "
-        f"{fmt_bytes(lossless.peak_bytes)}; largest live at the smallest peak: {p.describe_largest()}",
+        f"{fmt_bytes(lossless.peak_bytes)}; largest live at the peak (of the smallest plan): {p.describe_largest()}",
         "raise the budget above the floor, allow lossier levers, or freeze parameters (frozen=...) to drop "
         "their optimizer state"), plan=p, budget_bytes=budget, floor_only=True)
 

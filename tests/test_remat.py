@@ -12,8 +12,8 @@ import memfit
 from memfit import models
 from memfit.frontends.export import capture
 from memfit.passes.base import Pipeline, make_pass
+from memfit.passes.sink import sink
 from memfit.runtime.memory import plan_memory
-from memfit.runtime.schedule import sink
 
 
 @pytest.fixture(scope="module")
