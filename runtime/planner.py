@@ -225,41 +225,37 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
             c = param_class(o.target) if subject.blocks else o.target
             if c in classes and (not subject.blocks or o.target == classes[c].members[-1][0]):
                 classes[c].options.append(o)
-    # the recomputation sequence, with each update's transient under a state reserved where its gradient
-    # is made (so no recomputed copy is planned alive across an update's peak); one table per such state
-    tables: dict[frozenset, tuple[list, list[int], list[dict[str, int]]]] = {}
-
-    def table(state: dict[str, Option]) -> tuple[list, list[int], list[dict[str, int]]]:
-        key = frozenset((c, o.transient) for c, o in state.items() if o.transient)
-        if key not in tables:
-            res = [{f: o.transient for c, o in state.items() if o.transient for f in classes[c].members[i]}
-                   for i in range(len(subject.graphs))]
-            tables[key] = (*_recompute_table(subject, res), res)
-        return tables[key]
-
-    _, curve, _ = table({})
+    # Two readings of the table, tried in this order: "tight", the sequence on the captured graph with each
+    # chosen option's transient checked on top of what is live at its update; and, if its choice misses,
+    # "safe", the sequence with every update's largest option transient reserved where its gradient is
+    # made (no recomputed copy is then planned alive across an update's peak), the passes run the same way.
+    worst = [{f: max(o.transient for o in cl.options) for cl in classes.values() if cl.options
+              for f in cl.members[i]} for i in range(len(subject.graphs))]
+    tables = {"tight": (*_recompute_table(subject, [{} for _ in subject.graphs]), [{} for _ in subject.graphs]),
+              "safe": None}
+    live_u = _live_at_updates(subject, lossless_runs, classes)
     banned: set[tuple[str, str]] = set()
     persistent0 = sum(p0.persistent.values())
-    gap = p0.peak_bytes - persistent0 - curve[0]
+    gaps = {"tight": p0.peak_bytes - persistent0 - tables["tight"][1][0]}
     floor = persistent0 + sum(min([0] + [o.persistent * cl.mult for o in cl.options]) for cl in classes.values())
+    mode = "tight"
+
+    def table(m: str) -> tuple[list, list[int], list[dict[str, int]]]:
+        if tables[m] is None:
+            tables[m] = (*_recompute_table(subject, worst), worst)
+            gaps[m] = p0.peak_bytes - persistent0 - tables[m][1][0]
+        return tables[m]
 
     def everything() -> _Decision:
         state = {c: min(cl.options, key=lambda o: o.persistent) for c, cl in classes.items() if cl.options}
-        steps_, _, res = table(state)
-        return _Decision(len(steps_), state, steps_, res)
+        steps, _, res = table("safe")
+        return _Decision(len(steps), state, steps, res)
 
-    def decide() -> _Decision | None:
-        """A decision on the table of its own state (a few rounds until the state settles)."""
-        d, state = None, {}
-        for _ in range(4):
-            steps_, curve_, res = table(state)
-            d = _decide(classes, curve_, persistent0, gap, budget_bytes, banned)
-            if d is None:
-                return None
-            d.steps, d.reserve, d.curve = steps_, res, curve_
-            if {c: o.label for c, o in d.state.items()} == {c: o.label for c, o in state.items()}:
-                break
-            state = d.state
+    def decide(m: str) -> _Decision | None:
+        steps, curve, res = table(m)
+        d = _decide(classes, curve, persistent0, gaps[m], budget_bytes, live_u if m == "tight" else {}, banned)
+        if d is not None:
+            d.steps, d.reserve = steps, res
         return d
 
     if floor > budget_bytes:  # parameters + the smallest state: no recomputation helps
@@ -268,11 +264,14 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
     best: tuple[TrainGraph, MemoryPlan, _Decision] | None = None
     smallest: tuple[TrainGraph, MemoryPlan, _Decision] | None = None
     tried: set[tuple] = set()
-    for _ in range(_ROUNDS):
-        d = decide()
-        if d is None:  # the table says nothing fits: the smallest peak, verified, for the error
+    for round_ in range(_ROUNDS):
+        d = decide(mode)
+        if d is None and mode == "tight":
+            mode = "safe"
+            d = decide(mode)
+        if d is None or round_ == _ROUNDS - 1:  # every lever at its most: the smallest peak there is
             d = everything()
-        key = (d.k, tuple(sorted((c, o.label) for c, o in d.state.items())))
+        key = (mode, d.k, tuple(sorted((c, o.label) for c, o in d.state.items())))
         if key in tried:
             break
         tried.add(key)
@@ -283,12 +282,15 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
             best = (g, p, d)
             break
         at = _update_at_peak(g, p, subject)
-        if at is not None and at in d.state:  # the peak is that option's own op (a refresh): not that option
+        if at is not None and at in d.state and mode == "safe":  # the peak is that option's own op: not it
             banned.add((at, d.state[at].label))
             continue
+        if mode == "tight":
+            mode = "safe"
+            continue
         predicted = persistent0 + sum(o.persistent * classes[c].mult for c, o in d.state.items()) + \
-            table(d.state)[1][d.k]
-        gap = max(gap + 1, p.peak_bytes - predicted)  # the table missed by this much at this choice
+            table(mode)[1][d.k]
+        gaps[mode] = max(gaps[mode] + 1, p.peak_bytes - predicted)  # the table missed by this much here
     if best is not None:
         g, p, d = best
         return Choice(g, _state_labelled(p, d, classes, subject), tuple(trials))
@@ -332,6 +334,29 @@ def _recompute_table(subject: _Subject, reserve: list[dict[str, int]]) -> tuple[
     return steps, [a + (layers - 1) * (b - a) for a, b in zip(peaks1, peaks2, strict=True)]
 
 
+def _live_at_updates(subject: _Subject, runs: list[tuple[TrainGraph, MemoryPlan]], classes: dict[str, _Class]
+                     ) -> dict[str, int]:
+    """Per class, the intermediates live where its update runs in the lossless plan (kernel workspace and
+    persistent bytes left out): what an option's transient comes on top of. Extrapolated for Blocks."""
+    per_graph = []
+    for i, (g, p) in enumerate(runs):
+        index = {name: j for j, name in enumerate(p.node_names)}
+        base = sum(p.persistent.values())
+        work = p.category_timeline.get("kernel workspace", ())
+        out = {}
+        for c, cl in classes.items():
+            fqn = cl.members[i][0] if cl.members[i] else None
+            node = g.updates.get(fqn) if fqn else None
+            if node is not None and node.name in index:
+                j = index[node.name]
+                out[c] = p.timeline[j] - base - (work[j] if work else 0)
+        per_graph.append(out)
+    if not subject.blocks:
+        return per_graph[0]
+    k = subject.blocks.layers - 1
+    return {c: a + k * (per_graph[1].get(c, a) - a) for c, a in per_graph[0].items()}
+
+
 def _update_at_peak(g: TrainGraph, p: MemoryPlan, subject: _Subject) -> str | None:
     """The class whose update op is the plan's peak node, if the peak is at an update."""
     for fqn, node in g.updates.items():
@@ -341,15 +366,45 @@ def _update_at_peak(g: TrainGraph, p: MemoryPlan, subject: _Subject) -> str | No
 
 
 def _decide(classes: dict[str, _Class], curve: list[int], persistent0: int, gap: int, budget: int,
-            banned: set[tuple[str, str]]) -> _Decision | None:
-    """The least lossy state that fits with every recomputation step, then the fewest steps that fit with it
-    (the curve holds each update's worst transient where its gradient is made)."""
-    need = persistent0 + curve[-1] + gap - budget
-    state = _knapsack(classes, need, banned) if need > 0 else {}
-    if state is None:
+            live_u: dict[str, int], banned: set[tuple[str, str]]) -> _Decision | None:
+    """The least lossy state that fits with every recomputation step, then the fewest steps that fit with it.
+
+    An option whose transient, on top of the state chosen and what is live at its update, would pass the
+    budget is set aside (``banned``) and the state chosen again."""
+    base = persistent0 + curve[-1] + gap - budget
+    levels, tried = {base}, set()
+    state = None
+    for _ in range(48):  # needs in increasing order: the first self-consistent state is the least lossy
+        todo = sorted(x for x in levels if x not in tried)
+        if not todo:
+            return None
+        need = todo[0]
+        tried.add(need)
+        state = _knapsack(classes, need, banned) if need > 0 else {}
+        if state is None:
+            return None  # a larger need has no answer either
+        after = persistent0 + sum(o.persistent * classes[c].mult for c, o in state.items())
+        # an option's transient comes on top of the state and what is live at its update: the state must
+        # save that much more for it; such needs are tried in turn
+        wants = {(c, o.label): persistent0 + min(live_u.get(c, 0), curve[-1]) + o.transient - budget
+                 for c, o in state.items() if o.transient}
+        short = {k: w for k, w in wants.items() if w > persistent0 - after}
+        if not short:
+            break
+        most = -_floor(classes, banned)
+        banned |= {k for k, w in short.items() if w > most}  # out of reach whatever else is chosen
+        levels |= {w for k, w in short.items() if k not in banned and w > need}
+        if all(k in banned for k in short):  # the same need again, without them
+            tried.discard(need)
+    else:
         return None
-    after = persistent0 + sum(o.persistent * classes[c].mult for c, o in state.items()) + gap
-    k = next((i for i, a in enumerate(curve) if after + a <= budget), len(curve) - 1)
+    after += gap
+
+    def fits(k: int) -> bool:  # the step's peak and every chosen option's transient, at k steps
+        return after + curve[k] <= budget and all(
+            after - gap + min(live_u.get(c, 0), curve[k]) + o.transient <= budget for c, o in state.items())
+
+    k = next((i for i in range(len(curve)) if fits(i)), len(curve) - 1)
     return _Decision(k, state)
 
 
