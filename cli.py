@@ -243,7 +243,7 @@ def _plan(args: argparse.Namespace) -> int:
         if plan is None:
             print(f"memfit: {e}", file=sys.stderr)
             return EXIT_OVER_BUDGET
-    print(f"planned in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    print(f"planned in {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
     print(plan)
     print(hand_check(model, plan, args.optimizer)[0])
     title = f"{args.model}, {args.dtype}, {args.optimizer}, batch {args.batch} x seq {args.seq}"
