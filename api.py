@@ -403,7 +403,7 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
                 frozen: Sequence[str] = (), clip_grad_norm: float | None = None, clip: str = "global",
                 micro_steps: int = 1, budget_bytes: int | None = None,
                 device: torch.device | str = "cpu", levers: str = "lossy",
-                replicate: bool = False) -> tuple[TrainGraph, MemoryPlan]:
+                replicate: bool = False, lever_passes: Sequence[str] | None = None) -> tuple[TrainGraph, MemoryPlan]:
     """Capture one training step and let the planner rewrite it to fit ``budget_bytes`` (fake tensors
     throughout: nothing of the model's size is allocated). Returns the graph and its plan.
 
@@ -427,7 +427,7 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
 
     explicit = [make(s) for s in passes] if passes is not None else None
     choice = choose(base, budget_bytes, device=device, make=make, head=("freeze",) if frozen else (),
-                    explicit=explicit, levers=levers)
+                    explicit=explicit, levers=levers, lever_passes=lever_passes)
     choice.graph.info["planner"] = {"trials": [t.__dict__ for t in choice.trials]}
     return choice.graph, choice.plan
 
@@ -554,7 +554,7 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
              passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
              clip_grad_norm: float | None = None, clip: str = "global", micro_steps: int = 1,
              lr_schedule: Callable[[int], float] | None = None, levers: str = "lossy", nonfinite: str = "skip",
-             transactional: bool = False, max_shapes: int = 8) -> Trainer:
+             transactional: bool = False, max_shapes: int = 8, lever_passes: Sequence[str] | None = None) -> Trainer:
     """Compile ``model``'s whole training step under ``budget`` and return a :class:`Trainer`.
 
     ``example_inputs`` is one batch: ``(inputs..., target)`` with ``loss_fn(output, target)``, or the
@@ -571,6 +571,9 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     ``nonfinite`` (``"skip"``, ``"raise"``, ``"ignore"``) says what a NaN/inf loss or gradient does;
     ``transactional=True`` keeps a journal so that a step failing after its updates began is undone
     too (up to one extra copy of parameters and optimizer state, outside the plan: not with ``budget``).
+    ``lever_passes`` names the passes whose declared options the planner may take (default
+    ``memfit.passes.base.LEVER_PASSES``: ``quantize_state`` and ``lowrank``); a pass of your own becomes a
+    lever by declaring ``options`` and ``from_options`` and being named here.
     """
     optimizer = AdamW() if optimizer is None else optimizer
     if transactional and budget is not None:
@@ -597,7 +600,7 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         capture_inputs = tuple(example_inputs)
     g, plan_ = build_graph(model, capture_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes,
                            frozen=frozen, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
-                           budget_bytes=budget_bytes, device=device, levers=levers)
+                           budget_bytes=budget_bytes, device=device, levers=levers, lever_passes=lever_passes)
     try:
         trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
                           lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device, plan=plan_,

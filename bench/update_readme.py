@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ORDER = ["architectures", "variable_shapes", "spam", "hf_trainer", "optimize_time", "step_memory", "remat_vs_torch",
-         "optimizers", "llama7b_plan"]
+         "optimizers", "planner_time", "planner_quality", "planner_measured", "llama7b_plan"]
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ class PassResult:
     graph: TrainGraph
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    meta_ok: bool = False  # every node this run added carries a correct meta["val"]: no re-propagation
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def register_pass(name: str):
         if not (isinstance(cls, type) and issubclass(cls, Pass)):
             raise ConfigError(where_what_got(f"register_pass({name!r})", "a subclass of memfit.Pass",
                                              repr(cls), "derive your pass from memfit.Pass"))
-        if not dataclasses.is_dataclass(cls):
+        if "__dataclass_fields__" not in cls.__dict__:  # its own fields too, not only Pass's
             cls = dataclass(frozen=True)(cls)
         existing = _REGISTRY.get(name)
         if existing is not None and existing.__qualname__ != cls.__qualname__:
@@ -211,7 +212,7 @@ class Pipeline:
                 g.eliminate_dead_code()
                 g.graph.lint()
                 stale = True
-                if result.modified and not p.keeps_meta:
+                if result.modified and not (p.keeps_meta or result.meta_ok):
                     refresh_meta(g)
                 check_graph(g, p.name)
             except MemfitError as e:  # same error, same attributes (op/node, plan), plus where it happened

@@ -199,10 +199,15 @@ class FusedUpdate(Pass):
                 elif self.clip_grad_norm is not None:
                     grad = self._per_param_clip(g, grad)
                 upd = self._update_node(g, fqn, grad, lr, step, micro)
+            upd.meta["val"] = None  # the op returns nothing
             g.updates[fqn] = upd
             g.grad_outputs.remove(fqn)
-            order = {n: i for i, n in enumerate(g.graph.nodes)}
-        return PassResult(g, True, {"updates": len(fqns), "optimizer": self.optimizer.kind})
+            # nodes inserted after the anchor sit between it and its old successor: no re-indexing of the graph
+            for n in (grad, upd):
+                order.setdefault(n, order[anchor] + 0.5)
+        # without clipping every node added is an update op (meta set above): nothing to re-propagate
+        return PassResult(g, True, {"updates": len(fqns), "optimizer": self.optimizer.kind},
+                          meta_ok=self.clip_grad_norm is None)
 
     def _update_node(self, g: TrainGraph, fqn: str, grad: fx.Node, lr, step, micro) -> fx.Node:
         p = g.params[fqn]

@@ -166,7 +166,7 @@ def _with_budget(plan: MemoryPlan, budget: int | None) -> MemoryPlan:
 
 def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch.device | str = "cpu",
            make: Callable[..., Pass] = make_pass, head: tuple[str, ...] = (), explicit: list[Pass] | None = None,
-           levers: str = "lossy", lever_passes: Sequence[str] = LEVER_PASSES) -> Choice:
+           levers: str = "lossy", lever_passes: Sequence[str] | None = None) -> Choice:
     """Pick the passes for ``base`` (a freshly captured graph, or ``Blocks``) so that its predicted peak fits.
 
     ``levers`` bounds what may change the training numerics: ``"lossless"`` (recomputation and the fused
@@ -184,6 +184,7 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
         return Choice(g, p, tuple(trials))
     if levers not in LEVELS:
         raise ConfigError(where_what_got("memfit planner: levers", f"one of {LEVELS}", repr(levers), "pick one"))
+    lever_passes = LEVER_PASSES if lever_passes is None else tuple(lever_passes)
     unknown = [n for n in lever_passes if n not in registered_passes()]
     if unknown:
         raise ConfigError(where_what_got("memfit planner: lever_passes",
