@@ -13,11 +13,16 @@ Modes:
 
 - ``"free"`` (default): every cheap saved value (pointwise, ``cat``, a dtype copy) whose inputs are
   live at its readers anyway. No lifetime grows, so the peak can only fall.
-- ``"budget"`` (the planner's lever): saved values of any cost (matmuls too, with what they need), one
-  at a time, the one lowering the predicted peak most per recomputed FLOP first, until ``free_bytes``
-  more saved bytes are freed than ``"free"`` frees, or no choice lowers the peak any more.
-- ``max_flops`` (either mode): the lowest predicted peak for at most that many recomputed FLOPs, by the
-  same greedy choice (in ``"free"`` mode among the free values only, each kept lifetime-neutral).
+- ``"budget"``: saved values of any cost (matmuls too, with what they need) on top of the free ones,
+  along one greedy sequence (``recompute_sequence``: the value lowering the predicted peak most per
+  recomputed FLOP first, scored lazily from a priority queue), cut at the shortest prefix freeing
+  ``free_bytes`` more saved bytes than ``"free"`` frees, or at the longest within ``max_flops``; or
+  exactly the values named in ``targets`` (the planner's cut of the sequence, in its order).
+- ``max_flops`` in ``"free"`` mode: the lowest predicted peak for at most that many FLOPs among the free
+  values only, each kept lifetime-neutral.
+
+``reserve`` (from the planner) holds the bytes each parameter's update will hold where its gradient is
+made, so a recomputed copy is not planned alive across an update's peak.
 
 The choice is scored on the liveness of the graph as captured, in half steps (node ``i`` runs at
 ``2i+1``, instances before it at ``2i``), the way ``runtime.memory`` accounts it; a choice is taken
@@ -102,13 +107,25 @@ class Remat(Pass):
         """The saved values to free and the instances that serve their readers."""
         model = _Liveness(g, self.grads == "consumed" or (self.grads == "auto" and not g.joint), dict(self.reserve))
         start = _Choice.start(model, self.max_flops)
-        if self.max_flops is not None:
-            pool = [v for v in model.candidates if is_cheap(v)] if self.mode == "free" else model.candidates
-            return _greedy(start, pool, free_only=self.mode == "free", until=self.free_bytes or None)
+        if self.max_flops is not None and self.mode == "free":
+            return _greedy(start, [v for v in model.candidates if is_cheap(v)], free_only=True,
+                           until=self.free_bytes or None)
         free = free_choice(model)
+        if self.mode == "budget" and not self.targets:
+            if self.max_flops is not None and free.flops > self.max_flops:  # not even the free choice: from none
+                return _greedy(start, model.candidates, free_only=False, until=self.free_bytes or None)
+            # a prefix of the one greedy sequence: the longest within the FLOP cap, the shortest freeing enough
+            state = free
+            for _, nxt in _sequence_states(model, free, None):
+                if self.max_flops is not None and nxt.flops > self.max_flops:
+                    break
+                if self.max_flops is None and state.freed_bytes >= free.freed_bytes + self.free_bytes:
+                    break
+                state = nxt
+            return state
         if self.mode == "free":
             return free
-        if self.targets:
+        if self.targets:  # budget mode with the planner's prefix
             by_name = {v.name: v for v in model.candidates}
             missing = [t for t in self.targets if t not in by_name]
             if missing:
@@ -119,10 +136,28 @@ class Remat(Pass):
                 if by_name[t] not in state.freed:
                     state = state.with_freed(by_name[t], free_only=False) or state
             return state
-        return _greedy(start, model.candidates, free_only=False, until=free.freed_bytes + self.free_bytes)
+        return free
 
     def memory_effect(self, g: TrainGraph) -> MemoryEffect:
         return MemoryEffect(transient=-self.select(g).freed_bytes)
+
+    # ---- as the planner's recomputation lever: a sequence, cut by a prefix --------------------------
+    @classmethod
+    def sequence(cls, g: TrainGraph, *, families: dict | None = None, reserve: dict[str, int] | None = None
+                 ) -> tuple[int, list[RecomputeStep]]:
+        """``recompute_sequence`` (the planner's table row for recomputation)."""
+        return recompute_sequence(g, families=families, reserve=reserve)
+
+    @classmethod
+    def replay(cls, g: TrainGraph, steps: list[tuple[str, ...]], *, reserve: dict[str, int] | None = None
+               ) -> list[int]:
+        """``replay_peaks``: another graph's sequence on ``g``."""
+        return replay_peaks(g, steps, reserve=reserve)
+
+    @classmethod
+    def cut(cls, names: tuple[str, ...], reserve: dict[str, int]) -> tuple[str, dict]:
+        """The pass spec freeing exactly ``names`` (a prefix of the sequence) with ``reserve``."""
+        return "remat", {"mode": "budget", "targets": tuple(names), "reserve": reserve}
 
     def run(self, g: TrainGraph) -> PassResult:
         choice = self.select(g)
@@ -380,10 +415,19 @@ def recompute_sequence(g: TrainGraph, *, grads: str = "consumed", families: dict
 
     A FLOP cap or a byte target is a prefix of this sequence; ``Remat(mode="budget", targets=...)`` with the
     prefix's names reproduces its choice on this graph."""
-    import heapq
 
     model = _Liveness(g, grads == "consumed" or (grads == "auto" and not g.joint), reserve or {})
     state = free_choice(model)
+    steps = [RecomputeStep(key, tuple(v.name for v in members), st.flops, st.freed_bytes, st.peak)
+             for (key, members), st in _sequence_states(model, state, families)]
+    return state.peak, steps
+
+
+def _sequence_states(model: _Liveness, state: _Choice, families: dict[fx.Node, object] | None):
+    """Yield ((family key, its values), the choice after freeing them) along the greedy sequence from
+    ``state`` (see ``recompute_sequence``), lazily: a caller may stop early."""
+    import heapq
+
     groups: dict[object, list[fx.Node]] = {}
     for v in model.candidates:
         if v in state.freed:
@@ -393,8 +437,6 @@ def recompute_sequence(g: TrainGraph, *, grads: str = "consumed", families: dict
     keys = list(groups)
     band = max((sum(model.nbytes[v] for v in groups[k]) for k in keys), default=0)
     heap = [(-math.inf, -math.inf, i) for i in range(len(keys))]
-    steps: list[RecomputeStep] = []
-    start_peak = state.peak
 
     def extend(st: _Choice, members: list[fx.Node]) -> _Choice | None:
         for v in members:
@@ -428,11 +470,9 @@ def recompute_sequence(g: TrainGraph, *, grads: str = "consumed", families: dict
         for i in shelved:
             heapq.heappush(heap, (0.0, 0.0, i))
         if taken is None:
-            break
+            return
         i, state = taken
-        steps.append(RecomputeStep(keys[i], tuple(v.name for v in groups[keys[i]]), state.flops, state.freed_bytes,
-                                   state.peak))
-    return start_peak, steps
+        yield (keys[i], groups[keys[i]]), state
 
 
 def replay_peaks(g: TrainGraph, steps: list[tuple[str, ...]], *, grads: str = "consumed",

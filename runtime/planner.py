@@ -94,7 +94,7 @@ def run_passes(base: TrainGraph, passes: list[Pass], budget: int | None, device
     g = Pipeline(passes)(base.clone())
     g.info["passes"] = passes
     p = plan_memory(g, budget, device)
-    flops = int(g.info.get("remat", {}).get("recomputed_flops", 0))
+    flops = int(g.info.get("pass_stats", {}).get(RECOMPUTE_PASS, {}).get("recomputed_flops", 0))
     trial = Trial(tuple(q.to_json() for q in passes), p.peak_bytes, flops, budget is None or p.peak_bytes <= budget)
     return g, p, trial
 
@@ -197,8 +197,8 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
         out = []
         for name in pipeline:
             if name == RECOMPUTE_PASS and d is not None and d.k:
-                out.append(make((name, {"mode": "budget", "targets": tuple(n for s in d.steps[:d.k] for n in s[i]),
-                                        "reserve": d.reserve[i]})))
+                cut = registered_passes()[name].cut(tuple(n for s in d.steps[:d.k] for n in s[i]), d.reserve[i])
+                out.append(make(cut))
             else:
                 out.append(make(name))
         if d is not None:
@@ -260,8 +260,9 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
         return d
 
     if floor > budget_bytes:  # parameters + the smallest state: no recomputation helps
-        g, p = subject.run(lambda i: passes(i, everything()), budget_bytes, device, trials)
-        raise _floor_error(p, budget_bytes, levers, lossless_plan, floor)
+        d = everything()
+        g, p = subject.run(lambda i: passes(i, d), budget_bytes, device, trials)
+        raise _floor_error(_state_labelled(p, d, classes, subject), budget_bytes, levers, lossless_plan, floor)
     best: tuple[TrainGraph, MemoryPlan, _Decision] | None = None
     smallest: tuple[TrainGraph, MemoryPlan, _Decision] | None = None
     tried: set[tuple] = set()
@@ -312,10 +313,9 @@ def _retarget(o: Option, fqn: str) -> Option:
 def _recompute_table(subject: _Subject, reserve: list[dict[str, int]]) -> tuple[list[list[tuple[str, ...]]], list[int]]:
     """The recomputation sequence (per step, the names it frees in each graph) and the predicted peak of
     intermediates after k steps (extrapolated for Blocks), k = 0 (the free choice) .. len(steps)."""
-    from ..passes.remat import recompute_sequence, replay_peaks
-
+    lever = registered_passes()[RECOMPUTE_PASS]
     if not subject.blocks:
-        start, seq = recompute_sequence(subject.graphs[0], reserve=reserve[0])
+        start, seq = lever.sequence(subject.graphs[0], reserve=reserve[0])
         return [[s.names] for s in seq], [start] + [s.peak for s in seq]
     g1, g2 = subject.graphs
     keys = block_keys(g1, g2)
@@ -324,12 +324,12 @@ def _recompute_table(subject: _Subject, reserve: list[dict[str, int]]) -> tuple[
                                          "forwards that differ by more than one block of ops",
                                          "plan the full graph (replicate=False)"))
     k1, k2 = keys
-    start2, seq = recompute_sequence(g2, families=k2, reserve=reserve[1])
+    start2, seq = lever.sequence(g2, families=k2, reserve=reserve[1])
     by_key1: dict[object, list[str]] = {}
     for n, key in k1.items():
         by_key1.setdefault(key, []).append(n.name)
     steps = [[tuple(by_key1.get(s.key, ())), s.names] for s in seq]
-    peaks1 = replay_peaks(g1, [s[0] for s in steps], reserve=reserve[0])
+    peaks1 = lever.replay(g1, [s[0] for s in steps], reserve=reserve[0])
     peaks2 = [start2] + [s.peak for s in seq]
     layers = subject.blocks.layers
     return steps, [a + (layers - 1) * (b - a) for a, b in zip(peaks1, peaks2, strict=True)]

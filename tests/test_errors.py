@@ -165,9 +165,10 @@ def test_non_finite_or_sub_byte_budget(budget):
 
 def test_budget_too_small():
     with _raises(memfit.BudgetError, match=r"memfit planner: expected a step that fits the budget 1000 B, got a "
-                                           r"floor of .* that no lever reduces yet \(parameters .*\); without a "
-                                           r"budget the peak is .*; largest live at the peak: .*weight.*; "
-                                           r"raise the budget above the floor"):
+                                           r"floor of .* that no lever reduces yet \(parameters .*\); the smallest "
+                                           r"peak reachable is .* \(that plan: remat, fused_update, .*\); the lossless "
+                                           r"plan \(remat, fused_update, sink\) peaks at .*; largest live at the peak "
+                                           r"\(of the smallest plan\): .*weight.*; raise the budget above the floor"):
         memfit.optimize(models.build_mlp(), example_inputs=_mlp_batch(), loss_fn=F.cross_entropy, budget=1000)
 
 
