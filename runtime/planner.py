@@ -30,6 +30,7 @@ extrapolation of the two small plans (``runtime.blocks.extrapolate``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -159,8 +160,6 @@ class _Subject:
 
 
 def _with_budget(plan: MemoryPlan, budget: int | None) -> MemoryPlan:
-    import dataclasses
-
     return dataclasses.replace(plan, budget_bytes=budget)
 
 
@@ -262,7 +261,7 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
     if floor > budget_bytes:  # parameters + the smallest state: no recomputation helps
         d = everything()
         g, p = subject.run(lambda i: passes(i, d), budget_bytes, device, trials)
-        raise _floor_error(_state_labelled(p, d, classes, subject), budget_bytes, levers, lossless_plan, floor)
+        raise _floor_error(_state_labelled(p, d), budget_bytes, levers, lossless_plan, floor)
     best: tuple[TrainGraph, MemoryPlan, _Decision] | None = None
     smallest: tuple[TrainGraph, MemoryPlan, _Decision] | None = None
     tried: set[tuple] = set()
@@ -295,18 +294,16 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
         gaps[mode] = max(gaps[mode] + 1, p.peak_bytes - predicted)  # the table missed by this much here
     if best is not None:
         g, p, d = best
-        return Choice(g, _state_labelled(p, d, classes, subject), tuple(trials))
+        return Choice(g, _state_labelled(p, d), tuple(trials))
     g, p, d = smallest
     how = (f"after recomputing {d.k} of {len(d.steps)} steps of saved values and with optimizer-state options on "
            f"{len(d.state)} of {len(classes)} parameter{'s' if not subject.blocks else ' classes'} "
            f"(levers={levers!r}); the lossless plan ({', '.join(lossless_plan.passes)}) peaks at "
            f"{fmt_bytes(lossless_plan.peak_bytes)}")
-    raise _budget_error(_state_labelled(p, d, classes, subject), budget_bytes, how)
+    raise _budget_error(_state_labelled(p, d), budget_bytes, how)
 
 
 def _retarget(o: Option, fqn: str) -> Option:
-    import dataclasses
-
     return o if o.target == fqn else dataclasses.replace(o, target=fqn)
 
 
@@ -506,9 +503,8 @@ def _min_cost_cover(items: dict[str, list[tuple[Option, int]]], classes: dict[st
     return out
 
 
-def _state_labelled(p: MemoryPlan, d: _Decision, classes: dict[str, _Class], subject: _Subject) -> MemoryPlan:
-    import dataclasses
-
+def _state_labelled(p: MemoryPlan, d: _Decision) -> MemoryPlan:
+    """``p`` with the state setting chosen per parameter (or layer class) recorded."""
     choice = {c: o.label for c, o in d.state.items()}
     return dataclasses.replace(p, state_choice=choice)
 
