@@ -32,8 +32,8 @@ from _common import write_table
 
 CASES = {  # name -> shares of the lossless peak
     "tiny-llama 8x128": (0.7, 0.5, 0.4),
-    "llama-60m bf16 1x2048": (0.6, 0.45, 0.35),
-    "gpt2-small bf16 1x512": (0.6, 0.45, 0.35),
+    "llama-60m bf16 1x2048": (0.9, 0.75, 0.62),  # the logits hold the smallest peak at ~0.6 of the lossless
+    "gpt2-small bf16 1x512": (0.7, 0.55, 0.45),  # smallest peak ~0.41 of the lossless
 }
 
 

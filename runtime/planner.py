@@ -11,9 +11,8 @@ It is a policy over a table the passes write, and it names none of them:
 
 Policy (lossiness first, recomputed FLOPs second): the named pipeline ``"lossless"`` runs first; if it
 fits, that is the plan. Otherwise, with every recomputation step taken, the bytes still missing are
-covered by state options, choosing the set with the least lossiness on lossy settings, then on
-near-lossless ones, lossiness being parameter elements x (1 + the option's degree) (a knapsack solved
-by dynamic programming over the bytes, in
+covered by state options, choosing the set with the fewest parameter elements on lossy settings, then
+on near-lossless ones (ties: the lower degree) (a knapsack solved by dynamic programming over the bytes, in
 ``_UNITS`` steps, rounding savings down so that a chosen set never saves less than the table says);
 then the shortest recomputation prefix that fits with that state. The predicted peak of a choice is
 ``persistent + intermediates(k) + gap``, where the intermediates come from the one memory model
@@ -231,9 +230,10 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
     # made (no recomputed copy is then planned alive across an update's peak), the passes run the same way.
     worst = [{f: max(o.transient for o in cl.options) for cl in classes.values() if cl.options
               for f in cl.members[i]} for i in range(len(subject.graphs))]
-    tables = {"tight": (*_recompute_table(subject, [{} for _ in subject.graphs]), [{} for _ in subject.graphs]),
-              "safe": None}
+    steps0, curve0, at_k = _recompute_table(subject, [{} for _ in subject.graphs])
+    tables = {"tight": (steps0, curve0, [{} for _ in subject.graphs]), "safe": None}
     live_u = _live_at_updates(subject, lossless_runs, classes)
+    live_k = {c: at_k.get(c, live_u.get(c, 0)) for c in live_u}  # with every recomputation step taken
     banned: set[tuple[str, str]] = set()
     persistent0 = sum(p0.persistent.values())
     gaps = {"tight": p0.peak_bytes - persistent0 - tables["tight"][1][0]}
@@ -242,7 +242,7 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
 
     def table(m: str) -> tuple[list, list[int], list[dict[str, int]]]:
         if tables[m] is None:
-            tables[m] = (*_recompute_table(subject, worst), worst)
+            tables[m] = (*_recompute_table(subject, worst)[:2], worst)
             gaps[m] = p0.peak_bytes - persistent0 - tables[m][1][0]
         return tables[m]
 
@@ -253,7 +253,8 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
 
     def decide(m: str) -> _Decision | None:
         steps, curve, res = table(m)
-        d = _decide(classes, curve, persistent0, gaps[m], budget_bytes, live_u if m == "tight" else {}, banned)
+        d = _decide(classes, curve, persistent0, gaps[m], budget_bytes, live_u if m == "tight" else {},
+                    live_k if m == "tight" else {}, banned)
         if d is not None:
             d.steps, d.reserve = steps, res
         return d
@@ -307,13 +308,15 @@ def _retarget(o: Option, fqn: str) -> Option:
     return o if o.target == fqn else dataclasses.replace(o, target=fqn)
 
 
-def _recompute_table(subject: _Subject, reserve: list[dict[str, int]]) -> tuple[list[list[tuple[str, ...]]], list[int]]:
-    """The recomputation sequence (per step, the names it frees in each graph) and the predicted peak of
-    intermediates after k steps (extrapolated for Blocks), k = 0 (the free choice) .. len(steps)."""
+def _recompute_table(subject: _Subject, reserve: list[dict[str, int]]
+                     ) -> tuple[list[list[tuple[str, ...]]], list[int], dict[str, int]]:
+    """The recomputation sequence (per step, the names it frees in each graph), the predicted peak of
+    intermediates after k steps (k = 0: the free choice), and with every step taken the bytes live where
+    each parameter's gradient is made, extrapolated for Blocks (keyed by FQN, or by class for Blocks)."""
     lever = registered_passes()[RECOMPUTE_PASS]
     if not subject.blocks:
-        start, seq = lever.sequence(subject.graphs[0], reserve=reserve[0])
-        return [[s.names] for s in seq], [start] + [s.peak for s in seq]
+        start, seq, at = lever.sequence(subject.graphs[0], reserve=reserve[0])
+        return [[s.names] for s in seq], [start] + [s.peak for s in seq], at
     g1, g2 = subject.graphs
     keys = block_keys(g1, g2)
     if keys is None:
@@ -321,15 +324,20 @@ def _recompute_table(subject: _Subject, reserve: list[dict[str, int]]) -> tuple[
                                          "forwards that differ by more than one block of ops",
                                          "plan the full graph (replicate=False)"))
     k1, k2 = keys
-    start2, seq = lever.sequence(g2, families=k2, reserve=reserve[1])
+    start2, seq, at2 = lever.sequence(g2, families=k2, reserve=reserve[1])
     by_key1: dict[object, list[str]] = {}
     for n, key in k1.items():
         by_key1.setdefault(key, []).append(n.name)
     steps = [[tuple(by_key1.get(s.key, ())), s.names] for s in seq]
-    peaks1 = lever.replay(g1, [s[0] for s in steps], reserve=reserve[0])
+    peaks1, at1 = lever.replay(g1, [s[0] for s in steps], reserve=reserve[0])
     peaks2 = [start2] + [s.peak for s in seq]
     layers = subject.blocks.layers
-    return steps, [a + (layers - 1) * (b - a) for a, b in zip(peaks1, peaks2, strict=True)]
+    at: dict[str, int] = {}
+    for f, a in at1.items():  # the first layer's parameter in both captures stands for its class
+        c = param_class(f)
+        if c not in at and f in at2:
+            at[c] = a + (layers - 1) * (at2[f] - a)
+    return steps, [a + (layers - 1) * (b - a) for a, b in zip(peaks1, peaks2, strict=True)], at
 
 
 def _live_at_updates(subject: _Subject, runs: list[tuple[TrainGraph, MemoryPlan]], classes: dict[str, _Class]
@@ -364,39 +372,35 @@ def _update_at_peak(g: TrainGraph, p: MemoryPlan, subject: _Subject) -> str | No
 
 
 def _decide(classes: dict[str, _Class], curve: list[int], persistent0: int, gap: int, budget: int,
-            live_u: dict[str, int], banned: set[tuple[str, str]]) -> _Decision | None:
+            live_u: dict[str, int], live_k: dict[str, int], banned: set[tuple[str, str]]) -> _Decision | None:
     """The least lossy state that fits with every recomputation step, then the fewest steps that fit with it.
 
-    An option whose transient, on top of the state chosen and what is live at its update, would pass the
-    budget is set aside (``banned``) and the state chosen again."""
+    An option's transient comes on top of the state and what is live at its update (``live_k`` with every
+    recomputation step taken, ``live_u`` in the lossless plan; at most the intermediates' peak): it *wants*
+    the state to save that much. At a need N only options wanting at most
+    N are admissible; needs are tried in increasing order (the base need, then each option's want above
+    it); of the answers, the least lossy is taken (fewest elements on lossy options, then on near-lossless
+    ones, then the lower need)."""
     base = persistent0 + curve[-1] + gap - budget
-    levels, tried = {base}, set()
-    state = None
-    for _ in range(48):  # needs in increasing order: the first self-consistent state is the least lossy
-        todo = sorted(x for x in levels if x not in tried)
-        if not todo:
-            return None
-        need = todo[0]
-        tried.add(need)
-        state = _knapsack(classes, need, banned) if need > 0 else {}
-        if state is None:
-            return None  # a larger need has no answer either
-        after = persistent0 + sum(o.persistent * classes[c].mult for c, o in state.items())
-        # an option's transient comes on top of the state and what is live at its update: the state must
-        # save that much more for it; such needs are tried in turn
-        wants = {(c, o.label): persistent0 + min(live_u.get(c, 0), curve[-1]) + o.transient - budget
-                 for c, o in state.items() if o.transient}
-        short = {k: w for k, w in wants.items() if w > persistent0 - after}
-        if not short:
-            break
-        most = -_floor(classes, banned)
-        banned |= {k for k, w in short.items() if w > most}  # out of reach whatever else is chosen
-        levels |= {w for k, w in short.items() if k not in banned and w > need}
-        if all(k in banned for k in short):  # the same need again, without them
-            tried.discard(need)
-    else:
+    want = {(c, o.label): persistent0 + min(live_k.get(c, 0), curve[-1]) + o.transient - budget
+            for c, cl in classes.items() for o in cl.options if o.transient} if live_u else {}
+    levels = sorted({base, *(w for w in want.values() if w > base)})
+    if len(levels) > 64:  # many distinct wants: a spread of them (the largest kept)
+        levels = [levels[round(i * (len(levels) - 1) / 63)] for i in range(64)]
+    best_key, state = None, None
+    for need in levels:
+        out = banned | {k for k, w in want.items() if w > need}
+        got = _knapsack(classes, need, out) if need > 0 else {}
+        if got is None:
+            continue
+        key = (*_lossiness(got, classes), need)
+        if best_key is None or key < best_key:
+            best_key, state = key, got
+        if need <= 0:
+            break  # nothing needed: nothing is less lossy
+    if state is None:
         return None
-    after += gap
+    after = persistent0 + sum(o.persistent * classes[c].mult for c, o in state.items()) + gap
 
     def fits(k: int) -> bool:  # the step's peak and every chosen option's transient, at k steps
         return after + curve[k] <= budget and all(
@@ -404,6 +408,14 @@ def _decide(classes: dict[str, _Class], curve: list[int], persistent0: int, gap:
 
     k = next((i for i in range(len(curve)) if fits(i)), len(curve) - 1)
     return _Decision(k, state)
+
+
+def _lossiness(state: dict[str, Option], classes: dict[str, _Class]) -> tuple[int, ...]:
+    """Parameter elements on each lossiness class, the lossiest first (the planner's order of preference)."""
+    out = [0] * len(LOSSINESS)
+    for c, o in state.items():
+        out[o.rank] += classes[c].numel * classes[c].mult
+    return tuple(reversed(out))
 
 
 def _floor(classes: dict[str, _Class], banned: set[tuple[str, str]]) -> int:
@@ -465,8 +477,8 @@ def _knapsack(classes: dict[str, _Class], need: int, banned: set[tuple[str, str]
 
 def _min_cost_cover(items: dict[str, list[tuple[Option, int]]], classes: dict[str, _Class], need: int
                     ) -> dict[str, tuple[Option, int]] | None:
-    """At most one (option, bytes saved) per class, saving at least ``need``, at the least lossiness, counted
-    as elements x (1 + degree) (rank n/16 on a weight weighs three times rank n/4): a multiple-choice
+    """At most one (option, bytes saved) per class, saving at least ``need``, with the fewest parameter
+    elements on these options (ties: the lower degree, e.g. rank n/4 before n/16): a multiple-choice
     knapsack by dynamic programming over the bytes in
     ``_UNITS`` steps, each saving rounded down (a chosen set saves at least what the table says)."""
     if need <= 0:
@@ -483,7 +495,7 @@ def _min_cost_cover(items: dict[str, list[tuple[Option, int]]], classes: dict[st
             u = min(gain // unit, size - 1)
             if u <= 0:
                 continue
-            w = classes[c].numel * classes[c].mult * (1.0 + o.degree)
+            w = classes[c].numel * classes[c].mult * (1.0 + 0.01 * o.degree)
             shifted = np.concatenate([np.full(u, cost[0]), cost[:size - u]]) + w
             better = shifted < new
             new[better] = shifted[better]

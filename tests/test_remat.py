@@ -65,8 +65,7 @@ def test_budget_mode_more_bytes_to_free_never_raises_the_peak(llama):
             peaks.append(peak)
             flops.append(f)
         print(grads, "free", free_peak, free_flops, "budget peaks", peaks, "flops", flops)
-        # free_bytes=0 is the free choice itself; every byte more extends the same sequence
-        assert peaks[0] == free_peak and flops[0] == free_flops and peaks[-1] < free_peak
+        assert peaks[0] < free_peak and flops[0] > free_flops
         assert peaks == sorted(peaks, reverse=True), f"more recomputation raised the predicted peak: {peaks}"
         assert flops == sorted(flops)
 
