@@ -69,11 +69,11 @@ def main() -> None:
                 old.append(run(args.old, model, budget))
             new.append(run(None, model, budget))
         row = {"method": "memfit plan", "model": model, "budget": budget, "kind": kind,
-               "new_s": statistics.median(r["seconds"] for r in new if r["seconds"] is not None),
+               "new_s": round(statistics.median(r["seconds"] for r in new if r["seconds"] is not None), 2),
                "new_exit": new[-1]["exit"], "new_peak": new[-1]["peak"] or f"over: smallest {new[-1]['smallest']}",
                "new_mismatch": int(new[-1]["mismatch"])}
         if old and old[0]["seconds"] is not None:
-            row.update(old_s=statistics.median(r["seconds"] for r in old if r["seconds"] is not None),
+            row.update(old_s=round(statistics.median(r["seconds"] for r in old if r["seconds"] is not None), 2),
                        old_runs=len(old), old_exit=old[-1]["exit"],
                        old_peak=old[-1]["peak"] or f"over: smallest {old[-1]['smallest']}",
                        old_mismatch=int(old[-1]["mismatch"]))
