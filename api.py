@@ -28,6 +28,7 @@ from .graph import TrainGraph
 from .measure import PeakMeasurement, measure_peak
 from .passes.base import PIPELINES, Pass, make_pass
 from .passes.fused_update import SGD, AdamW
+from .runtime.blocks import block_keys
 from .runtime.executor import NONFINITE_MODES, CompiledStep, Executor, StepGuard
 from .runtime.lower import lower
 from .runtime.memory import MemoryPlan, fit_size_model, fmt_bytes, plan_memory
@@ -408,16 +409,21 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
     throughout: nothing of the model's size is allocated). Returns the graph and its plan.
 
     ``replicate``: plan a model of identical layers from captures of 1 and 2 layers (``replicated_model``)
-    and extrapolate; the graph returned is then the 2-layer one."""
+    and extrapolate; the graph returned is then the 2-layer one. When the model has no such layers, or the
+    two captures do not differ by one block of ops, the whole step is captured instead."""
     optimizer = AdamW() if optimizer is None else optimizer
     if not isinstance(optimizer, (AdamW, SGD)):
         raise ConfigError(where_what_got("memfit.optimize(optimizer=)", "memfit.AdamW(...) or memfit.SGD(...)",
                                          type(optimizer).__name__, "memfit builds the update into the graph"))
     blocks = replicated_model(model) if replicate else None
+    base: TrainGraph | Blocks | None = None
     if blocks is not None:
         small, layers = blocks
-        base = Blocks(*(capture(m, example_inputs, loss_fn) for m in small), layers)
-    else:
+        one, two = (capture(m, example_inputs, loss_fn) for m in small)
+        keys = block_keys(one, two)
+        if keys is not None:  # else the layers are not op-for-op alike: plan the whole step
+            base = Blocks(one, two, layers, keys)
+    if base is None:
         base = capture(model, example_inputs, loss_fn)
     defaults = dict(optimizer=optimizer, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
                     frozen=tuple(frozen))

@@ -108,7 +108,10 @@ class Pass(abc.ABC):
     @classmethod
     def from_options(cls, chosen: list[Option]) -> tuple[str, dict]:
         """The pass spec ``(name, config)`` applying ``chosen`` (this pass's options, one per target)."""
-        raise NotImplementedError(f"pass {cls.name!r} declares no options")
+        raise ConfigError(where_what_got(f"pass {cls.name!r}.from_options", "a pass that declares options",
+                                         f"{len(chosen)} option(s) for a pass whose options() offers none",
+                                         "override options() and from_options() together, or drop the pass "
+                                         "from lever_passes"))
 
     @abc.abstractmethod
     def run(self, g: TrainGraph) -> PassResult:

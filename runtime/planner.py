@@ -82,6 +82,7 @@ class Blocks:
     one: TrainGraph
     two: TrainGraph
     layers: int
+    keys: tuple | None = None  # block_keys(one, two) when the caller already has them
 
 
 def run_passes(base: TrainGraph, passes: list[Pass], budget: int | None, device
@@ -138,9 +139,7 @@ class _Subject:
             runs[0][2].recomputed_flops + (self.blocks.layers - 1) * (runs[1][2].recomputed_flops
                                                                      - runs[0][2].recomputed_flops)
         trials.append(Trial(runs[-1][2].passes, plan.peak_bytes, flops, budget is None or plan.peak_bytes <= budget))
-        g = runs[-1][0]
-        g.info["recomputed_flops_planned"] = flops
-        return g, plan
+        return runs[-1][0], plan
 
     def classes(self, lossless: list[TrainGraph]) -> dict[str, _Class]:
         g = lossless[-1]
@@ -318,7 +317,7 @@ def _recompute_table(subject: _Subject, reserve: list[dict[str, int]]
         start, seq, at = lever.sequence(subject.graphs[0], reserve=reserve[0])
         return [[s.names] for s in seq], [start] + [s.peak for s in seq], at
     g1, g2 = subject.graphs
-    keys = block_keys(g1, g2)
+    keys = subject.blocks.keys or block_keys(g1, g2)
     if keys is None:
         raise ConfigError(where_what_got("memfit planner: Blocks", "captures of 1 and 2 identical layers",
                                          "forwards that differ by more than one block of ops",

@@ -15,7 +15,7 @@ import memfit
 from memfit import cli, models
 from memfit.graph import NAME_KEY, TrainGraph
 from memfit.ops import args_of, op_call
-from memfit.passes.base import Option, Pass, PassResult, register_pass
+from memfit.passes.base import Option, Pass, PassResult, register_pass, registered_passes
 
 
 @register_pass("test_sgd_lever")
@@ -55,6 +55,12 @@ class SGDLever(Pass):
             for name in states:
                 g.remove_state(name)
         return PassResult(g, bool(self.targets), {"sgd": list(self.targets)})
+
+
+def test_from_options_on_a_pass_without_options_is_a_config_error():
+    with pytest.raises(memfit.ConfigError, match=r"pass 'remat'\.from_options: expected a pass that declares "
+                                                 r"options, got 1 option\(s\) .*; override options\(\)"):
+        registered_passes()["remat"].from_options([Option("remat", "w", "x", (), persistent=-1)])
 
 
 def _mlp():
