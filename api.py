@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -121,17 +122,75 @@ class Trainer:
         self.plan: MemoryPlan = plan if plan is not None else plan_memory(graph, budget_bytes, device)
         named_params = dict(model.named_parameters())
         named_buffers = dict(model.named_buffers(remove_duplicate=False))
-        self._param_refs = {f: named_params[f] for f in graph.params}
+        self._param_refs = {f: named_params[f] for r in graph.inits for f in r.sources}
+        self._param_refs.update({f: named_params[f] for f in graph.params if f in named_params})
         self._requires_grad = {n: p.requires_grad for n, p in named_params.items()}
-        params = {f: named_params[f].detach() for f in graph.params}
+        made = self._made_from_model(graph, named_params)
+        params = {f: made[f] if f in made else named_params[f].detach() for f in graph.params}
         buffers = {f: named_buffers[f] for f in graph.buffers}
         self.executor = Executor(graph, params, buffers, device)
+        for name, t in made.items():
+            if name in self.executor.state:
+                self.executor.state[name].copy_(t)
+        del made
+        self._release_replaced()
         first = CompiledStep(graph, lower(graph.gm, device, loss_guard=True), self.plan)
         self._compiled: OrderedDict[tuple, CompiledStep] = OrderedDict()
         self._compiled[self._key(flat)] = first
         self.lowered = first.lowered
         self._window: tuple[StepGuard, list[torch.Tensor], float] | None = None
         self.last_micro_loss: torch.Tensor | None = None  # the loss of the last micro-batch run
+
+    # ---- weights held otherwise than as the model's tensors (memfit.weights recipes) ------------------
+    @staticmethod
+    def _made_from_model(graph: TrainGraph, named_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The graph tensors the passes' recipes make from the model's weights (codes, scales, adapters)."""
+        made: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for r in graph.inits:
+                made.update(r.build({s: named_params[s].detach() for s in r.sources}))
+        return made
+
+    def _release_replaced(self) -> None:
+        """Free the model's own storage of weights the step holds otherwise (INT8/NF4 codes): each keeps its
+        shape, dtype and device as a zero-stride view of one element until ``sync_model`` writes it back."""
+        named = dict(self.model.named_parameters())
+        self._released = sorted({f for r in self.graph.inits for f in r.replaces})
+        for f in self._released:
+            p = named[f]
+            p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+
+    def plain_weights(self) -> dict[str, torch.Tensor]:
+        """The model weights the trained step holds, as plain tensors by FQN: encoded weights dequantized,
+        adapters merged into their base (``W + scaling * B @ A``), fake-quantized weights quantized."""
+        ex = self.executor
+
+        def get(name: str) -> torch.Tensor:
+            return ex.params[name] if name in ex.params else ex.state[name]
+
+        from .weights import plain_weights
+
+        names = list(dict(self.model.named_parameters()))
+        with torch.no_grad():
+            return plain_weights(self.graph.inits, get, names)
+
+    @contextlib.contextmanager
+    def _model_weights(self):
+        """Within this context the model's parameters hold the trained weights (merged, dequantized); the
+        released ones are released again afterwards."""
+        weights = self.plain_weights()
+        if not weights:
+            yield self.model
+            return
+        named = dict(self.model.named_parameters())
+        saved = {f: named[f].data for f in weights}
+        try:
+            for f, w in weights.items():
+                named[f].data = w.to(named[f].dtype)
+            yield self.model
+        finally:
+            for f, d in saved.items():
+                named[f].data = d
 
     # ---- shapes and modes ----------------------------------------------------------------------
     def _modes(self) -> tuple[bool, ...]:
@@ -322,8 +381,8 @@ class Trainer:
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
-            with torch.no_grad():
-                return self.model(*args, **kwargs)
+            with torch.no_grad(), self._model_weights() as model:
+                return model(*args, **kwargs)
         finally:
             for m, was in modes:
                 m.training = was
@@ -386,8 +445,10 @@ class Trainer:
         torch.set_rng_state(rng)
 
     def export(self) -> nn.Module:
-        """A plain nn.Module (a copy of the model) holding the trained weights."""
-        return copy.deepcopy(self.model)
+        """A plain nn.Module (a copy of the model) holding the trained weights: adapters merged into their
+        weights, INT8/NF4 weights dequantized, fake-quantized (QAT) weights as their quantized values."""
+        with self._model_weights() as model:
+            return copy.deepcopy(model)
 
     def __repr__(self) -> str:
         return f"Trainer(step={self.step_count}, {self.graph}, predicted peak {fmt_bytes(self.plan.peak_bytes)})"

@@ -74,6 +74,9 @@ class TrainGraph:
     # tangent inputs rather than by the loss.
     joint: bool = False
     forward_outputs: list[fx.Node] = field(default_factory=list)
+    # How parameters and state that are not the model's own tensors are made from the model's weights, and how
+    # the plain weights are read back (``memfit.weights.Recipe``: encoded weights, adapters, step sizes).
+    inits: list[Any] = field(default_factory=list)
 
     def clone(self) -> TrainGraph:
         """An independent copy (new graph and nodes; FakeTensor values and state specs shared)."""
@@ -102,6 +105,7 @@ class TrainGraph:
         new.info = _copy.deepcopy(self.info)
         new.tied = dict(self.tied)
         new.forward_outputs = [env_get(v) for v in self.forward_outputs]
+        new.inits = list(self.inits)
         return new
 
     def param_readers(self, fqn: str) -> list[fx.Node]:
@@ -195,6 +199,22 @@ class TrainGraph:
                                                   f"readers {[u.name for u in node.users]}",
                                                   "rewire its readers before removing it"))
         self.graph.erase_node(node)
+
+    def add_param(self, name: str, val: torch.Tensor, *, trainable: bool = True) -> fx.Node:
+        """Add a parameter placeholder the model does not have (adapters, step sizes): its tensor is made by a
+        recipe in ``inits``. A trainable one still needs its gradient (``grad_of``, ``grad_outputs``)."""
+        if name in self.params:
+            raise UnsupportedGraph(where_what_got("TrainGraph.add_param", "a new parameter name", repr(name),
+                                                  "two passes created the same parameter; rename one"))
+        with self.graph.inserting_after(self._last_placeholder()):
+            node = self.graph.placeholder("p_" + "".join(c if c.isalnum() else "_" for c in name))
+        node.meta[ROLE_KEY] = "param"
+        node.meta[NAME_KEY] = name
+        node.meta["val"] = val
+        self.params[name] = node
+        if trainable:
+            self.trainable = (*self.trainable, name)
+        return node
 
     def add_hparam(self, name: str, example: float | int) -> fx.Node:
         """A per-step scalar fed by the runtime (learning rate, step count, micro-step index)."""

@@ -11,6 +11,7 @@ by ``1 / micro_steps`` and zeroes the accumulator.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,45 @@ from .kernels.sgd import sgd_ref
 _LIB = "memfit"
 
 
+@dataclass(frozen=True)
+class WeightKernels:
+    """The kernels an update op uses on an INT8 weight (Triton launchers or references): ``dequant(codes,
+    scales, group) -> fp32``, ``requant(w, codes, scales, group, seed)`` writing codes and scales in place
+    (stochastic rounding with ``seed``, nearest when it is None), and the fused AdamW step (or None)."""
+
+    dequant: Callable
+    requant: Callable
+    adamw_int8: Callable | None = None
+
+
+def reference_weight_kernels() -> WeightKernels:
+    from . import weights as wt
+
+    def dequant(codes, scales, group):
+        return wt.decode(codes, [scales], "int8", group, tuple(codes.shape), torch.float32)
+
+    return WeightKernels(dequant, wt.requantize_int8, None)
+
+
+def sr_seed(base: int, step: int) -> int:
+    """The stochastic-rounding seed of one parameter's update at ``step`` (a 32-bit mix of both): the same
+    on a resumed run, different at every step."""
+    return (int(base) * 0x9E3779B1 + int(step) * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
+
+
+@contextlib.contextmanager
+def _int8_weight(wk: WeightKernels, param, wscale, wgroup, wseed, wround, step):
+    """The tensor an update op steps: ``param`` itself, or for an INT8 weight (``wscale`` given) an fp32
+    copy that is written back to the codes and scales afterwards (stochastic rounding unless ``wround`` is
+    "nearest", the control)."""
+    if wscale is None:
+        yield param
+        return
+    p = wk.dequant(param, wscale, wgroup)
+    yield p
+    wk.requant(p, param, wscale, wgroup, sr_seed(wseed, step) if wround == "stochastic" else None)
+
+
 def _accumulated(grad: torch.Tensor, grad_acc: torch.Tensor | None, micro_step: int, micro_steps: int):
     """Return the gradient to apply now (None while still accumulating) and its extra scale."""
     if micro_steps <= 1:
@@ -35,7 +75,8 @@ def _accumulated(grad: torch.Tensor, grad_acc: torch.Tensor | None, micro_step: 
     return grad_acc, 1.0 / micro_steps
 
 
-@torch.library.custom_op(f"{_LIB}::adamw_update", mutates_args=("param", "exp_avg", "exp_avg_sq", "grad_acc"))
+@torch.library.custom_op(f"{_LIB}::adamw_update",
+                         mutates_args=("param", "exp_avg", "exp_avg_sq", "grad_acc", "wscale"))
 def adamw_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -51,19 +92,23 @@ def adamw_update(
     weight_decay: float,
     micro_steps: int = 1,
     spike_threshold: float = 0.0,
+    wscale: torch.Tensor | None = None,
+    wgroup: int = 0,
+    wseed: int = 0,
+    wround: str = "stochastic",
 ) -> None:
     run_adamw_update(adamw_ref, param, grad, exp_avg, exp_avg_sq, grad_acc, lr, step, micro_step,
-                     beta1, beta2, eps, weight_decay, micro_steps, spike_threshold)
+                     beta1, beta2, eps, weight_decay, micro_steps, spike_threshold, wscale, wgroup, wseed, wround)
 
 
 @adamw_update.register_fake
-def _(param, grad, exp_avg, exp_avg_sq, grad_acc, lr, step, micro_step, beta1, beta2, eps, weight_decay,
-      micro_steps=1, spike_threshold=0.0):
+def _(*args, **kwargs):
     return None
 
 
 def run_adamw_update(kernel, param, grad, exp_avg, exp_avg_sq, grad_acc, lr, step, micro_step,
-                     beta1, beta2, eps, weight_decay, micro_steps=1, spike_threshold=0.0):
+                     beta1, beta2, eps, weight_decay, micro_steps=1, spike_threshold=0.0, wscale=None, wgroup=0,
+                     wseed=0, wround="stochastic", *, wk: WeightKernels | None = None):
     """Body of ``memfit::adamw_update`` with the elementwise step supplied (Triton launcher or reference).
 
     ``spike_threshold > 0`` is SPAM's spike-aware clipping, applied inside the step (passed as a keyword
@@ -74,13 +119,18 @@ def run_adamw_update(kernel, param, grad, exp_avg, exp_avg_sq, grad_acc, lr, ste
     if not g.is_contiguous():
         g = g.contiguous()
     extra = {"spike_threshold": spike_threshold} if spike_threshold > 0 else {}
-    kernel(param, g, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-           weight_decay=weight_decay, step=step, grad_scale=scale, **extra)
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=scale)
+    wk = wk or reference_weight_kernels()
+    if wscale is not None and wk.adamw_int8 is not None and wround == "stochastic" and not extra:
+        wk.adamw_int8(param, wscale, g, exp_avg, exp_avg_sq, group=wgroup, seed=sr_seed(wseed, step), **hp)
+    else:
+        with _int8_weight(wk, param, wscale, wgroup, wseed, wround, step) as p:
+            kernel(p, g, exp_avg, exp_avg_sq, **hp, **extra)
     if grad_acc is not None and micro_steps > 1:
         grad_acc.zero_()
 
 
-@torch.library.custom_op(f"{_LIB}::sgd_update", mutates_args=("param", "momentum_buffer", "grad_acc"))
+@torch.library.custom_op(f"{_LIB}::sgd_update", mutates_args=("param", "momentum_buffer", "grad_acc", "wscale"))
 def sgd_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -94,27 +144,32 @@ def sgd_update(
     nesterov: bool,
     weight_decay: float,
     micro_steps: int = 1,
+    wscale: torch.Tensor | None = None,
+    wgroup: int = 0,
+    wseed: int = 0,
+    wround: str = "stochastic",
 ) -> None:
     run_sgd_update(sgd_ref, param, grad, momentum_buffer, grad_acc, lr, step, micro_step, momentum, dampening,
-                   nesterov, weight_decay, micro_steps)
+                   nesterov, weight_decay, micro_steps, wscale, wgroup, wseed, wround)
 
 
 @sgd_update.register_fake
-def _(param, grad, momentum_buffer, grad_acc, lr, step, micro_step, momentum, dampening, nesterov, weight_decay,
-      micro_steps=1):
+def _(*args, **kwargs):
     return None
 
 
 def run_sgd_update(kernel, param, grad, momentum_buffer, grad_acc, lr, step, micro_step, momentum, dampening,
-                   nesterov, weight_decay, micro_steps=1):
+                   nesterov, weight_decay, micro_steps=1, wscale=None, wgroup=0, wseed=0, wround="stochastic", *,
+                   wk: WeightKernels | None = None):
     """Body of ``memfit::sgd_update`` with the elementwise step supplied (Triton launcher or reference)."""
     g, scale = _accumulated(grad, grad_acc, micro_step, micro_steps)
     if g is None:
         return
     if not g.is_contiguous():
         g = g.contiguous()
-    kernel(param, g, momentum_buffer, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-           weight_decay=weight_decay, first_step=step == 1, grad_scale=scale)
+    with _int8_weight(wk or reference_weight_kernels(), param, wscale, wgroup, wseed, wround, step) as p:
+        kernel(p, g, momentum_buffer, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+               weight_decay=weight_decay, first_step=step == 1, grad_scale=scale)
     if grad_acc is not None and micro_steps > 1:
         grad_acc.zero_()
 
@@ -189,7 +244,7 @@ def _store_moments(qk: QuantKernels, m, v, exp_avg, exp_avg_sq, absmax, bits) ->
 
 
 @torch.library.custom_op(f"{_LIB}::lowrank_update", mutates_args=(
-    "param", "proj", "proj_meta", "exp_avg", "exp_avg_sq", "absmax", "sched", "grad_acc", "dct"))
+    "param", "proj", "proj_meta", "exp_avg", "exp_avg_sq", "absmax", "sched", "grad_acc", "dct", "wscale"))
 def lowrank_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -224,13 +279,18 @@ def lowrank_update(
     seed: int,
     limiter: float,
     seed_scheme: str = "memfit",
+    wscale: torch.Tensor | None = None,
+    wgroup: int = 0,
+    wseed: int = 0,
+    wround: str = "stochastic",
 ) -> None:
     from .kernels.lowrank import lowrank_apply_ref
 
     run_lowrank_update(lowrank_apply_ref, reference_quant_kernels(), param, grad, grad_right, proj, proj_meta,
                        exp_avg, exp_avg_sq, absmax, sched, grad_acc, dct, lr, step, micro_step, beta1, beta2, eps,
                        weight_decay, micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments,
-                       lazy_threshold, proj_bits, state_bits, seed, limiter, seed_scheme)
+                       lazy_threshold, proj_bits, state_bits, seed, limiter, seed_scheme, wscale, wgroup, wseed,
+                       wround)
 
 
 @lowrank_update.register_fake
@@ -241,9 +301,24 @@ def _(*args, **kwargs):
 def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, proj_meta, exp_avg, exp_avg_sq,
                        absmax, sched, grad_acc, dct, lr, step, micro_step, beta1, beta2, eps, weight_decay,
                        micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments, lazy_threshold,
-                       proj_bits, state_bits, seed, limiter, seed_scheme="memfit") -> None:
+                       proj_bits, state_bits, seed, limiter, seed_scheme="memfit", wscale=None, wgroup=0, wseed=0,
+                       wround="stochastic", *, wk: WeightKernels | None = None) -> None:
     """Body of ``memfit::lowrank_update``: refresh the subspace when due, Adam on the projected
-    gradient, then the rule's weight update (``apply`` is the fused project-back + update kernel)."""
+    gradient, then the rule's weight update (``apply`` is the fused project-back + update kernel). An INT8
+    weight (``wscale`` given) is dequantized to fp32 for the step and written back with stochastic rounding."""
+    if wscale is not None:
+        if micro_steps > 1 and micro_step < micro_steps - 1:
+            run_lowrank_update(apply, qk, param, grad, grad_right, proj, proj_meta, exp_avg, exp_avg_sq, absmax,
+                               sched, grad_acc, dct, lr, step, micro_step, beta1, beta2, eps, weight_decay,
+                               micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments,
+                               lazy_threshold, proj_bits, state_bits, seed, limiter, seed_scheme)
+            return
+        with _int8_weight(wk or reference_weight_kernels(), param, wscale, wgroup, wseed, wround, step) as p:
+            run_lowrank_update(apply, qk, p, grad, grad_right, proj, proj_meta, exp_avg, exp_avg_sq, absmax,
+                               sched, grad_acc, dct, lr, step, micro_step, beta1, beta2, eps, weight_decay,
+                               micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments,
+                               lazy_threshold, proj_bits, state_bits, seed, limiter, seed_scheme)
+        return
     G: pj.Grad = grad if grad_right is None else (grad, grad_right)
     if micro_steps > 1:
         if isinstance(G, tuple):
@@ -435,7 +510,8 @@ def _lazy_gap(sv: list[float], P: torch.Tensor, P_old: torch.Tensor, threshold: 
 
 # ---- AdamW with block-wise quantized (8- or 4-bit) moments --------------------------------------
 
-@torch.library.custom_op(f"{_LIB}::adam8bit_update", mutates_args=("param", "q_m", "q_v", "absmax", "grad_acc"))
+@torch.library.custom_op(f"{_LIB}::adam8bit_update",
+                         mutates_args=("param", "q_m", "q_v", "absmax", "grad_acc", "wscale"))
 def adam8bit_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -452,11 +528,15 @@ def adam8bit_update(
     weight_decay: float,
     micro_steps: int,
     bits: int,
+    wscale: torch.Tensor | None = None,
+    wgroup: int = 0,
+    wseed: int = 0,
+    wround: str = "stochastic",
 ) -> None:
     from .kernels.adam8bit import adam8bit_ref
 
     run_adam8bit_update(adam8bit_ref, reference_quant_kernels(), param, grad, q_m, q_v, absmax, grad_acc, lr, step,
-                        micro_step, beta1, beta2, eps, weight_decay, micro_steps, bits)
+                        micro_step, beta1, beta2, eps, weight_decay, micro_steps, bits, wscale, wgroup, wseed, wround)
 
 
 @adam8bit_update.register_fake
@@ -465,7 +545,8 @@ def _(*args, **kwargs):
 
 
 def run_adam8bit_update(kernel, qk: QuantKernels, param, grad, q_m, q_v, absmax, grad_acc, lr, step, micro_step,
-                        beta1, beta2, eps, weight_decay, micro_steps, bits) -> None:
+                        beta1, beta2, eps, weight_decay, micro_steps, bits, wscale=None, wgroup=0, wseed=0,
+                        wround="stochastic", *, wk: WeightKernels | None = None) -> None:
     """Body of ``memfit::adam8bit_update``: 8-bit goes through the fused kernel (dequantize, update and
     requantize one block in registers); 4-bit unpacks, updates with the AdamW reference, repacks."""
     g, gscale = _accumulated(grad, grad_acc, micro_step, micro_steps)
@@ -474,15 +555,78 @@ def run_adam8bit_update(kernel, qk: QuantKernels, param, grad, q_m, q_v, absmax,
     if not g.is_contiguous():
         g = g.contiguous()
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=gscale)
-    if bits == 8:
-        kernel(param, g, q_m, absmax[0], q_v, absmax[1], code_map(True, 8, param.device),
-               code_map(False, 8, param.device), block=state_block(8), **hp)
-    else:
-        m, v = _load_moments(qk, q_m, q_v, absmax, tuple(param.shape), bits)
-        adamw_ref(param, g, m, v, **hp)
-        _store_moments(qk, m, v, q_m, q_v, absmax, bits)
+    with _int8_weight(wk or reference_weight_kernels(), param, wscale, wgroup, wseed, wround, step) as p:
+        if bits == 8:
+            kernel(p, g, q_m, absmax[0], q_v, absmax[1], code_map(True, 8, p.device),
+                   code_map(False, 8, p.device), block=state_block(8), **hp)
+        else:
+            m, v = _load_moments(qk, q_m, q_v, absmax, tuple(p.shape), bits)
+            adamw_ref(p, g, m, v, **hp)
+            _store_moments(qk, m, v, q_m, q_v, absmax, bits)
     if grad_acc is not None and micro_steps > 1:
         grad_acc.zero_()
+
+
+# ---- weights held encoded (quantize_weights, lora's frozen base) and fake-quantized (qat) ---------------------
+
+@torch.library.custom_op(f"{_LIB}::dequant_weight", mutates_args=())
+def dequant_weight(codes: torch.Tensor, scales: torch.Tensor, scales2: torch.Tensor | None, codec: str, group: int,
+                   shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """The weight an encoding holds (``memfit.weights``), as a new ``dtype`` tensor of ``shape``: a transient
+    made just before the ops that read it, in the forward and again in the backward."""
+    return run_dequant_weight(None, codes, scales, scales2, codec, group, shape, dtype)
+
+
+@dequant_weight.register_fake
+def _(codes, scales, scales2, codec, group, shape, dtype):
+    return codes.new_empty(tuple(shape), dtype=dtype)
+
+
+def run_dequant_weight(kernels, codes, scales, scales2, codec, group, shape, dtype):
+    """Body of ``memfit::dequant_weight``; ``kernels`` maps a codec to a Triton dequantize launcher (None: the
+    references)."""
+    from . import weights as wt
+
+    if kernels is not None and scales2 is None and codec in kernels:
+        return kernels[codec](codes, scales, group, tuple(shape), dtype)
+    return wt.decode(codes, [scales] if scales2 is None else [scales, scales2], codec, group, tuple(shape), dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::lsq_quant", mutates_args=())
+def lsq_quant(w: torch.Tensor, step: torch.Tensor, group: int, qmax: int) -> torch.Tensor:
+    """LSQ's fake quantization (Esser et al.): ``clamp(round(w / s), -qmax - 1, qmax) * s`` with one step
+    size ``s`` per group of ``group`` flattened elements (round half up: floor(x + 0.5))."""
+    s = step.float()[:, None]
+    x = w.float().reshape(-1, group) / s
+    q = torch.clamp(torch.floor(x + 0.5), -qmax - 1, qmax)
+    return (q * s).reshape(w.shape).to(w.dtype)
+
+
+@lsq_quant.register_fake
+def _(w, step, group, qmax):
+    return torch.empty_like(w)
+
+
+@torch.library.custom_op(f"{_LIB}::lsq_quant_backward", mutates_args=())
+def lsq_quant_backward(grad: torch.Tensor, w: torch.Tensor, step: torch.Tensor, group: int, qmax: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``lsq_quant``: the straight-through estimator for ``w`` (passed inside the clipping
+    range, zero outside) and LSQ's step gradient, per group ``sum(grad * (round(x) - x))`` inside the range
+    and ``sum(grad * bound)`` outside, scaled by LSQ's ``1 / sqrt(group * qmax)``."""
+    s = step.float()[:, None]
+    gr = grad.float().reshape(-1, group)
+    x = w.float().reshape(-1, group) / s
+    lo, hi = float(-qmax - 1), float(qmax)
+    inside = (x >= lo) & (x <= hi)
+    dw = torch.where(inside, gr, torch.zeros_like(gr)).reshape(w.shape).to(w.dtype)
+    ds_elem = torch.where(inside, torch.floor(x + 0.5) - x, torch.clamp(x, lo, hi))
+    ds = (gr * ds_elem).sum(dim=1) / math.sqrt(group * qmax)
+    return dw, ds.to(step.dtype)
+
+
+@lsq_quant_backward.register_fake
+def _(grad, w, step, group, qmax):
+    return torch.empty_like(w), torch.empty_like(step)
 
 
 # ---- named arguments: every consumer reads and writes memfit op arguments by schema name -------------
@@ -636,17 +780,48 @@ def workspace_bytes(node, triton: bool) -> int:
     references (``triton``)."""
     target = node.target
     ops = torch.ops.memfit
+    if target is ops.dequant_weight.default:
+        if triton and node.args[2] is None:
+            return 0
+        from . import weights as wt
+
+        a = args_of(node)
+        return wt.decode_workspace(math.prod(a.shape), a.codec, a.group, a.scales2 is not None)
     if target not in (ops.adamw_update.default, ops.sgd_update.default, ops.adam8bit_update.default,
                       ops.lowrank_update.default):
         return 0
     a = args_of(node)
+    if a.wscale is not None:
+        return _int8_weight_workspace(node, a, triton)
+    return _update_workspace(node, a, triton)
+
+
+def _int8_weight_workspace(node, a: OpArgs, triton: bool) -> int:
+    """An update on an INT8 weight: the op's own workspace for an fp32 weight, on top of the fp32 copy it
+    steps, and then the write-back (none of this in the fused Triton AdamW kernel)."""
+    from . import weights as wt
+
+    numel = a.param.meta["val"].numel()
+    fused = triton and node.target is torch.ops.memfit.adamw_update.default and a.wround == "stochastic" and \
+        not a.spike_threshold
+    if fused:
+        return 0
+    copy = numel * 4
+    own = _update_workspace(node, a, triton, fp32_param=True)
+    return copy + max(own, 0 if triton else wt.requant_workspace(numel, a.wgroup, a.wround == "stochastic"))
+
+
+def _update_workspace(node, a: OpArgs, triton: bool, fp32_param: bool = False) -> int:
+    target = node.target
+    ops = torch.ops.memfit
     param, grad = a.param.meta["val"], a.grad.meta["val"]
     numel = param.numel()
-    low = param.dtype != torch.float32
+    low = param.dtype != torch.float32 and not fp32_param
     if target is ops.lowrank_update.default:
         return lowrank_workspace(tuple(param.shape), rank=a.rank, projector=a.projector, rule=a.rule,
                                  proj_bits=a.proj_bits, micro_steps=a.micro_steps,
-                                 fp32_param_and_grad=param.dtype == grad.dtype == torch.float32, low_precision=low,
+                                 fp32_param_and_grad=(fp32_param or param.dtype == torch.float32)
+                                 and grad.dtype == torch.float32, low_precision=low,
                                  factored_tokens=grad.shape[1] if a.grad_right is not None else 0, triton=triton)
     if target is ops.adam8bit_update.default:
         copy = 0 if grad.is_contiguous() or a.micro_steps > 1 else numel * 4

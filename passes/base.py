@@ -45,7 +45,9 @@ class MemoryEffect:
     per_param: dict[str, int] = field(default_factory=dict)
 
 
-LOSSINESS = ("lossless", "near-lossless", "lossy")  # a lever's class: how far it may move the training numerics
+# A lever's class: how far it may move the training numerics. "adapters" goes furthest: it changes what trains
+# (LoRA adapters beside frozen weights), so the planner takes it only when levers="adapters" allows it.
+LOSSINESS = ("lossless", "near-lossless", "lossy", "adapters")
 
 # The one written pipeline: every door and the planner read their pass sequences from here.
 PIPELINES: dict[str, tuple[str, ...]] = {
@@ -55,7 +57,8 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "compile": ("remat",),
 }
 SCHEDULE_PASS = "sink"  # the last pass of every pipeline, explicit passes= lists included
-LEVER_PASSES: tuple[str, ...] = ("quantize_state", "lowrank")  # passes whose options() the planner may take
+# passes whose options() the planner may take
+LEVER_PASSES: tuple[str, ...] = ("quantize_state", "lowrank", "quantize_weights", "lora")
 RECOMPUTE_PASS = "remat"  # the pass whose recomputation sequence the planner cuts (see Pass.options)
 
 
@@ -80,6 +83,8 @@ class Option:
     lossiness: str = "lossless"
     degree: int = 0
     group: str = "state"
+    alone: bool = False  # taken with no option of another group on its target (it replaces what they change)
+    parts: tuple = ()  # a combination the planner made of options of several groups (each applied by its pass)
 
     @property
     def rank(self) -> int:

@@ -182,7 +182,7 @@ class LowRank(Pass):
     overrides: Overrides = ()
 
     requires = ("fused_update",)
-    before = ("quantize_state",)
+    before = ("quantize_state", "quantize_weights")
     lossless = False
 
     def __post_init__(self):
@@ -272,7 +272,7 @@ class LowRank(Pass):
         each costed by this pass's own state arithmetic; the transient is the op's workspace at a refresh
         (``ops.lowrank_workspace``, for Triton when ``g.info["triton"]``), less the weight gradient where the
         factored path never makes it. Lossy, degree in that order."""
-        if levers != "lossy":
+        if levers not in ("lossy", "adapters"):
             return []
         out = []
         embedded = _embedding_tables(g)

@@ -48,6 +48,7 @@ class QuantizeState(Pass):
     overrides: Overrides = ()
 
     requires = ("fused_update",)
+    before = ("quantize_weights",)
     lossless = False
 
     def __post_init__(self):
@@ -94,7 +95,7 @@ class QuantizeState(Pass):
         """At ``levers`` near-lossless or lossy: 8-bit moments for every parameter with an fp32 AdamW update
         of at least ``min_numel`` elements (near-lossless), costed exactly (codes plus block absmax); the
         transient is the 8-bit op's workspace (``ops.adam8bit_workspace``)."""
-        if levers not in ("near-lossless", "lossy"):
+        if levers not in ("near-lossless", "lossy", "adapters"):
             return []
         eff = cls(bits=8).memory_effect(g).per_param
         out = []

@@ -67,16 +67,46 @@ def _kernel_impls(triton: bool) -> dict:
 
         quant = memfit_ops.reference_quant_kernels()
     label = "triton" if triton else "reference"
+    wk, dequant = _weight_kernels(triton)
     ops = torch.ops.memfit
     return {
-        ops.adamw_update.default: (_bind(memfit_ops.run_adamw_update, label, ops.adamw_update.default, adamw),
-                                   label),
-        ops.sgd_update.default: (_bind(memfit_ops.run_sgd_update, label, ops.sgd_update.default, sgd), label),
+        ops.adamw_update.default: (_bind(memfit_ops.run_adamw_update, label, ops.adamw_update.default, adamw,
+                                         wk=wk), label),
+        ops.sgd_update.default: (_bind(memfit_ops.run_sgd_update, label, ops.sgd_update.default, sgd, wk=wk), label),
         ops.adam8bit_update.default: (_bind(memfit_ops.run_adam8bit_update, label, ops.adam8bit_update.default,
-                                            adam8bit, quant), label),
+                                            adam8bit, quant, wk=wk), label),
         ops.lowrank_update.default: (_bind(memfit_ops.run_lowrank_update, label, ops.lowrank_update.default,
-                                           lowrank_apply, quant), label),
+                                           lowrank_apply, quant, wk=wk), label),
+        ops.dequant_weight.default: (_bind(memfit_ops.run_dequant_weight, label, None, dequant), label),
     }
+
+
+def _weight_kernels(triton: bool) -> tuple[memfit_ops.WeightKernels, dict | None]:
+    """The INT8-weight update kernels and the dequantize launchers by codec (None: the references)."""
+    if not triton:
+        return memfit_ops.reference_weight_kernels(), None
+    from ..kernels import wquant as wq
+
+    def dequant(codes, scales, group):
+        return wq.dequantize_int8_group(codes, scales, group, torch.float32)
+
+    def requant(w, codes, scales, group, seed):
+        if seed is None:
+            c, s = wq.quantize_int8_group(w, group)
+            codes.copy_(c)
+            scales.copy_(s)
+        else:
+            wq.requantize_int8_sr(w, codes, scales, group, seed)
+
+    def adamw_int8(codes, scales, grad, exp_avg, exp_avg_sq, **kw):
+        wq.adamw_int8_sr(codes, scales, grad, exp_avg, exp_avg_sq, **kw)
+
+    launchers = {
+        "int8": lambda c, s, group, shape, dtype: wq.dequantize_int8_group(c, s, group, dtype).reshape(shape),
+        "int4": lambda c, s, group, shape, dtype: wq.dequantize_int4_group(c, s, group, shape, dtype),
+        "nf4": lambda c, s, group, shape, dtype: wq.dequantize_nf4(c, s, group, shape, dtype),
+    }
+    return memfit_ops.WeightKernels(dequant, requant, adamw_int8), launchers
 
 
 _STEP_HOOK: contextvars.ContextVar = contextvars.ContextVar("memfit_step_hook", default=None)
@@ -100,15 +130,16 @@ def check_loss(loss: torch.Tensor) -> None:
         hook.on_loss(loss)
 
 
-def _bind(runner: Callable, label: str, op, *kernels: Callable) -> Callable:
-    """``runner`` with its kernels fixed, named so FX codegen can reference it; asks the step hook first."""
+def _bind(runner: Callable, label: str, op, *kernels: Callable, **fixed) -> Callable:
+    """``runner`` with its kernels fixed, named so FX codegen can reference it; an update op (``op`` given)
+    asks the step hook first."""
 
     @functools.wraps(runner)
     def bound(*args, **kwargs):
         hook = _STEP_HOOK.get()
-        if hook is not None and hook.before_op(op, args, kwargs) is False:
+        if op is not None and hook is not None and hook.before_op(op, args, kwargs) is False:
             return None
-        return runner(*kernels, *args, **kwargs)
+        return runner(*kernels, *args, **kwargs, **fixed)
 
     bound.__name__ = f"{runner.__name__}_{label}"
     bound.__qualname__ = bound.__name__

@@ -155,7 +155,8 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
             continue  # one tensor under two names: counted once, under the canonical FQN
         if role == "state":
             spec = g.state_specs[n.meta["memfit.name"]]
-            cat = {"optimizer": "optimizer state", "accumulator": "gradient accumulators"}.get(spec.kind, "pass state")
+            cat = {"optimizer": "optimizer state", "accumulator": "gradient accumulators",
+                   "weight": PERSISTENT["param"]}.get(spec.kind, "pass state")
         else:
             cat = PERSISTENT.get(role, "batch")
         persistent[cat] = persistent.get(cat, 0) + value_nbytes(n.meta.get("val"))

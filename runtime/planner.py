@@ -30,6 +30,7 @@ extrapolation of the two small plans (``runtime.blocks.extrapolate``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -201,8 +202,9 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
         if d is not None:
             by_pass: dict[str, list[Option]] = {}
             for c, o in d.state.items():
-                for fqn in classes[c].members[i]:
-                    by_pass.setdefault(o.pass_name, []).append(_retarget(o, fqn))
+                for part in o.parts or (o,):
+                    for fqn in classes[c].members[i]:
+                        by_pass.setdefault(part.pass_name, []).append(_retarget(part, fqn))
             out += [make(registered_passes()[n].from_options(opts)) for n, opts in by_pass.items()]
         return out
 
@@ -223,6 +225,8 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
             c = param_class(o.target) if subject.blocks else o.target
             if c in classes and (not subject.blocks or o.target == classes[c].members[-1][0]):
                 classes[c].options.append(o)
+    for cl in classes.values():
+        cl.options = _combined(cl.options)
     # Two readings of the table, tried in this order: "tight", the sequence on the captured graph with each
     # chosen option's transient checked on top of what is live at its update; and, if its choice misses,
     # "safe", the sequence with every update's largest option transient reserved where its gradient is
@@ -301,6 +305,27 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
            f"(levers={levers!r}); the lossless plan ({', '.join(lossless_plan.passes)}) peaks at "
            f"{fmt_bytes(lossless_plan.peak_bytes)}")
     raise _budget_error(_state_labelled(p, d), budget_bytes, how)
+
+
+def _combined(options: list[Option]) -> list[Option]:
+    """One target's options as single choices: each option alone, and every combination of options of
+    different groups (one state setting and one weight setting) that no ``alone`` option is part of; a
+    combination adds its parts' bytes and FLOPs and is as lossy as its lossiest part."""
+    groups: dict[str, list[Option]] = {}
+    for o in options:
+        groups.setdefault(o.group, []).append(o)
+    if len(groups) < 2:
+        return options
+    out = list(options)
+    for pick in itertools.product(*([None, *opts] for opts in groups.values())):
+        parts = [o for o in pick if o is not None]
+        if len(parts) < 2 or any(o.alone for o in parts):
+            continue
+        out.append(Option("+".join(o.pass_name for o in parts), parts[0].target, " + ".join(o.label for o in parts),
+                          (), persistent=sum(o.persistent for o in parts), transient=sum(o.transient for o in parts),
+                          flops=sum(o.flops for o in parts), lossiness=LOSSINESS[max(o.rank for o in parts)],
+                          degree=sum(o.degree for o in parts), group="+".join(sorted(groups)), parts=tuple(parts)))
+    return out
 
 
 def _retarget(o: Option, fqn: str) -> Option:

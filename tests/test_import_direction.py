@@ -9,11 +9,15 @@ triton; ``passes/`` never imports triton or the runtime. The rules as the code k
   ``errors`` and ``graph`` (the one memory model, read by passes and runtime alike).
 * ``kernels/``: torch, triton, the standard library and ``memfit.errors`` (the one error hierarchy).
 * ``projection``: nothing from memfit (the low-rank math in plain torch, shared by ops, passes and runtime).
-* ``ops``: ``errors``, ``kernels`` and ``projection`` (each op's CPU body is its kernel's reference).
-* ``passes/``: ``errors``, ``graph``, ``liveness``, ``ops``, ``projection`` (shapes) and other passes; never the
-  runtime, kernels, frontends, the API or triton. Passes insert memfit ops through ``torch.ops.memfit``, never a kernel.
-* ``runtime/``: ``errors``, ``graph``, ``liveness``, ``ops``, ``kernels``, ``projection`` and ``passes.base`` (the
-  planner reads each pass's ``memory_effect``, never a pass's internals); never frontends or the API.
+* ``weights``: ``errors`` and ``kernels`` (weight encodings and the recipes that make graph tensors from a model's
+  weights; read by ops, passes and runtime).
+* ``ops``: ``errors``, ``kernels``, ``projection`` and ``weights`` (each op's CPU body is its kernel's reference).
+* ``passes/``: ``errors``, ``graph``, ``liveness``, ``ops``, ``projection`` (shapes), ``weights`` and other passes;
+  never the runtime, kernels, frontends, the API or triton. Passes insert memfit ops through ``torch.ops.memfit``,
+  never a kernel.
+* ``runtime/``: ``errors``, ``graph``, ``liveness``, ``ops``, ``kernels``, ``projection``, ``weights`` and
+  ``passes.base`` (the planner reads each pass's ``memory_effect``, never a pass's internals); never frontends or
+  the API.
 * ``frontends/``: ``errors``, ``graph`` and other frontends; ``frontends/dynamo.py`` alone also imports
   ``passes.base`` and ``runtime`` (it is the torch.compile door: it runs the Pipeline on what it
   captures and lowers the result, as ``api`` does for ``optimize``). Never kernels.
@@ -44,9 +48,10 @@ ALLOWED: dict[str, object] = {
     "liveness": {"errors", "graph"},
     "kernels": {"errors", "kernels"},
     "projection": set(),
-    "ops": {"errors", "kernels", "projection"},
-    "passes": {"errors", "graph", "liveness", "ops", "passes", "projection"},
-    "runtime": {"errors", "graph", "liveness", "ops", "kernels", "runtime", "passes.base", "projection"},
+    "weights": {"errors", "kernels"},
+    "ops": {"errors", "kernels", "projection", "weights"},
+    "passes": {"errors", "graph", "liveness", "ops", "passes", "projection", "weights"},
+    "runtime": {"errors", "graph", "liveness", "ops", "kernels", "runtime", "passes.base", "projection", "weights"},
     "frontends": {"errors", "graph", "frontends"},
     "frontends.dynamo": {"errors", "graph", "frontends", "runtime", "passes.base"},
     "measure": {"errors"},
