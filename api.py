@@ -450,6 +450,97 @@ class Trainer:
         with self._model_weights() as model:
             return copy.deepcopy(model)
 
+    def export_quantized(self) -> dict[str, dict[str, Any]]:
+        """The low-bit weights of the step as real integers, by FQN: ``codes``, ``scales``, ``codec`` and
+        ``group``. QAT weights (``qat``): int8 ``codes`` with values in [-qmax-1, qmax] (``codec`` "int4" or
+        "int8") and fp32 ``scales`` (the learned step, one per ``group`` flattened elements), weight =
+        codes * scales group by group: the weights ``export()`` holds. Encoded weights (``quantize_weights``,
+        a ``lora`` base): the codes and the list of scale tensors as the step holds them (see
+        ``memfit.weights``; ``memfit.weights.decode`` reads them back)."""
+        from .weights import Adapters, Encoded, StepSizes
+
+        ex = self.executor
+
+        def get(name: str) -> torch.Tensor:
+            return ex.params[name] if name in ex.params else ex.state[name]
+
+        out: dict[str, dict[str, Any]] = {}
+        with torch.no_grad():
+            for r in self.graph.inits:
+                if isinstance(r, StepSizes):
+                    codes, scales = r.codes(get)
+                    out[r.fqn] = {"codes": codes, "scales": scales, "codec": "int4" if r.qmax == 7 else "int8",
+                                  "group": r.group}
+                    continue
+                enc = r.base if isinstance(r, Adapters) else r if isinstance(r, Encoded) else None
+                if enc is not None:
+                    out[enc.fqn] = {"codes": get(enc.fqn).clone(), "scales": [get(s).clone() for s in enc.scale_names],
+                                    "codec": enc.codec, "group": enc.group}
+        return out
+
+    def save_adapters(self, directory: str | os.PathLike) -> None:
+        """Write the LoRA adapters as peft does: ``adapter_model.safetensors`` (keys
+        ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``) and ``adapter_config.json`` (the exact
+        module names as ``target_modules``, per-module ranks and alphas in ``rank_pattern`` / ``alpha_pattern``),
+        so that ``peft.PeftModel.from_pretrained(original_model, directory)`` reproduces the trained step's
+        outputs. The adapters sit on the base the step trained on: with an NF4/INT4 base (QLoRA) load them on a
+        model holding that base (``Trainer.base_weights()``)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from .weights import Adapters, StepSizes
+
+        where = "Trainer.save_adapters"
+        adapters = [r for r in self.graph.inits if isinstance(r, Adapters)]
+        if not adapters:
+            merged = [r.fqn for r in self.graph.inits if isinstance(r, StepSizes) and r.adapters is not None]
+            raise ConfigError(where_what_got(where, "a step trained with the lora pass", "no adapters" + (
+                f" (QALoRA merges its adapters into the quantized weights of {merged[:2]}: use export())"
+                if merged else ""), "add ('lora', {...}) to passes="))
+        ex = self.executor
+        tensors, modules, ranks, alphas = {}, [], {}, {}
+        for r in adapters:
+            module = r.fqn[: -len(".weight")]
+            modules.append(module)
+            ranks[module] = r.rank
+            alphas[module] = r.scaling * r.rank
+            for part, name in (("lora_A", r.a), ("lora_B", r.b)):
+                tensors[f"base_model.model.{module}.{part}.weight"] = ex.params[name].detach().contiguous().clone()
+        first = adapters[0]
+        lora = self.graph.info.get("lora", {})
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM" if hasattr(self.model, "generate") else None,
+            "r": first.rank, "lora_alpha": first.scaling * first.rank, "lora_dropout": float(lora.get("dropout", 0.0)),
+            "target_modules": modules, "rank_pattern": ranks, "alpha_pattern": alphas, "bias": "none",
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "use_rslora": False, "use_dora": False, "base_model_name_or_path": None,
+        }
+        os.makedirs(directory, exist_ok=True)
+        save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
+        with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen base weights under the adapters, as plain tensors (an NF4 base dequantized): what peft's
+        ``from_pretrained`` should be given to reproduce the step's outputs."""
+        from .weights import Adapters
+
+        ex = self.executor
+
+        def get(name: str) -> torch.Tensor:
+            return ex.params[name] if name in ex.params else ex.state[name]
+
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for r in self.graph.inits:
+                if isinstance(r, Adapters):
+                    if r.base is not None:
+                        r.base.apply(get, out)
+                    else:
+                        out[r.fqn] = get(r.fqn).clone()
+        return out
+
     def __repr__(self) -> str:
         return f"Trainer(step={self.step_count}, {self.graph}, predicted peak {fmt_bytes(self.plan.peak_bytes)})"
 

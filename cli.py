@@ -172,7 +172,10 @@ def hand_check(model: nn.Module, plan: MemoryPlan, optimizer: str = "adamw") -> 
     (``plan.state_choice``, by FQN or by layer class for a replicated plan): fp32 moments, one per state
     name (AdamW 2, SGD with momentum 1, plain SGD 0); ``8-bit``: two uint8 moments plus one fp32 absmax
     per block of 256 each; ``svd r=R``: two 8-bit moments of the projected (R x n) gradient, the fp32
-    projector and the 10-float64 schedule; ``apollo-mini``: the same at rank 1 without a stored projector.
+    projector and the 10-float64 schedule; ``apollo-mini``: the same at rank 1 without a stored projector;
+    ``lora r=R nf4``: fp32 moments of the adapters only. Parameter bytes follow the weight setting
+    (``int8 sr``, ``nf4``, the adapters of ``lora``; see ``weight_of``); a setting may combine one state and
+    one weight setting (``apollo-mini + int8 sr``).
     """
     from memfit import projection as pj
     from memfit.runtime.blocks import param_class
@@ -182,7 +185,6 @@ def hand_check(model: nn.Module, plan: MemoryPlan, optimizer: str = "adamw") -> 
     params = list(named.values())
     count = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
     sizes = {p.element_size() for p in params}
     per = f"{sizes.pop()} B" if len(sizes) == 1 else "mixed dtypes"
     n_states = len(_optimizer(optimizer).state_names())
@@ -190,17 +192,39 @@ def hand_check(model: nn.Module, plan: MemoryPlan, optimizer: str = "adamw") -> 
     def eight_bit(numel: int) -> int:
         return 2 * numel + 2 * 4 * -(-numel // 256)
 
-    def state_of(fqn: str, p) -> tuple[int, str]:
-        label = plan.state_choice.get(fqn) or plan.state_choice.get(param_class(fqn)) if plan.replicated else \
+    def label_of(fqn: str) -> str | None:
+        return plan.state_choice.get(fqn) or plan.state_choice.get(param_class(fqn)) if plan.replicated else \
             plan.state_choice.get(fqn)
-        if label is None:
+
+    def weight_of(fqn: str, p) -> int:
+        """The parameter's own bytes under its weight setting: ``int8 sr`` codes plus one fp32 scale per 128;
+        ``nf4`` two codes a byte plus one fp32 absmax per 64; ``lora r=R nf4`` that base plus the adapters."""
+        parts = (label_of(fqn) or "").split(" + ")
+        own = p.numel() * p.element_size()
+        for part in parts:
+            if part == "int8 sr":
+                return p.numel() + 4 * (p.numel() // 128)
+            if part.endswith("nf4"):
+                base = p.numel() // 2 + 4 * (p.numel() // 64)
+                if part.startswith("lora r="):
+                    base += int(part.split("=")[1].split()[0]) * sum(p.shape) * p.element_size()
+                return base
+        return own
+
+    def state_of(fqn: str, p) -> tuple[int, str]:
+        label = label_of(fqn)
+        parts = [q for q in (label or "").split(" + ") if q and q not in ("int8 sr", "nf4")]
+        if not parts:
             return n_states * 4 * p.numel(), "fp32"
-        if label == "8-bit":
+        part = parts[0]
+        if part == "8-bit":
             return eight_bit(p.numel()), label
+        if part.startswith("lora r="):  # fp32 AdamW moments of the adapters; the weight itself is frozen
+            return n_states * 4 * int(part.split("=")[1].split()[0]) * sum(p.shape), label
         m, n = p.shape
-        rank = 1 if label == "apollo-mini" else int(label.split("=")[1])
+        rank = 1 if part == "apollo-mini" else int(part.split("=")[1])
         low = math.prod(pj.low_shape((m, n), rank))
-        proj = 0 if label == "apollo-mini" else 4 * pj.proj_shape((m, n), rank)[0] * rank
+        proj = 0 if part == "apollo-mini" else 4 * pj.proj_shape((m, n), rank)[0] * rank
         return eight_bit(low) + proj + 8 * 10, label
 
     state_bytes, kinds = 0, {}
@@ -209,6 +233,7 @@ def hand_check(model: nn.Module, plan: MemoryPlan, optimizer: str = "adamw") -> 
             b, kind = state_of(fqn, p)
             state_bytes += b
             kinds[kind] = kinds.get(kind, 0) + 1
+    param_bytes = sum(weight_of(f, p) for f, p in named.items())
     got_params = plan.persistent.get("parameters", 0)
     got_state = plan.persistent.get("optimizer state", 0) + plan.persistent.get("pass state", 0)
 
@@ -351,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="memfit-plan.png", help="where to draw the memory timeline")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="the runtime planned for (cuda: Triton kernels; planning itself allocates nothing)")
-    p.add_argument("--levers", choices=("lossless", "near-lossless", "lossy"), default="lossy",
+    p.add_argument("--levers", choices=("lossless", "near-lossless", "lossy", "adapters"), default="lossy",
                    help="how far the planner may change the numerics to fit: recomputation only, also 8-bit "
                         "optimizer state, also low-rank projection (default)")
     p.add_argument("--full", action="store_true",

@@ -235,7 +235,8 @@ class Lora(Pass):
                                     register=False)
             g.inits.append(wt.Adapters(fqn, a, b, r, self.scaling(r), self.seed + len(g.inits), self.init, base,
                                        self.lq_iters))
-        stats = {"targets": chosen, "rank": self.rank, "alpha": self.alpha, "base": self.base, "init": self.init,
+        stats = {"targets": chosen, "rank": self.rank, "alpha": self.alpha, "dropout": float(self.dropout),
+                 "base": self.base, "init": self.init,
                  "frozen": len(frozen), "adapters": [a for _, a, _, _ in made] + [b for _, _, b, _ in made]}
         g.info["lora"] = stats
         return PassResult(g, bool(chosen), stats)

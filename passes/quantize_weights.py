@@ -3,10 +3,10 @@
 Rewrites, per selected weight: the parameter placeholder becomes the codes (``int8`` codes shaped as the
 weight for trainable weights; ``int8``, ``int4`` or ``nf4`` for frozen ones) plus its scales as state (one
 fp32 absmax-derived scale per group of ``group`` flattened elements; NF4 optionally double-quantized).
-Every op that read the weight reads ``memfit::dequant_weight`` instead: one copy made just before the
-forward's first reader and, when the backward reads the weight too, a second made just before the
-backward's first reader, so the dequantized weight is a transient of each half and never saved across
-the step (the memory plan shows both). A trainable weight's update op (AdamW, 8-bit AdamW, SGD or the
+Every op that read the weight reads ``memfit::dequant_weight`` instead: a copy made just before that op
+and freed after it (one per reader: the forward's product, the backward's recomputed product and input
+gradient), so the dequantized weight is a transient of one op, never saved across the step (the memory
+plan shows each). A trainable weight's update op (AdamW, 8-bit AdamW, SGD or the
 low-rank update: whatever ran before) gets the scales: it dequantizes the codes to fp32, steps, and writes
 new codes and scales with stochastic rounding, ``floor(x) + (u < frac(x))`` with ``u`` from a counter hash
 of (seed, parameter, step, element), so a resumed run is bit-identical (``rounding="nearest"`` is the
@@ -75,10 +75,10 @@ def encode_param(g: TrainGraph, fqn: str, codec: str, group: int, double_quant: 
 
 
 def _rewire_to_dequant(g: TrainGraph, p: fx.Node, make) -> None:
-    """Point every reader of ``p`` (but its update op) at a dequantized copy made just before it is needed:
-    one before the forward's first reader, one before the backward's first (views re-made on each)."""
-    forward = g.forward_nodes()
-    order = {n: i for i, n in enumerate(g.graph.nodes)}
+    """Point every reader of ``p`` (but its update op) at a copy made by ``make()`` just before that reader
+    (views re-made on it): a transient living for one op, never saved across the step. A weight the forward
+    reads once and the backward twice (a recomputed product, the input gradient) gets three copies: each
+    costs one pass over the codes, where one shared copy would live from the first read to the last."""
     readers: list[tuple[fx.Node, fx.Node, list[fx.Node]]] = []  # (reader, alias it reads, view chain from p)
 
     def walk(a: fx.Node, chain: list[fx.Node]) -> None:
@@ -91,21 +91,19 @@ def _rewire_to_dequant(g: TrainGraph, p: fx.Node, make) -> None:
                 readers.append((u, a, chain))
 
     walk(p, [])
-    for half in (True, False):
-        mine = sorted((r for r in readers if (r[0] in forward) == half), key=lambda r: order[r[0]])
-        if not mine:
-            continue
-        with g.graph.inserting_before(mine[0][0]):
-            dq = make()
-        made: dict[fx.Node, fx.Node] = {p: dq}
-        for reader, alias, chain in mine:
-            src = dq
-            for view in chain:
-                if view not in made:
-                    with g.graph.inserting_before(reader):
-                        made[view] = g.graph.call_function(view.target, (src, *view.args[1:]), dict(view.kwargs))
-                src = made[view]
-            reader.replace_input_with(alias, src)
+    copies: dict[fx.Node, dict[fx.Node, fx.Node]] = {}  # reader -> (p or a view of it) -> its copy
+    for reader, alias, chain in readers:
+        made = copies.get(reader)
+        if made is None:
+            with g.graph.inserting_before(reader):
+                made = copies[reader] = {p: make()}
+        src = made[p]
+        for view in chain:
+            if view not in made:
+                with g.graph.inserting_before(reader):
+                    made[view] = g.graph.call_function(view.target, (src, *view.args[1:]), dict(view.kwargs))
+            src = made[view]
+        reader.replace_input_with(alias, src)
     for a in reversed(aliases(p)):  # views of p nobody reads any more
         if a is not p and not a.users:
             g.graph.erase_node(a)
