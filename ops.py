@@ -808,7 +808,13 @@ def _int8_weight_workspace(node, a: OpArgs, triton: bool) -> int:
         return 0
     copy = numel * 4
     own = _update_workspace(node, a, triton, fp32_param=True)
-    return copy + max(own, 0 if triton else wt.requant_workspace(numel, a.wgroup, a.wround == "stochastic"))
+    if triton:
+        return copy + own
+    bits = a.bits if node.target is torch.ops.memfit.adam8bit_update.default else \
+        a.state_bits if node.target is torch.ops.memfit.lowrank_update.default else 32
+    # the op's two cached code maps of quantized moments (code_map) are held while the weight is written back
+    maps = 2 * 4 * (256 if bits == 8 else 16) if bits in (8, 4) else 0
+    return copy + max(own, maps + wt.requant_workspace(numel, a.wgroup, a.wround == "stochastic"))
 
 
 def _update_workspace(node, a: OpArgs, triton: bool, fp32_param: bool = False) -> int:

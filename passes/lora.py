@@ -35,7 +35,7 @@ from .. import weights as wt
 from ..errors import ConfigError, where_what_got
 from ..graph import TrainGraph, aliases, is_view_op
 from .base import Option, Pass, PassResult, register_pass
-from .quantize_weights import default_targets, encode_param
+from .quantize_weights import default_targets, encode_param, refuse_tied
 
 aten = torch.ops.aten
 _MM = (aten.mm.default, aten.addmm.default)
@@ -207,10 +207,7 @@ class Lora(Pass):
             return [f for f in default_targets(g) if g.params[f].meta["val"].dim() == 2]
         g.check_globs(self.targets, "passes['lora'].targets")
         chosen = g.match(self.targets)
-        for f in chosen:
-            if f in g.tied or f in g.tied.values():
-                raise ConfigError(where_what_got(f"passes['lora'].targets: {f!r}", "a weight with one name",
-                                                 "a weight tied to another", "leave tied weights out of targets"))
+        refuse_tied(g, self.targets, chosen, "passes['lora'].targets")
         return chosen
 
     def run(self, g: TrainGraph) -> PassResult:

@@ -30,7 +30,7 @@ from ..errors import ConfigError, where_what_got
 from ..graph import TrainGraph
 from .base import Pass, PassResult, register_pass
 from .lora import freeze_params
-from .quantize_weights import _rewire_to_dequant, default_targets
+from .quantize_weights import _rewire_to_dequant, default_targets, refuse_tied
 
 aten = torch.ops.aten
 _LSQ = torch.ops.memfit.lsq_quant.default
@@ -72,11 +72,9 @@ class Qat(Pass):
         else:
             g.check_globs(self.targets, "passes['qat'].targets")
             chosen = g.match(self.targets)
+            refuse_tied(g, self.targets, chosen, "passes['qat'].targets")
         for f in chosen:
             val = g.params[f].meta["val"]
-            if f in g.tied or f in g.tied.values():
-                raise ConfigError(where_what_got(f"passes['qat'].targets: {f!r}", "a weight with one name",
-                                                 "a weight tied to another", "leave tied weights out of targets"))
             if val.numel() % self.group:
                 raise ConfigError(where_what_got(f"passes['qat'] on {f!r}", f"a weight whose {val.numel()} elements "
                                                  f"split into groups of {self.group}",

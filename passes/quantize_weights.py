@@ -22,6 +22,7 @@ the same rule as ``lowrank``), whose elements split into whole groups. Requires 
 
 from __future__ import annotations
 
+import fnmatch
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -109,6 +110,18 @@ def _rewire_to_dequant(g: TrainGraph, p: fx.Node, make) -> None:
             g.graph.erase_node(a)
 
 
+def refuse_tied(g: TrainGraph, patterns, chosen: list[str], where: str) -> None:
+    """A ConfigError when the targets name a weight tied to another (the embedding shared with the head):
+    one tensor read under two names cannot change its representation for one of them."""
+    pats = [patterns] if isinstance(patterns, str) else list(patterns)
+    for alias, canonical in g.tied.items():
+        hit = alias if any(fnmatch.fnmatchcase(alias, p) for p in pats) else canonical if canonical in chosen else None
+        if hit is not None:
+            raise ConfigError(where_what_got(f"{where}: {hit!r}", "a parameter with one name",
+                                             f"{alias!r} tied to {canonical!r} (one tensor)",
+                                             "leave tied weights (an embedding shared with the head) out of targets"))
+
+
 def _seed(seed: int, fqn: str) -> int:
     return (zlib.crc32(fqn.encode()) ^ (int(seed) * 0x27D4EB2F)) & 0xFFFFFFFF
 
@@ -158,14 +171,8 @@ class QuantizeWeights(Pass):
         else:
             g.check_globs(self.targets, where)
             chosen = g.match(self.targets)
-            tied = {t for t in g.tied} | set(g.tied.values())
+            refuse_tied(g, self.targets, chosen, where)
             for f in chosen:
-                if f in tied:
-                    other = g.tied.get(f) or next(t for t, c in g.tied.items() if c == f)
-                    raise ConfigError(where_what_got(f"{where}: {f!r}", "a parameter with one name",
-                                                     f"a parameter tied to {other!r}",
-                                                     "leave tied weights (embeddings shared with the head) out of "
-                                                     "targets"))
                 if not g.params[f].meta["val"].is_floating_point():
                     raise ConfigError(where_what_got(f"{where}: {f!r}", "a floating-point weight",
                                                      str(g.params[f].meta["val"].dtype),
