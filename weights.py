@@ -128,17 +128,19 @@ def decode_into(out: torch.Tensor, codes: torch.Tensor, scales: list[torch.Tenso
 
 
 def decode_workspace(numel: int, codec: str, group: int, double_quant: bool) -> int:
-    """Bytes ``decode_into`` allocates beyond its output, at most at once (for the memory plan)."""
-    extra = 0
-    if double_quant:  # the fp32 scales rebuilt from their 8-bit codes
-        n = numel // group
-        extra = 4 * n + 4 * min(n, DQ_BLOCK * 4096)
+    """Bytes ``decode_into`` allocates beyond its output, at most at once (for the memory plan): the 4-bit
+    unpacking temporaries, and with double quantization the fp32 scales rebuilt from their 8-bit codes, which
+    stay while the codes are unpacked (rebuilding them holds 12 bytes a scale and a 256-entry code map)."""
     if codec == "int8":
-        return extra
-    if codec == "int4":
-        return extra + -(-numel // 2)
-    half = min(NF4_CHUNK, numel) // 2
-    return extra + 8 * half  # a chunk's int32 indices and its looked-up fp32 values (the nibble plane goes first)
+        own = 0
+    elif codec == "int4":
+        own = -(-numel // 2)
+    else:
+        own = 8 * (min(NF4_CHUNK, numel) // 2)  # a chunk's int32 indices and its looked-up fp32 values
+    if not double_quant:
+        return own
+    n = numel // group
+    return max(12 * n + 4 * 256, 4 * n + own)
 
 
 REQUANT_CHUNK = 1 << 16  # elements requantized at a time on the reference path (bounded temporaries)
