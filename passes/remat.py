@@ -126,13 +126,16 @@ class Remat(Pass):
             return free
         if self.targets:  # budget mode with the planner's prefix
             by_name = {v.name: v for v in model.candidates}
-            missing = [t for t in self.targets if t not in by_name]
+            # a target that is still a node but no longer saved (a pass before this one, e.g. lora freezing a
+            # weight, dropped the backward that read it) has nothing left to recompute: skipped
+            nodes = {n.name for n in g.graph.nodes}
+            missing = [t for t in self.targets if t not in by_name and t not in nodes]
             if missing:
                 raise ConfigError(where_what_got("remat.targets", "names of recomputable saved values of this graph",
                                                  missing[:5], "take them from remat.recompute_sequence(g)"))
             state = start
             for t in self.targets:
-                if by_name[t] not in state.freed:
+                if t in by_name and by_name[t] not in state.freed:
                     state = state.with_freed(by_name[t], free_only=False) or state
             return state
         return free

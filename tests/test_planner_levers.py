@@ -153,3 +153,44 @@ def test_cli_hand_check_follows_the_chosen_state():
     line, ok = cli.hand_check(model, plan)
     assert ok and line.count("[matches]") == 2 and "per parameter:" in line, line
     assert sum(plan.persistent.values()) < sum(lossless.persistent.values())
+
+
+def _tiny_lm(layers: int = 2):
+    torch.manual_seed(0)
+    m = models.build_llama("tiny-llama", num_hidden_layers=layers)
+    x = torch.randint(0, 256, (2, 64))
+    return m, (x, torch.roll(x, -1, 1))
+
+
+def test_weight_precision_is_a_lever_past_the_state_levers():
+    """A budget below what 8-bit state and recomputation reach: near-lossless cannot fit it; lossy does, with
+    INT8 weights (and low-rank state); the step runs within it and the CLI's arithmetic agrees."""
+    m, batch = _tiny_lm()
+    budget = 10_000_000  # near-lossless reaches 13.9 MB on this model, lossy 8.8 MB
+    with pytest.raises(memfit.BudgetError):
+        memfit.plan(m, example_inputs=batch, loss_fn=models.lm_loss, budget=budget, levers="near-lossless")
+    t = memfit.optimize(m, example_inputs=batch, loss_fn=models.lm_loss, budget=budget)
+    assert "quantize_weights" in t.plan.passes and "lora" not in t.plan.passes
+    assert any("int8 sr" in label for label in t.plan.state_choice.values())
+    t.step(*batch)
+    assert t.measure_step(*batch).peak_bytes <= budget
+    line, ok = cli.hand_check(m, t.plan)
+    assert ok, line
+
+
+def test_adapters_are_offered_only_at_their_level_and_apply():
+    from memfit.api import build_graph
+
+    m, batch = _tiny_lm(1)
+    g, _ = build_graph(m, batch, loss_fn=models.lm_loss)
+    lora = registered_passes()["lora"]
+    assert lora.options(g, "lossy") == []
+    opts = lora.options(g, "adapters")
+    assert opts and all(o.lossiness == "adapters" and o.alone for o in opts)
+    chosen = [o for o in opts if o.label == "lora r=8 nf4"][:2]
+    name, cfg = lora.from_options(chosen)
+    t = memfit.optimize(m, example_inputs=batch, loss_fn=models.lm_loss, passes=[(name, cfg), "remat", "fused_update"])
+    assert set(t.graph.info["lora"]["targets"]) == {o.target for o in chosen}
+    assert t.graph.info["lora"]["base"] == "nf4"
+    t.step(*batch)
+    assert t.measure_step(*batch).peak_bytes == t.plan.peak_bytes
