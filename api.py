@@ -719,10 +719,11 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     model's inputs when the model returns its loss (a single dict batch is passed as keywords).
     Without ``passes=`` memfit applies the lossless defaults: ``freeze`` (when ``frozen`` globs are
     given), ``remat`` (recompute what costs no memory) and ``fused_update``; when that does not fit
-    ``budget`` the planner recomputes more, then shrinks the optimizer state as far as ``levers``
-    allows (``"lossless"``; ``"near-lossless"``: 8-bit moments; ``"lossy"``, the default: also low-rank
-    projection). ``micro_steps`` splits each batch into that many micro-batches and accumulates their
-    gradients before one update.
+    ``budget`` the planner recomputes more, then shrinks the optimizer state and the weights as far as
+    ``levers`` allows (``"lossless"``; ``"near-lossless"``: 8-bit moments; ``"lossy"``, the default: also
+    low-rank projection and INT8 weights with stochastic rounding; ``"adapters"``: also LoRA over NF4 bases,
+    which changes what trains, so only when asked). ``micro_steps`` splits each batch into that many
+    micro-batches and accumulates their gradients before one update.
 
     ``example_inputs`` is also the largest batch the Trainer admits: smaller ones (shorter sequences,
     a last partial batch) are compiled on first sight with the same passes, at most ``max_shapes`` kept.
@@ -730,8 +731,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     ``transactional=True`` keeps a journal so that a step failing after its updates began is undone
     too (up to one extra copy of parameters and optimizer state, outside the plan: not with ``budget``).
     ``lever_passes`` names the passes whose declared options the planner may take (default
-    ``memfit.passes.base.LEVER_PASSES``: ``quantize_state`` and ``lowrank``); a pass of your own becomes a
-    lever by declaring ``options`` and ``from_options`` and being named here.
+    ``memfit.passes.base.LEVER_PASSES``: ``quantize_state``, ``lowrank``, ``quantize_weights`` and ``lora``); a
+    pass of your own becomes a lever by declaring ``options`` and ``from_options`` and being named here.
     """
     optimizer = AdamW() if optimizer is None else optimizer
     if transactional and budget is not None:
