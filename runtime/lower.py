@@ -194,11 +194,19 @@ def lower(gm: fx.GraphModule, device: torch.device | str = "cpu", *, loss_guard:
         loss_node = out.args[0][0]
     triton = use_triton(device)
     impls = _kernel_impls(triton)
+    fused = _weight_only_matmuls(gm) if triton else {}
+    skip = {n for mm in fused.values() for n in mm[1:]}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     kernels: dict[str, str] = {}
     for node in gm.graph.nodes:
         check_lowerable(node, device)
+        if node in skip:  # a dequantized weight read only by one product: the product dequantizes in its tiles
+            continue
+        if node in fused:
+            env[node] = _emit_weight_only_matmul(graph, node, fused[node], env)
+            kernels[node.name] = "triton"
+            continue
         new = graph.node_copy(node, lambda n: env[n])
         if node.op == "call_function" and node.target in impls:
             fn, label = impls[node.target]
@@ -217,6 +225,58 @@ def lower(gm: fx.GraphModule, device: torch.device | str = "cpu", *, loss_guard:
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return Lowered(run, lowered, kernels)
+
+
+_MMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+
+def _weight_only_matmuls(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node]]:
+    """Products ``X @ dequant(W)^T`` (``mm`` / ``addmm`` reading ``t(dequant_weight(...))``, an INT8 or NF4
+    weight without double-quantized scales, each read by this product alone): product -> (product, t,
+    dequant). On the Triton path they run as one weight-only-quantized matmul (W8A16 / NF4), the weight
+    dequantized tile by tile inside it, never whole. The memory plan counts the whole dequantized copy, so
+    on this path it over-states the peak by at most one weight."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _MMS:
+            continue
+        w = node.args[-1]
+        if not (isinstance(w, fx.Node) and w.target is torch.ops.aten.t.default and len(w.users) == 1):
+            continue
+        dq = w.args[0]
+        if not (isinstance(dq, fx.Node) and dq.target is torch.ops.memfit.dequant_weight.default
+                and len(dq.users) == 1):
+            continue
+        a = memfit_ops.args_of(dq)
+        x = node.args[-2]
+        if a.codec not in ("int8", "nf4") or a.scales2 is not None or len(a.shape) != 2 or \
+                a.shape[1] % a.group or x.meta.get("val") is None or x.meta["val"].dtype != a.dtype:
+            continue
+        out[node] = (node, w, dq)
+    return out
+
+
+def _emit_weight_only_matmul(graph: fx.Graph, node: fx.Node, match, env) -> fx.Node:
+    _, _, dq = match
+    a = memfit_ops.args_of(dq)
+    x = env[node.args[-2]]
+    n, k = a.shape
+    mm = graph.call_function(weight_only_matmul, (x, env[a.codes], env[a.scales], a.codec, a.group, n, k))
+    if node.target is torch.ops.aten.addmm.default:
+        mm = graph.call_function(torch.ops.aten.add.Tensor, (mm, env[node.args[0]]))
+    return mm
+
+
+def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, codec: str, group: int, n: int,
+                       k: int) -> torch.Tensor:
+    """``x @ W^T`` with ``W`` [n, k] held as INT8 or NF4 codes: the Triton weight-only-quantized matmul."""
+    from ..kernels import wquant as wq
+
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if codec == "int8":
+        return wq.matmul_int8w(x, codes, scales, group)
+    return wq.matmul_nf4w(x, codes, scales, group, n, k)
 
 
 def workspace_bytes(node: fx.Node, device: torch.device | str = "cpu") -> int:
