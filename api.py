@@ -434,9 +434,13 @@ class Trainer:
                                                  "load a state saved from the same model and passes"))
             for k, t in theirs.items():
                 if t.shape != mine[k].shape or t.dtype != mine[k].dtype:
+                    coded = {torch.int8, torch.uint8} & {t.dtype, mine[k].dtype}
+                    hint = ("the state holds this weight in other bits or another layout (quantize_weights, a lora "
+                            "base, 8-bit state): build the Trainer with the same passes and settings"
+                            if coded or k.endswith("::wscale") or ".lora_" in k else "load a matching state")
                     raise ConfigError(where_what_got(f"{where}[{group!r}][{k!r}]",
                                                      f"{tuple(mine[k].shape)} {mine[k].dtype}",
-                                                     f"{tuple(t.shape)} {t.dtype}", "load a matching state"))
+                                                     f"{tuple(t.shape)} {t.dtype}", hint))
         for group, mine in (("params", ex.params), ("buffers", ex.buffers), ("state", ex.state)):
             for k, t in sd[group].items():
                 mine[k].copy_(t)

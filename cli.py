@@ -187,6 +187,8 @@ def hand_check(model: nn.Module, plan: MemoryPlan, optimizer: str = "adamw") -> 
     trainable = sum(p.numel() for p in params if p.requires_grad)
     sizes = {p.element_size() for p in params}
     per = f"{sizes.pop()} B" if len(sizes) == 1 else "mixed dtypes"
+    if any(q in label for label in plan.state_choice.values() for q in ("int8 sr", "nf4")):
+        per += " (as held: int8 sr and nf4 weights in codes plus scales, lora adapters added)"
     n_states = len(_optimizer(optimizer).state_names())
 
     def eight_bit(numel: int) -> int:

@@ -180,7 +180,7 @@ def test_state_saved_with_other_bits_is_refused_and_changes_nothing():
     q8.step(x, y)
     fp = _trainer(["remat", "fused_update", ("quantize_weights", {"targets": "model.layers.0.mlp.*"})])
     before = copy.deepcopy(fp.state_dict())
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="other bits"):
         fp.load_state_dict(q8.state_dict())
     after = fp.state_dict()
     for group in ("params", "state"):
