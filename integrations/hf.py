@@ -13,7 +13,9 @@ its own ``save_pretrained``, so ``model.safetensors``; ``optimizer.pt``, ``sched
 backward and the AdamW update run as one compiled graph (:func:`memfit.optimize`), planned under
 ``memfit_budget``. Extra keyword arguments: ``memfit_budget`` (bytes, ``"12GB"``, ``"80%"``; None: no budget),
 ``memfit_passes`` (explicit passes, as ``memfit.optimize(passes=)``), ``memfit_levers`` (``"lossless"``,
-``"near-lossless"``, ``"lossy"``), ``memfit_nonfinite`` (``"skip"``, ``"raise"``, ``"ignore"``) and
+``"near-lossless"``, ``"lossy"``: optimizer-state levers only here, since ``model.safetensors`` holds the
+model's own tensors and the weight passes ``quantize_weights``, ``lora`` and ``qat`` hold weights as codes
+or adapters: those train through ``memfit.optimize``), ``memfit_nonfinite`` (``"skip"``, ``"raise"``, ``"ignore"``) and
 ``memfit_max_length`` (the longest sequence to plan for; see *Shapes*).
 
 How Hugging Face's pieces map onto memfit's:
@@ -99,6 +101,11 @@ from ..runtime.executor import NONFINITE_MODES
 from ..runtime.planner import LEVELS
 
 __all__ = ["ITEMS_KEY", "MemfitOptimizer", "MemfitTrainer"]
+
+# The weight levers hold weights as codes or adapters, which model.safetensors cannot carry: this door plans
+# with the optimizer-state levers only.
+WEIGHT_PASSES = ("quantize_weights", "lora", "qat")
+STATE_LEVERS = ("quantize_state", "lowrank")
 
 ITEMS_KEY = "memfit_num_items"  # the batch input carrying Hugging Face's loss divisor (N / k, one value per row)
 STATE_FORMAT = "memfit.hf.optimizer/1"
@@ -210,8 +217,16 @@ class MemfitTrainer(transformers.Trainer):
         if memfit_nonfinite not in NONFINITE_MODES:
             raise ConfigError(where_what_got("MemfitTrainer(memfit_nonfinite=)", f"one of {NONFINITE_MODES}",
                                              repr(memfit_nonfinite), "'skip' undoes a NaN/inf step and warns"))
-        if memfit_levers not in LEVELS:
-            raise ConfigError(where_what_got("MemfitTrainer(memfit_levers=)", f"one of {LEVELS}",
+        held = [p if isinstance(p, str) else p[0] if isinstance(p, tuple) else getattr(p, "name", "")
+                for p in memfit_passes or ()]
+        if set(held) & set(WEIGHT_PASSES):
+            raise ConfigError(where_what_got(
+                "MemfitTrainer(memfit_passes=)", "passes that keep the model's weights as its own tensors",
+                sorted(set(held) & set(WEIGHT_PASSES)),
+                "Hugging Face saves the model's tensors (model.safetensors), and these passes hold weights as codes "
+                "or adapters: train them with memfit.optimize (Trainer.export() / save_adapters() to save)"))
+        if memfit_levers not in LEVELS or memfit_levers == "adapters":
+            raise ConfigError(where_what_got("MemfitTrainer(memfit_levers=)", f"one of {LEVELS[:3]}",
                                              repr(memfit_levers), "e.g. 'lossless'"))
         if memfit_max_length is not None and not (isinstance(memfit_max_length, int) and memfit_max_length >= 1):
             raise ConfigError(where_what_got("MemfitTrainer(memfit_max_length=)", "an int >= 1 or None",
@@ -429,7 +444,8 @@ class MemfitTrainer(transformers.Trainer):
         try:
             trainer = optimize(_ItemsScaled(self.model), example_inputs=(example,), budget=self.memfit_budget,
                                passes=self.memfit_passes, optimizer=adamw, micro_steps=k, clip_grad_norm=clip,
-                               levers=self.memfit_levers, nonfinite=self.memfit_nonfinite)
+                               levers=self.memfit_levers, nonfinite=self.memfit_nonfinite,
+                               lever_passes=STATE_LEVERS)
         finally:
             torch.set_rng_state(rng)
         self._memfit_keys = tuple(example)

@@ -158,3 +158,16 @@ def test_optimizer_state_round_trips_before_the_step_exists():
     assert opt.param_groups[0]["lr"] == 5e-4 and opt.param_groups[0]["params"] == [p]
     with pytest.raises(ConfigError, match=r"optimizer\.pt"):
         opt.load_state_dict(torch.optim.AdamW([p]).state_dict())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(memfit_passes=[("lora", {"rank": 4}), "fused_update"]), "model.safetensors"),
+    (dict(memfit_passes=["fused_update", "quantize_weights"]), "model.safetensors"),
+    (dict(memfit_levers="adapters"), "memfit_levers"),
+])
+def test_weight_passes_are_refused_at_this_door(tmp_path, kwargs, match):
+    """Hugging Face saves the model's own tensors; passes holding weights as codes or adapters go through
+    memfit.optimize (the planner here takes optimizer-state levers only)."""
+    with pytest.raises(ConfigError, match=match):
+        MemfitTrainer(model=_model(), args=_args(tmp_path, eval_strategy="no"), train_dataset=_sequences(8, 1),
+                      data_collator=PadCollator(), **kwargs)
