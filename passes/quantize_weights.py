@@ -206,14 +206,17 @@ class QuantizeWeights(Pass):
     @classmethod
     def options(cls, g: TrainGraph, levers: str) -> list[Option]:
         """At ``levers`` lossy or beyond: INT8 codes with stochastic rounding for every default target with an
-        update (its bytes: codes plus one fp32 scale per 128 elements, minus the weight's own), and NF4 for
-        default targets without one (frozen). The transient is the fp32 copy the update steps (none in the
+        update (its bytes: codes plus one fp32 scale per 128 elements, minus the weight's own) and, one degree
+        further, for the embedding tables and the head (not tied), and NF4 for default targets without an
+        update (frozen). The transient is the fp32 copy the update steps (none in the
         fused Triton AdamW kernel)."""
         if levers not in ("lossy", "adapters"):
             return []
         triton = bool(g.info.get("triton"))
         out = []
-        for fqn in default_targets(g):
+        tables = [f for f, n in g.params.items() if f not in g.tied and f not in g.tied.values()
+                  and n.meta["val"].dim() == 2 and n.meta["val"].is_floating_point() and f not in default_targets(g)]
+        for fqn in [*default_targets(g), *tables]:
             val = g.params[fqn].meta["val"]
             numel, own = val.numel(), val.numel() * val.element_size()
             upd = g.updates.get(fqn)
@@ -222,7 +225,7 @@ class QuantizeWeights(Pass):
                 out.append(Option("quantize_weights", fqn, "int8 sr", (("codec", "int8"),),
                                   persistent=wt.encoded_bytes(numel, "int8", 128) - own,
                                   transient=0 if fused else numel * 4, flops=4 * numel, lossiness="lossy",
-                                  degree=4, group="weights"))
+                                  degree=4 if fqn not in tables else 6, group="weights"))
             elif upd is None and fqn not in g.grad_outputs and numel % 64 == 0:
                 out.append(Option("quantize_weights", fqn, "nf4", (("codec", "nf4"),),
                                   persistent=wt.encoded_bytes(numel, "nf4", 64) - own, lossiness="lossy", degree=4,
