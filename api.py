@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
 import re
@@ -29,7 +30,7 @@ from .graph import TrainGraph
 from .measure import PeakMeasurement, measure_peak
 from .passes.base import PIPELINES, Pass, make_pass
 from .passes.fused_update import SGD, AdamW
-from .runtime.blocks import block_keys
+from .runtime.blocks import BASE_LAYERS, block_keys
 from .runtime.executor import NONFINITE_MODES, CompiledStep, Executor, StepGuard
 from .runtime.lower import lower
 from .runtime.memory import MemoryPlan, fit_size_model, fmt_bytes, plan_memory
@@ -37,6 +38,7 @@ from .runtime.planner import Blocks, choose
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+log = logging.getLogger("memfit.api")
 STATE_FORMAT = "memfit.trainer/1"
 
 
@@ -564,7 +566,7 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
     """Capture one training step and let the planner rewrite it to fit ``budget_bytes`` (fake tensors
     throughout: nothing of the model's size is allocated). Returns the graph and its plan.
 
-    ``replicate``: plan a model of identical layers from captures of 1 and 2 layers (``replicated_model``)
+    ``replicate``: plan a model of identical layers from captures of 3 and 4 layers (``replicated_model``)
     and extrapolate; the graph returned is then the 2-layer one. When the model has no such layers, or the
     two captures do not differ by one block of ops, the whole step is captured instead."""
     optimizer = AdamW() if optimizer is None else optimizer
@@ -600,12 +602,14 @@ def num_layers(model: nn.Module) -> int | None:
 
 
 def replicated_model(model: nn.Module) -> tuple[tuple[nn.Module, nn.Module], int] | None:
-    """``((model at 1 layer, model at 2 layers), layers)`` for a transformers-style model of identical
-    layers, built from its config on the device and in the dtype and mode of ``model``; None when the model
-    has no such config, fewer than 3 layers, layers that differ (``layer_types`` with more than one kind),
-    or when its parameter count is not exactly affine in the layer count."""
+    """``((model at B layers, model at B + 1 layers), layers)`` (``B = runtime.blocks.BASE_LAYERS``, 3) for a
+    transformers-style model of identical layers, built from its config on the device and in the dtype and
+    mode of ``model``; None when the model has no such config, fewer than B + 2 layers, layers that differ
+    (``layer_types`` with more than one kind), or when its parameter count is not exactly affine in the layer
+    count."""
     layers = num_layers(model)
-    if not isinstance(layers, int) or layers < 3 or not hasattr(model, "config"):
+    base = BASE_LAYERS
+    if not isinstance(layers, int) or layers < base + 2 or not hasattr(model, "config"):
         return None
     kinds = getattr(model.config, "layer_types", None)
     if isinstance(kinds, (list, tuple)) and len(set(kinds)) > 1:
@@ -614,7 +618,7 @@ def replicated_model(model: nn.Module) -> tuple[tuple[nn.Module, nn.Module], int
     if first is None:
         return None
     small = []
-    for k in (1, 2):
+    for k in (base, base + 1):
         cfg = copy.deepcopy(model.config)
         cfg.num_hidden_layers = k
         if isinstance(kinds, (list, tuple)):
@@ -626,7 +630,7 @@ def replicated_model(model: nn.Module) -> tuple[tuple[nn.Module, nn.Module], int
             return None
         small.append(m.to(first.dtype).train(model.training))
     counts = [sum(p.numel() for p in m.parameters()) for m in (*small, model)]
-    if counts[2] != counts[0] + (layers - 1) * (counts[1] - counts[0]):
+    if counts[2] != counts[0] + (layers - base) * (counts[1] - counts[0]):
         return None
     return (small[0], small[1]), layers
 
@@ -642,10 +646,12 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     ``torch.device("meta")``), which is how 7B-scale models are planned on a laptop; ``device`` says
     which runtime the plan is for (kernel workspaces differ), default the inputs' device or CPU.
 
-    ``replicate``: a transformers-style model of identical layers is planned from captures of 1 and 2
-    layers and every figure extrapolated (exact: the plan is affine in the layer count; the planner makes
-    the same choice in every layer). ``"auto"`` (default) does so for models of 3 or more layers on the
-    ``meta`` device planned without ``passes=`` or ``frozen=``; ``False`` captures the whole step.
+    ``replicate``: a transformers-style model of identical layers is planned from captures of 3 and 4
+    layers and every figure extrapolated (the plan is affine in the layer count past the first and last
+    layers; the planner makes the same choice in every layer). ``"auto"`` (default) does so for models of 5
+    or more layers on the ``meta`` device planned without ``passes=`` or ``frozen=``, and when that plan does
+    not fit the budget, plans the whole step before saying so (its search is per value, not per layer class:
+    it may fit where the replicated one does not); ``False`` captures the whole step.
     """
     if not isinstance(example_inputs, (tuple, list)):
         raise ConfigError(where_what_got("memfit.plan(example_inputs=)", "a tuple (one batch)",
@@ -657,16 +663,27 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     if replicate not in (True, False, "auto"):
         raise ConfigError(where_what_got("memfit.plan(replicate=)", "True, False or 'auto'", repr(replicate),
                                          "pick one"))
-    if replicate == "auto":
+    auto = replicate == "auto"
+    if auto:
         first = next(iter(model.parameters()), None)
         replicate = first is not None and first.device.type == "meta" and passes is None and not frozen
     elif replicate and (passes is not None or frozen):
         raise ConfigError(where_what_got("memfit.plan(replicate=True)", "no passes= and no frozen=",
                                          f"passes={passes!r}, frozen={frozen!r}",
                                          "these name the full model's parameters: plan it whole (replicate=False)"))
-    _, p = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes, frozen=frozen,
-                       budget_bytes=parse_budget(budget, dev), device=dev, levers=levers,
-                       replicate=bool(replicate))
+    budget_bytes = parse_budget(budget, dev)
+    try:
+        _, p = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes,
+                           frozen=frozen, budget_bytes=budget_bytes, device=dev, levers=levers,
+                           replicate=bool(replicate))
+    except BudgetError:
+        if not (auto and replicate):
+            raise
+        # The replicated search makes one choice for every layer and extrapolates it; a "does not fit" from it
+        # is not the last word: the whole step, captured and searched per value, decides (slower).
+        log.info("memfit.plan: the replicated plan does not fit %s; planning the whole step", budget)
+        _, p = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes,
+                           frozen=frozen, budget_bytes=budget_bytes, device=dev, levers=levers, replicate=False)
     return p
 
 

@@ -258,7 +258,10 @@ def _plan(args: argparse.Namespace) -> int:
     _check_output_path("memfit plan --out", args.out, picture=True)  # before the capture, not after it
     model = meta_model(args.model, args.dtype)
     layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    how = "; 1 and 2 of them, replicated" if layers and layers >= 3 and not args.full else ""
+    from memfit.runtime.blocks import BASE_LAYERS
+
+    how = (f"; {BASE_LAYERS} and {BASE_LAYERS + 1} of them, replicated"
+           if layers and layers >= BASE_LAYERS + 2 and not args.full else "")
     print(f"capturing {args.model}{f' ({layers} layers{how})' if layers else ''}...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     over: BudgetError | None = None

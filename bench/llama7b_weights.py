@@ -8,8 +8,9 @@ optimizer state; ``lossy`` adds low-rank projection (GaLore, APOLLO-Mini) and IN
 rounding; ``adapters`` adds LoRA over NF4 bases. Planned for the CUDA runtime (Triton kernels'
 workspaces), as the papers measure on GPUs; their published peaks are shown beside (Q-GaLore: 15.26 GB
 for LLaMA-7B pre-training; Q-APOLLO-Mini: under 12 GB; both at sequence 256, measured on a GPU, not
-planned). The search plans from captures of 1 and 2 layers (``replicate="auto"``); the budget it finds is
-then planned once more with all 32 layers captured, the figure the replication stands for. Then the
+planned). The search plans from captures of 3 and 4 layers (``replicate=True``); the budget it finds is
+then planned once more with all 32 layers captured (``replicate=False``, a search per value rather than
+per layer class, which may fit a smaller budget or not fit this one). Then the
 budget the issue names: ``--budget 10GiB`` at batch 1 x seq 2048 must fit; its plan's
 breakdown is written.
 
@@ -36,7 +37,7 @@ LEVELS = ("near-lossless", "lossy", "adapters")
 PUBLISHED = "Q-GaLore 15.26 GB; Q-APOLLO-Mini < 12 GB (seq 256, GPU-measured)"
 
 
-def _plan(batch: int, seq: int, levers: str, budget: int, replicate: bool | str = "auto"):
+def _plan(batch: int, seq: int, levers: str, budget: int, replicate: bool = True):
     """(fits, plan) at ``budget`` bytes."""
     model = meta_model("llama-7b", "bf16")
     try:

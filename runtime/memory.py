@@ -74,8 +74,9 @@ class MemoryPlan:
         width = max(len(r[0]) for r in rows)
         lines = [f"MemoryPlan (passes: {', '.join(self.passes) or 'none'}; peak at node {self.peak_node})"]
         if self.replicated:
-            lines.append(f"  (one block planned and replicated: {self.replicated[1]} layers from captures of 1 and "
-                         f"{self.replicated[0]}; timeline and node names are the {self.replicated[0]}-layer step's)")
+            lines.append(f"  (one block planned and replicated: {self.replicated[1]} layers from captures of "
+                         f"{self.replicated[0] - 1} and {self.replicated[0]}; timeline and node names are the "
+                         f"{self.replicated[0]}-layer step's)")
         lines += [f"  {a:<{width}}  {b:>12}" for a, b in rows]
         lines.append(f"  {'saved activations (all)':<{width}}  {fmt_bytes(self.saved_activation_bytes):>12}")
         lines.append(f"  {'gradients (all)':<{width}}  {fmt_bytes(self.gradient_bytes):>12}")

@@ -21,7 +21,7 @@ the schedule) is measured: every choice is run once through the Pipeline and pla
 peak, the one the runtime runs, decides. A miss raises ``gap`` by the shortfall and the choice is made
 again (at most ``_ROUNDS`` times). An explicit ``passes=`` list is planned as given, never changed.
 
-A model of identical layers may be planned from two small captures (``Blocks``: 1 and 2 layers):
+A model of identical layers may be planned from two small captures (``Blocks``: ``BASE_LAYERS`` and one more):
 recomputation steps then free the same value in every block (``runtime.blocks.block_keys``), state
 options are taken per parameter class (every layer's ``q_proj`` alike), and every plan is the affine
 extrapolation of the two small plans (``runtime.blocks.extrapolate``).
@@ -52,7 +52,7 @@ from ..passes.base import (
     make_pass,
     registered_passes,
 )
-from .blocks import block_keys, extrapolate, param_class
+from .blocks import BASE_LAYERS, block_keys, extrapolate, param_class
 from .lower import use_triton
 from .memory import MemoryPlan, fmt_bytes, plan_memory
 
@@ -78,12 +78,13 @@ class Choice:
 
 @dataclass(frozen=True)
 class Blocks:
-    """A model of ``layers`` identical layers, captured at 1 and 2 layers (``one``, ``two``)."""
+    """A model of ``layers`` identical layers, captured at ``base`` and ``base + 1`` layers (``one``, ``two``)."""
 
     one: TrainGraph
     two: TrainGraph
     layers: int
     keys: tuple | None = None  # block_keys(one, two) when the caller already has them
+    base: int = BASE_LAYERS
 
 
 def run_passes(base: TrainGraph, passes: list[Pass], budget: int | None, device
@@ -128,7 +129,7 @@ class _Subject:
         self.graphs = [base.one, base.two] if self.blocks else [base]
 
     def combine(self, plans: list[MemoryPlan]) -> MemoryPlan:
-        return extrapolate(plans[0], plans[1], self.blocks.layers) if self.blocks else plans[0]
+        return extrapolate(plans[0], plans[1], self.blocks.layers, self.blocks.base) if self.blocks else plans[0]
 
     def run(self, per_graph: Callable[[int], list[Pass]], budget: int | None, device, trials: list[Trial]
             ) -> tuple[TrainGraph, MemoryPlan]:
@@ -137,7 +138,7 @@ class _Subject:
         plan = self.combine([r[1] for r in runs])
         plan = _with_budget(plan, budget)
         flops = runs[0][2].recomputed_flops if not self.blocks else \
-            runs[0][2].recomputed_flops + (self.blocks.layers - 1) * (runs[1][2].recomputed_flops
+            runs[0][2].recomputed_flops + (self.blocks.layers - self.blocks.base) * (runs[1][2].recomputed_flops
                                                                      - runs[0][2].recomputed_flops)
         trials.append(Trial(runs[-1][2].passes, plan.peak_bytes, flops, budget is None or plan.peak_bytes <= budget))
         return runs[-1][0], plan
@@ -342,9 +343,9 @@ def _recompute_table(subject: _Subject, reserve: list[dict[str, int]]
         start, seq, at = lever.sequence(subject.graphs[0], reserve=reserve[0])
         return [[s.names] for s in seq], [start] + [s.peak for s in seq], at
     g1, g2 = subject.graphs
-    keys = subject.blocks.keys or block_keys(g1, g2)
+    keys = subject.blocks.keys or block_keys(g1, g2, subject.blocks.base)
     if keys is None:
-        raise ConfigError(where_what_got("memfit planner: Blocks", "captures of 1 and 2 identical layers",
+        raise ConfigError(where_what_got("memfit planner: Blocks", "captures of B and B + 1 identical layers",
                                          "forwards that differ by more than one block of ops",
                                          "plan the full graph (replicate=False)"))
     k1, k2 = keys
@@ -360,8 +361,9 @@ def _recompute_table(subject: _Subject, reserve: list[dict[str, int]]
     for f, a in at1.items():  # the first layer's parameter in both captures stands for its class
         c = param_class(f)
         if c not in at and f in at2:
-            at[c] = a + (layers - 1) * (at2[f] - a)
-    return steps, [a + (layers - 1) * (b - a) for a, b in zip(peaks1, peaks2, strict=True)], at
+            at[c] = a + (layers - subject.blocks.base) * (at2[f] - a)
+    k = layers - subject.blocks.base
+    return steps, [a + k * (b - a) for a, b in zip(peaks1, peaks2, strict=True)], at
 
 
 def _live_at_updates(subject: _Subject, runs: list[tuple[TrainGraph, MemoryPlan]], classes: dict[str, _Class]
@@ -383,7 +385,7 @@ def _live_at_updates(subject: _Subject, runs: list[tuple[TrainGraph, MemoryPlan]
         per_graph.append(out)
     if not subject.blocks:
         return per_graph[0]
-    k = subject.blocks.layers - 1
+    k = subject.blocks.layers - subject.blocks.base
     return {c: a + k * (per_graph[1].get(c, a) - a) for c, a in per_graph[0].items()}
 
 

@@ -30,7 +30,7 @@ def test_plan_tiny_llama_fits_prints_the_table_and_draws(tmp_path, capsys):
     assert "MemoryPlan (passes:" in captured.out and "predicted peak" in captured.out
     assert "parameters: 3,295,488 (3,295,488 trainable) x 4 B" in captured.out
     assert captured.out.count("[matches]") == 2, captured.out
-    assert "capturing tiny-llama (4 layers; 1 and 2 of them, replicated)..." in captured.err
+    assert "capturing tiny-llama (4 layers)..." in captured.err  # fewer than 5 layers: captured whole
     assert "planned in" in captured.err
     assert _png_size(out) == (1200, 600)
     assert out.stat().st_size > 10_000

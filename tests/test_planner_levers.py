@@ -16,6 +16,7 @@ from memfit import cli, models
 from memfit.graph import NAME_KEY, TrainGraph
 from memfit.ops import args_of, op_call
 from memfit.passes.base import Option, Pass, PassResult, register_pass, registered_passes
+from memfit.runtime.blocks import BASE_LAYERS
 
 
 @register_pass("test_sgd_lever")
@@ -112,7 +113,7 @@ def test_replicated_blocks_give_the_fully_captured_plan_to_the_byte(name):
     full = memfit.plan(model, example_inputs=batch, loss_fn=models.lm_loss, replicate=False)
     rep = memfit.plan(model, example_inputs=batch, loss_fn=models.lm_loss, replicate=True)
     print(f"{name}: full {full.peak_bytes} B, replicated {rep.peak_bytes} B")
-    assert rep.replicated == (2, model.config.num_hidden_layers) and full.replicated is None
+    assert rep.replicated == (BASE_LAYERS + 1, model.config.num_hidden_layers) and full.replicated is None
     assert rep.peak_bytes == full.peak_bytes
     assert rep.persistent == full.persistent and rep.at_peak == full.at_peak
     assert rep.saved_activation_bytes == full.saved_activation_bytes and rep.gradient_bytes == full.gradient_bytes
@@ -138,7 +139,7 @@ def test_replicate_refuses_name_based_settings_and_models_without_layers():
 
     assert replicated_model(nn.Linear(3, 3)) is None
     small, layers = replicated_model(model)
-    assert layers == 8 and [m.config.num_hidden_layers for m in small] == [1, 2]
+    assert layers == 8 and [m.config.num_hidden_layers for m in small] == [BASE_LAYERS, BASE_LAYERS + 1]
     assert all(next(m.parameters()).device.type == "meta" for m in small)
 
 
