@@ -162,35 +162,49 @@ class Trainer:
             p = named[f]
             p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
 
-    def plain_weights(self) -> dict[str, torch.Tensor]:
-        """The model weights the trained step holds, as plain tensors by FQN: encoded weights dequantized,
-        adapters merged into their base (``W + scaling * B @ A``), fake-quantized weights quantized."""
+    def _get(self, name: str) -> torch.Tensor:
         ex = self.executor
+        return ex.params[name] if name in ex.params else ex.state[name]
 
-        def get(name: str) -> torch.Tensor:
-            return ex.params[name] if name in ex.params else ex.state[name]
-
-        from .weights import plain_weights
+    def plain_weights(self, merge: bool = True) -> dict[str, torch.Tensor]:
+        """The model weights the trained step holds, as plain tensors by FQN: encoded weights dequantized,
+        adapters merged into their base (``W + scaling * B @ A``; with ``merge=False`` the base alone),
+        fake-quantized weights quantized."""
+        from .weights import Adapters, plain_weights
 
         names = list(dict(self.model.named_parameters()))
+        recipes = self.graph.inits if merge else [r.base if isinstance(r, Adapters) else r for r in self.graph.inits
+                                                   if not (isinstance(r, Adapters) and r.base is None)]
         with torch.no_grad():
-            return plain_weights(self.graph.inits, get, names)
+            return plain_weights(recipes, self._get, names)
 
     @contextlib.contextmanager
-    def _model_weights(self):
-        """Within this context the model's parameters hold the trained weights (merged, dequantized); the
-        released ones are released again afterwards."""
-        weights = self.plain_weights()
-        if not weights:
-            yield self.model
-            return
+    def _model_weights(self, merge: bool = True):
+        """Within this context the model's parameters hold the trained weights (dequantized); adapters merged
+        into them, or with ``merge=False`` added by a forward hook on their Linear, ``out + (x A^T) B^T * s``,
+        as the training step and peft compute them. Released weights are released again afterwards."""
+        from .weights import Adapters
+
+        weights = self.plain_weights(merge)
         named = dict(self.model.named_parameters())
         saved = {f: named[f].data for f in weights}
+        hooks = []
         try:
             for f, w in weights.items():
                 named[f].data = w.to(named[f].dtype)
+            if not merge:
+                for r in self.graph.inits:
+                    if isinstance(r, Adapters):
+                        a, b, s = self._get(r.a), self._get(r.b), r.scaling
+
+                        def hook(_m, inputs, out, a=a, b=b, s=s):
+                            return out + torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], a), b) * s
+
+                        hooks.append(self.model.get_submodule(r.fqn.rsplit(".", 1)[0]).register_forward_hook(hook))
             yield self.model
         finally:
+            for h in hooks:
+                h.remove()
             for f, d in saved.items():
                 named[f].data = d
 
@@ -379,11 +393,12 @@ class Trainer:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Inference with the trained weights: the model's own forward in eval mode, no gradient; every
-        module's mode is restored afterwards."""
+        module's mode is restored afterwards. LoRA adapters are applied beside their weight, as in training and
+        in peft (``export()`` merges them)."""
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
-            with torch.no_grad(), self._model_weights() as model:
+            with torch.no_grad(), self._model_weights(merge=False) as model:
                 return model(*args, **kwargs)
         finally:
             for m, was in modes:

@@ -79,8 +79,9 @@ def test_adapters_load_in_peft_with_equal_outputs(tmp_path, base):
     x = _batches(1)[0][0]
     with torch.no_grad():
         diff = (t(x).logits - loaded(x).logits).abs().max().item()
-    assert diff <= 1e-5
-    assert torch.allclose(t.export()(x).logits, t(x).logits)
+    assert diff <= 1e-6  # inference applies the adapters beside the weight, as peft does
+    with torch.no_grad():  # export() merges them: W + s·BA, equal up to float reassociation
+        torch.testing.assert_close(t.export()(x).logits, t(x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_qlora_plan_is_exact_and_smaller_than_lora():
