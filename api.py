@@ -490,7 +490,7 @@ class Trainer:
             for r in self.graph.inits:
                 if isinstance(r, StepSizes):
                     codes, scales = r.codes(get)
-                    out[r.fqn] = {"codes": codes, "scales": scales, "codec": "int4" if r.qmax == 7 else "int8",
+                    out[r.fqn] = {"codes": codes, "scales": scales, "codec": f"int{(r.qmax + 1).bit_length()}",
                                   "group": r.group}
                     continue
                 enc = r.base if isinstance(r, Adapters) else r if isinstance(r, Encoded) else None

@@ -302,10 +302,10 @@ def lq_decompose(w: torch.Tensor, rank: int, scaling: float, base: Encoded | Non
                        torch.float32)
         else:
             made, Q = {}, torch.zeros_like(W)
-        U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
-        root = S[:rank].sqrt()
-        B = U[:, :rank] * root / math.sqrt(scaling)
-        A = root[:, None] * Vh[:rank] / math.sqrt(scaling)
+        U, S, V = _top_singular(W - Q, rank)
+        root = S.sqrt()
+        B = U * root / math.sqrt(scaling)
+        A = root[:, None] * V.T / math.sqrt(scaling)
         L = (B @ A) * scaling
         err = float(torch.linalg.matrix_norm(W - Q - L))
         if best is None or err < best[0]:
@@ -314,6 +314,22 @@ def lq_decompose(w: torch.Tensor, rank: int, scaling: float, base: Encoded | Non
             break
     _, A, B, made = best
     return A, B, made
+
+
+def _top_singular(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``rank`` singular triplets of ``M`` (U [m, r], S [r], V [n, r]): an exact SVD for small matrices,
+    the seeded randomized range finder (``torch.svd_lowrank``, 8 extra columns, 4 power iterations) when
+    ``rank`` is a small part of them, as on a 7B layer where ten full SVDs per weight would take minutes."""
+    if min(M.shape) <= 4 * (rank + 8):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :rank], S[:rank], Vh[:rank].T
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        U, S, V = torch.svd_lowrank(M, q=rank + 8, niter=4)
+    finally:
+        torch.random.set_rng_state(state)
+    return U[:, :rank], S[:rank], V[:, :rank]
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Rewrites, per targeted weight ``W``: a new trainable parameter ``<fqn>.lsq_step`` (one step size per group
 of ``group`` flattened elements, LSQ's initialisation 2·mean|w|/sqrt(qmax)) and every read of ``W`` becomes
-a read of ``Wq = lsq_quant(W, s) = clamp(round(W / s), -qmax - 1, qmax) · s`` (``qmax`` = 7 at 4 bits, 127 at
-8), made just before the forward's first reader and again before the backward's (never saved across the
+a read of ``Wq = lsq_quant(W, s) = clamp(round(W / s), -qmax - 1, qmax) · s`` (``qmax = 2**(bits - 1) - 1``:
+7 at 4 bits, 127 at 8; 2 and 3 bits too), a copy made just before each reader (never saved across the
 step). The backward takes the gradient the step already makes for ``Wq`` through ``lsq_quant_backward``:
 the straight-through estimator for ``W`` (zero where ``W / s`` is clipped) and LSQ's gradient for ``s``
 (scaled by 1/sqrt(group·qmax)).
@@ -40,7 +40,7 @@ _LSQ_BWD = torch.ops.memfit.lsq_quant_backward.default
 @register_pass("qat")
 @dataclass(frozen=True)
 class Qat(Pass):
-    bits: Literal[4, 8] = 4
+    bits: Literal[2, 3, 4, 8] = 4
     group: int = 128
     targets: str | tuple[str, ...] | None = None
     lora_rank: int = 0  # > 0: QALoRA (W frozen, adapters merged before fake quantization)
@@ -55,8 +55,8 @@ class Qat(Pass):
         where = "passes['qat']"
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
-        if self.bits not in (4, 8) or isinstance(self.bits, bool):
-            raise ConfigError(where_what_got(f"{where}.bits", "4 or 8", repr(self.bits), "W4 or W8"))
+        if self.bits not in (2, 3, 4, 8) or isinstance(self.bits, bool):
+            raise ConfigError(where_what_got(f"{where}.bits", "2, 3, 4 or 8", repr(self.bits), "e.g. 4 (W4)"))
         wt.check_codec(where, "int8", self.group)
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ConfigError(where_what_got(f"{where}.lora_rank", "an int >= 0 (0: plain LSQ)", repr(self.lora_rank),

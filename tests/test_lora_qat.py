@@ -203,8 +203,8 @@ def test_qalora_trains_only_adapters_and_steps():
 
 
 def test_qat_bad_config():
-    with pytest.raises(ConfigError, match="4 or 8"):
-        _optimize(_model(), [("qat", {"bits": 3}), "remat", "fused_update"])
+    with pytest.raises(ConfigError, match="2, 3, 4 or 8"):
+        _optimize(_model(), [("qat", {"bits": 5}), "remat", "fused_update"])
     with pytest.raises(ConfigError, match="groups of 512"):
         _optimize(_model(), [("qat", {"group": 512, "targets": "model.layers.0.input_layernorm.weight"}), "remat",
                              "fused_update"])
