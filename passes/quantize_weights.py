@@ -208,8 +208,8 @@ class QuantizeWeights(Pass):
         """At ``levers`` lossy or beyond: INT8 codes with stochastic rounding for every default target with an
         update (its bytes: codes plus one fp32 scale per 128 elements, minus the weight's own) and, one degree
         further, for the embedding tables and the head (not tied), and NF4 for default targets without an
-        update (frozen). The transient is the fp32 copy the update steps (none in the
-        fused Triton AdamW kernel)."""
+        update (frozen). The transient is the fp32 copy the update steps plus, on the CPU reference,
+        the write-back's working values (none in the fused Triton AdamW kernel)."""
         if levers not in ("lossy", "adapters"):
             return []
         triton = bool(g.info.get("triton"))
@@ -222,9 +222,11 @@ class QuantizeWeights(Pass):
             upd = g.updates.get(fqn)
             if upd is not None and numel % 128 == 0:
                 fused = triton and upd.target is torch.ops.memfit.adamw_update.default
+                # the fp32 copy the update steps and, on the CPU reference, the write-back's working values
+                work = 0 if fused else numel * 4 + (0 if triton else wt.requant_workspace(numel, 128))
                 out.append(Option("quantize_weights", fqn, "int8 sr", (("codec", "int8"),),
                                   persistent=wt.encoded_bytes(numel, "int8", 128) - own,
-                                  transient=0 if fused else numel * 4, flops=4 * numel, lossiness="lossy",
+                                  transient=work, flops=4 * numel, lossiness="lossy",
                                   degree=4 if fqn not in tables else 6, group="weights"))
             elif upd is None and fqn not in g.grad_outputs and numel % 64 == 0:
                 out.append(Option("quantize_weights", fqn, "nf4", (("codec", "nf4"),),

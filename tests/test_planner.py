@@ -162,9 +162,9 @@ def test_lever_options_follow_levers_and_each_parameter_s_shape():
         {"2.weight": ["8-bit"]}  # the others are under quantize_state's min_numel
     lossy = _options(g, "lossy")
     assert {f: [o.label for o in opts] for f, opts in lossy.items()} == {
-        "0.weight": ["svd r=8", "svd r=4", "svd r=2", "apollo-mini"],  # (64, 32): ranks from the smaller side
-        "2.weight": ["8-bit", "svd r=16", "svd r=8", "svd r=4", "apollo-mini"],
-        "4.weight": ["svd r=2", "apollo-mini"]}
+        "0.weight": ["svd r=8", "svd r=4", "svd r=2", "apollo-mini", "int8 sr"],  # (64, 32): ranks from the
+        "2.weight": ["8-bit", "svd r=16", "svd r=8", "svd r=4", "apollo-mini", "int8 sr"],  # smaller side
+        "4.weight": ["svd r=2", "apollo-mini", "int8 sr"]}
     for opts in lossy.values():
         low = [o for o in opts if o.pass_name == "lowrank"]
         assert all(a.persistent > b.persistent for a, b in itertools.pairwise(low))
