@@ -12,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ORDER = ["architectures", "variable_shapes", "spam", "hf_trainer", "optimize_time", "step_memory", "remat_vs_torch",
          "optimizers", "planner_time", "planner_quality", "planner_measured", "llama7b_plan", "llama7b_10gib",
-         "llama7b_weights", "quantized_training", "qlora", "qat"]
+         "llama7b_weights", "quantized_training", "quantized_training_control", "qlora", "qat", "qat_w2"]
 
-SOURCES = {"llama7b_10gib": "llama7b_weights"}  # results written by another bench script than their name
+# results written by another bench script than their name
+SOURCES = {"llama7b_10gib": "llama7b_weights", "quantized_training_control": "quantized_training", "qat_w2": "qat"}
 
 
 def main() -> None:
