@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import operator
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -364,13 +365,27 @@ def value_nbytes(val: Any) -> int:
     return 0
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_NOT_LIBRARY = ("tests", "examples", "bench")  # folders of the repository that are user code, not memfit's
+
+
+def _memfit_file(path: str) -> bool:
+    """Whether ``path`` is one of memfit's own modules (by location, not by name: a checkout may sit in a
+    folder called memfit, and its tests and examples are user code)."""
+    p = os.path.abspath(path)
+    if not p.startswith(_PACKAGE_DIR + os.sep):
+        return False
+    return p[len(_PACKAGE_DIR) + 1:].split(os.sep)[0] not in _NOT_LIBRARY
+
+
 def user_frame(stack_trace: str) -> str | None:
-    """The innermost frame of a recorded stack that is model code (not torch, not generated code)."""
+    """The innermost frame of a recorded stack that is model code (not torch, not memfit, not generated)."""
     lines = [ln.rstrip() for ln in stack_trace.splitlines() if ln.strip()]
     best = None
     for i, ln in enumerate(lines):
         s = ln.strip()
-        if s.startswith("File ") and "<eval_with_key>" not in s and "/torch/" not in s and "memfit" not in s:
+        path = s[len('File "'):].split('"', 1)[0] if s.startswith('File "') else ""
+        if s.startswith("File ") and "<eval_with_key>" not in s and "/torch/" not in s and not _memfit_file(path):
             code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].strip().startswith("File ") else ""
             best = f"{s}: {code}" if code else s
     return best
