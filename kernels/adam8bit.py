@@ -40,7 +40,7 @@ from ._checks import (
     require_triton,
     to_f32,
 )
-from .adamw import adamw_ref
+from .adamw import adam_scalars, adamw_ref
 from .quant import check_absmax, check_block, check_code, dequantize_flat_ref, quantize_flat_ref, tile_rows
 
 try:
@@ -194,15 +194,8 @@ def adam8bit(
     require_gpu_or_interpreter(_WHERE, _adam8bit_kernel, param.device)
 
     # Host-side scalars in double, in the order torch.optim computes them (as adamw does).
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    param_decay = 1 - lr * weight_decay if weight_decay != 0 else 1.0
-    lerp_weight = to_f32(1 - beta1)
-    lerp_from_end = not abs(lerp_weight) < 0.5
-    if lerp_from_end:
-        lerp_weight = lerp_weight - 1.0  # exact in fp32 for 0.5 <= w <= 1 (Sterbenz)
+    step_size, bias_correction2_sqrt, param_decay, lerp_weight, lerp_from_end = adam_scalars(
+        lr, beta1, beta2, weight_decay, step)
 
     n_elements = param.numel()
     rows = tile_rows(block)

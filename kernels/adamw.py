@@ -117,6 +117,23 @@ def _check_tensors(
                                          "pass 1 on the first update and increment it after each"))
 
 
+
+def adam_scalars(lr: float, beta1: float, beta2: float, weight_decay: float, step: int
+                 ) -> tuple[float, float, float, float, bool]:
+    """The host-side scalars of one Adam step, in double and in the order torch.optim computes them:
+    (step size lr / (1 - beta1**t), sqrt(1 - beta2**t), the decoupled decay factor, lerp's weight and
+    whether lerp works from the end). torch's lerp rounds its weight to fp32, then picks its formula on
+    |w| < 0.5; from the end the weight is w - 1, exact in fp32 for 0.5 <= w <= 1 (Sterbenz). Shared by
+    every Adam kernel (fp32, 8-bit moments, INT8 weights)."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    param_decay = 1 - lr * weight_decay if weight_decay != 0 else 1.0
+    lerp_weight = to_f32(1 - beta1)
+    lerp_from_end = not abs(lerp_weight) < 0.5
+    if lerp_from_end:
+        lerp_weight = lerp_weight - 1.0
+    return lr / bias_correction1, bias_correction2**0.5, param_decay, lerp_weight, lerp_from_end
+
 def adamw(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -150,16 +167,8 @@ def adamw(
                                          "set TRITON_INTERPRET=1 before importing triton to run on CPU"))
 
     # Host-side scalars in double, in the order torch.optim computes them.
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    param_decay = 1 - lr * weight_decay if weight_decay != 0 else 1.0
-    # torch's lerp rounds the weight to fp32, then picks its formula on |w| < 0.5.
-    lerp_weight = to_f32(1 - beta1)
-    lerp_from_end = not abs(lerp_weight) < 0.5
-    if lerp_from_end:
-        lerp_weight = lerp_weight - 1.0  # exact in fp32 for 0.5 <= w <= 1 (Sterbenz)
+    step_size, bias_correction2_sqrt, param_decay, lerp_weight, lerp_from_end = adam_scalars(
+        lr, beta1, beta2, weight_decay, step)
 
     n_elements = param.numel()
     grid = (triton.cdiv(n_elements, _BLOCK_SIZE),)
