@@ -63,15 +63,14 @@ def encoded_bytes(numel: int, codec: str, group: int, double_quant: bool = False
     return codes + scales
 
 
-def encode(w: torch.Tensor, codec: str, group: int, *, double_quant: bool = False,
-           seed: int | None = None) -> list[torch.Tensor]:
-    """[codes, *scales] of ``w`` (nearest rounding; stochastic for int8 when ``seed`` is given)."""
+def encode(w: torch.Tensor, codec: str, group: int, *, double_quant: bool = False) -> list[torch.Tensor]:
+    """[codes, *scales] of ``w``, rounding to nearest (the update's stochastic write-back is
+    ``requantize_int8``)."""
     from .kernels import wquant as wq
 
     w = w.detach().contiguous()
     if codec == "int8":
-        codes, scales = (wq.quantize_int8_group_ref(w, group) if seed is None
-                         else wq.quantize_int8_group_sr_ref(w, group, seed))
+        codes, scales = wq.quantize_int8_group_ref(w, group)
     elif codec == "int4":
         codes, scales = wq.quantize_int4_group_ref(w, group)
     else:

@@ -213,8 +213,8 @@ class Lora(Pass):
     def run(self, g: TrainGraph) -> PassResult:
         chosen = self.selected(g)
         where = "passes['lora'].targets"
-        sites = {f: linear_site(g, f, where) for f in chosen}  # every target checked before any change
-        del sites
+        for f in chosen:  # every target checked before the graph changes: a refusal leaves it as it was
+            linear_site(g, f, where)
         made = []
         for fqn in chosen:
             r = _rank_for(self.ranks, fqn, self.rank)
