@@ -56,7 +56,8 @@ from memfit import data, models
 from memfit.runtime.memory import fmt_bytes
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import RESULTS, write_table
+from _common import RESULTS, storage_bytes, write_table
+from _common import tensors_in as state_tensors
 
 TARGETS = ("model.layers.*.self_attn.*.weight", "model.layers.*.mlp.*.weight")
 BETAS = (0.9, 0.999)
@@ -81,52 +82,10 @@ class Config:
 # ---- state accounting --------------------------------------------------------------------------
 
 
-def state_tensors(obj: Any) -> list[torch.Tensor]:
-    """Every plain tensor reachable from ``obj``: containers, object attributes, subclass inner tensors."""
-    out: list[torch.Tensor] = []
-    seen: set[int] = set()
-
-    def walk(o: Any) -> None:
-        if id(o) in seen or o is None or isinstance(o, (int, float, str, bool, type, torch.nn.Module)):
-            return
-        seen.add(id(o))
-        if isinstance(o, torch.Tensor):
-            flatten = getattr(type(o), "__tensor_flatten__", None)
-            if flatten is not None:  # a wrapper subclass (torchao's OptimState8bit): its inner tensors
-                names, _ = o.__tensor_flatten__()
-                for n in names:
-                    walk(getattr(o, n))
-            else:
-                out.append(o)
-        elif isinstance(o, dict):
-            for v in o.values():
-                walk(v)
-        elif isinstance(o, (list, tuple, set)):
-            for v in o:
-                walk(v)
-        elif hasattr(o, "__dict__"):  # projector objects (GaLoreProjector.ortho_matrix, ...)
-            for v in vars(o).values():
-                walk(v)
-
-    walk(obj)
-    return out
-
-
 def _has_subclass(opt_state: dict) -> bool:
     """Whether a torch.optim state holds a wrapper tensor subclass (one with ``__tensor_flatten__``)."""
     return any(isinstance(v, torch.Tensor) and hasattr(type(v), "__tensor_flatten__")
                for s in opt_state.values() if isinstance(s, dict) for v in s.values())
-
-
-def storage_bytes(tensors: list[torch.Tensor]) -> tuple[int, int]:
-    """(bytes of the distinct storages, bytes of the tensors' own elements) of ``tensors``."""
-    storages: dict[tuple[str, int], int] = {}
-    logical = 0
-    for t in tensors:
-        logical += t.numel() * t.element_size()
-        s = t.untyped_storage()
-        storages[(str(s.device), s.data_ptr())] = s.nbytes()
-    return sum(storages.values()), logical
 
 
 # ---- one method = one runner -------------------------------------------------------------------

@@ -78,7 +78,7 @@ from memfit import data, models
 from memfit.runtime.memory import fmt_bytes
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import RESULTS, write_table
+from _common import RESULTS, held_bytes, tensors_in, write_table
 
 NAME = "quantized_training"
 TARGETS = ("model.layers.*.self_attn.*.weight", "model.layers.*.mlp.*.weight")  # the low-rank rows' targets
@@ -105,44 +105,6 @@ class Config:
 
 
 # ---- byte accounting ---------------------------------------------------------------------------
-
-
-def tensors_in(obj: Any) -> list[torch.Tensor]:
-    """Every plain tensor reachable from ``obj``: containers, object attributes, subclass inner tensors."""
-    out: list[torch.Tensor] = []
-    seen: set[int] = set()
-
-    def walk(o: Any) -> None:
-        if id(o) in seen or o is None or isinstance(o, (int, float, str, bool, type, torch.nn.Module)):
-            return
-        seen.add(id(o))
-        if isinstance(o, torch.Tensor):
-            if hasattr(type(o), "__tensor_flatten__"):  # a wrapper subclass (torchao's INT8 weight): inner tensors
-                for n in o.__tensor_flatten__()[0]:
-                    walk(getattr(o, n))
-            else:
-                out.append(o)
-        elif isinstance(o, dict):
-            for v in o.values():
-                walk(v)
-        elif isinstance(o, (list, tuple, set)):
-            for v in o:
-                walk(v)
-        elif hasattr(o, "__dict__"):
-            for v in vars(o).values():
-                walk(v)
-
-    walk(obj)
-    return out
-
-
-def storage_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a view keeps its whole base alive)."""
-    storages: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        storages[(str(s.device), s.data_ptr())] = s.nbytes()
-    return sum(storages.values())
 
 
 def _subclass(tensors) -> bool:
@@ -184,7 +146,7 @@ class EagerRunner:
         from memfit.measure import profiler_peak_bytes
 
         held = tensors_in([list(self.model.parameters()), list(self.model.buffers()), self.opt.state, x, y])
-        baseline = storage_bytes(held)
+        baseline = held_bytes(held)
         del held
         out = []
         added = profiler_peak_bytes(lambda: out.append(self._step(x, y)))
@@ -193,10 +155,10 @@ class EagerRunner:
         return out[0], baseline + added, note
 
     def param_bytes(self) -> int:
-        return storage_bytes(tensors_in(list(self.model.parameters())))
+        return held_bytes(tensors_in(list(self.model.parameters())))
 
     def state_bytes(self) -> int:
-        return storage_bytes(tensors_in(self.opt.state))
+        return held_bytes(tensors_in(self.opt.state))
 
     def plan_param_bytes(self) -> int | None:
         return None
@@ -216,10 +178,10 @@ class MemfitRunner:
     def param_bytes(self) -> int:
         ex = self.trainer.executor
         scales = [v for k, v in ex.state.items() if "::wscale" in k]
-        return storage_bytes(tensors_in([ex.params, scales]))
+        return held_bytes(tensors_in([ex.params, scales]))
 
     def state_bytes(self) -> int:
-        return storage_bytes(tensors_in({k: v for k, v in self.trainer.executor.state.items() if "::wscale" not in k}))
+        return held_bytes(tensors_in({k: v for k, v in self.trainer.executor.state.items() if "::wscale" not in k}))
 
     def plan_param_bytes(self) -> int | None:
         return self.trainer.plan.persistent.get("parameters")
