@@ -29,11 +29,13 @@ _LIB = "memfit"
 class WeightKernels:
     """The kernels an update op uses on an INT8 weight (Triton launchers or references): ``dequant(codes,
     scales, group) -> fp32``, ``requant(w, codes, scales, group, seed)`` writing codes and scales in place
-    (stochastic rounding with ``seed``, nearest when it is None), and the fused AdamW step (or None)."""
+    (stochastic rounding with ``seed``, nearest when it is None), and the fused AdamW step and GaLore
+    project-back step with stochastic rounding (or None: dequantize, step, requantize)."""
 
     dequant: Callable
     requant: Callable
     adamw_int8: Callable | None = None
+    lowrank_int8: Callable | None = None
 
 
 def reference_weight_kernels() -> WeightKernels:
@@ -62,6 +64,12 @@ def _int8_weight(wk: WeightKernels, param, wscale, wgroup, wseed, wround, step):
     p = wk.dequant(param, wscale, wgroup)
     yield p
     wk.requant(p, param, wscale, wgroup, sr_seed(wseed, step) if wround == "stochastic" else None)
+
+
+def _fused_lowrank_int8(wk: WeightKernels, rule: str, wround: str) -> bool:
+    """Whether a ``lowrank_update`` on an INT8 weight runs the fused project-back kernel: GaLore's rule (the
+    others add a full-size gradient term) with stochastic rounding, when the kernels have it."""
+    return wk.lowrank_int8 is not None and rule == "galore" and wround == "stochastic"
 
 
 def _accumulated(grad: torch.Tensor, grad_acc: torch.Tensor | None, micro_step: int, micro_steps: int):
@@ -313,7 +321,18 @@ def run_lowrank_update(apply, qk: QuantKernels, param, grad, grad_right, proj, p
                                micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments,
                                lazy_threshold, proj_bits, state_bits, seed, limiter, seed_scheme)
             return
-        with _int8_weight(wk or reference_weight_kernels(), param, wscale, wgroup, wseed, wround, step) as p:
+        wk = wk or reference_weight_kernels()
+        if _fused_lowrank_int8(wk, rule, wround):
+            # the projected step as usual; its project-back lands in the codes in one kernel (no fp32 copy)
+            def apply_int8(_codes, P, N, **hyper):
+                wk.lowrank_int8(param, wscale, P, N, group=wgroup, seed=sr_seed(wseed, step), **hyper)
+
+            run_lowrank_update(apply_int8, qk, param, grad, grad_right, proj, proj_meta, exp_avg, exp_avg_sq, absmax,
+                               sched, grad_acc, dct, lr, step, micro_step, beta1, beta2, eps, weight_decay,
+                               micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments,
+                               lazy_threshold, proj_bits, state_bits, seed, limiter, seed_scheme)
+            return
+        with _int8_weight(wk, param, wscale, wgroup, wseed, wround, step) as p:
             run_lowrank_update(apply, qk, p, grad, grad_right, proj, proj_meta, exp_avg, exp_avg_sq, absmax,
                                sched, grad_acc, dct, lr, step, micro_step, beta1, beta2, eps, weight_decay,
                                micro_steps, rank, gap, offset, scale, projector, rule, scaling, moments,
@@ -806,6 +825,13 @@ def _int8_weight_workspace(node, a: OpArgs, triton: bool) -> int:
         not a.spike_threshold
     if fused:
         return 0
+    if triton and node.target is torch.ops.memfit.lowrank_update.default and a.rule == "galore" and \
+            a.wround == "stochastic":
+        from .kernels.lowrank import lowrank_int8_workspace
+
+        # the projected step's own temporaries, then the project-back kernel's absmax (none in one pass)
+        return max(_update_workspace(node, a, triton, fp32_param=True),
+                   lowrank_int8_workspace(tuple(a.param.meta["val"].shape), a.wgroup))
     copy = numel * 4
     own = _update_workspace(node, a, triton, fp32_param=True)
     if triton:

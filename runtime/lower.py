@@ -101,12 +101,17 @@ def _weight_kernels(triton: bool) -> tuple[memfit_ops.WeightKernels, dict | None
     def adamw_int8(codes, scales, grad, exp_avg, exp_avg_sq, **kw):
         wq.adamw_int8_sr(codes, scales, grad, exp_avg, exp_avg_sq, **kw)
 
+    def lowrank_int8(codes, scales, proj, update, **kw):
+        from ..kernels.lowrank import lowrank_apply_int8_sr
+
+        lowrank_apply_int8_sr(codes, scales, proj, update, **kw)
+
     launchers = {
         "int8": lambda c, s, group, shape, dtype: wq.dequantize_int8_group(c, s, group, dtype).reshape(shape),
         "int4": lambda c, s, group, shape, dtype: wq.dequantize_int4_group(c, s, group, shape, dtype),
         "nf4": lambda c, s, group, shape, dtype: wq.dequantize_nf4(c, s, group, shape, dtype),
     }
-    return memfit_ops.WeightKernels(dequant, requant, adamw_int8), launchers
+    return memfit_ops.WeightKernels(dequant, requant, adamw_int8, lowrank_int8), launchers
 
 
 _STEP_HOOK: contextvars.ContextVar = contextvars.ContextVar("memfit_step_hook", default=None)

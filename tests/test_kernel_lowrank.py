@@ -159,3 +159,118 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     monkeypatch.setattr(lowrank_module, "_lowrank_apply_kernel", triton.runtime.JITFunction(_placeholder_kernel))
     with pytest.raises(KernelError, match=r"expected tensors on a GPU, got cpu; set TRITON_INTERPRET=1"):
         lowrank_apply(torch.zeros(6, 8), torch.zeros(6, 2), torch.zeros(2, 8), side="left", **HYPER)
+
+
+# ---- on INT8 group codes with stochastic rounding (lowrank_apply_int8_sr) --------------------------------
+
+from memfit.kernels.lowrank import (  # noqa: E402
+    lowrank_apply_int8_sr,
+    lowrank_apply_int8_sr_ref,
+    lowrank_int8_workspace,
+)
+from memfit.kernels.wquant import dequantize_int8_group_ref, quantize_int8_group_ref  # noqa: E402
+
+# (m, n, r, group): group | n and <= 512 runs one pass, the rest two passes (groups straddling rows)
+INT8_SHAPES = [(48, 256, 4, 128), (40, 96, 5, 32), (37, 80, 7, 16), (16, 688, 3, 128), (32, 72, 1, 64),
+               (3, 48, 2, 16), (5, 1024, 9, 1024)]
+
+
+def _int8_inputs(m, n, r, group, side, dyadic, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        if dyadic:  # multiples of 1/8 in [-1, 1]: every product and sum of the rank-r product is exact in fp32
+            return torch.randint(-8, 9, shape, generator=gen).float() / 8
+        return torch.randn(*shape, generator=gen)
+
+    codes, scales = quantize_int8_group_ref(torch.randn(m, n, generator=gen), group)
+    proj = draw(m if side == "left" else n, r)
+    update = draw(*((r, n) if side == "left" else (m, r)))
+    return codes.to(DEVICE), scales.to(DEVICE), proj.to(DEVICE), update.to(DEVICE)
+
+
+def _int8_both(m, n, r, group, side, dyadic, **hyper):
+    codes, scales, proj, update = _int8_inputs(m, n, r, group, side, dyadic)
+    kernel, ref = (codes.clone(), scales.clone()), (codes.clone(), scales.clone())
+    args = {"group": group, "seed": 20261201, "side": side, **hyper}
+    lowrank_apply_int8_sr(*kernel, proj, update, **args)
+    lowrank_apply_int8_sr_ref(*ref, proj, update, **args)
+    return (codes, scales), kernel, ref
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize(("m", "n", "r", "group"), INT8_SHAPES, ids=str)
+def test_int8_sr_kernel_equals_reference_bit_for_bit_on_exact_products(m, n, r, group, side):
+    # lr * scale = 1/8 and a decay of 3/4: every term is exact, so both round the same fp32 p once
+    before, kernel, ref = _int8_both(m, n, r, group, side, dyadic=True, lr=0.5, weight_decay=0.5, scale=0.25)
+    assert torch.equal(kernel[0], ref[0])
+    assert torch.equal(kernel[1], ref[1])
+    assert (kernel[0] != before[0]).float().mean() > 0.5  # the step moved most codes: the test sees it
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize(("m", "n", "r", "group"), INT8_SHAPES[:5], ids=str)
+def test_int8_sr_kernel_matches_reference_within_one_code(m, n, r, group, side):
+    _, kernel, ref = _int8_both(m, n, r, group, side, dyadic=False, lr=1e-2, weight_decay=0.1, scale=0.25)
+    torch.testing.assert_close(kernel[1], ref[1], rtol=1e-5, atol=0)
+    diff = (kernel[0].int() - ref[0].int()).abs()
+    assert diff.max() <= 1
+    assert diff.float().mean() < 0.01
+    want = dequantize_int8_group_ref(*ref, group)
+    got = dequantize_int8_group_ref(*kernel, group)
+    torch.testing.assert_close(got, want, rtol=0, atol=1.01 * ref[1].max().item())
+
+
+def test_int8_sr_is_unbiased_around_the_fp32_update():
+    # many seeds of one step: the mean of the dequantized result approaches the fp32 step's weight
+    m, n, r, group = 16, 64, 2, 32
+    codes, scales, proj, update = _int8_inputs(m, n, r, group, "left", dyadic=False)
+    exact = dequantize_int8_group_ref(codes, scales, group)
+    lowrank_apply_ref(exact, proj, update, lr=0.05, weight_decay=0.0, scale=1.0, side="left")
+    total = torch.zeros_like(exact)
+    for seed in range(64):
+        c, s = codes.clone(), scales.clone()
+        lowrank_apply_int8_sr(c, s, proj, update, group=group, seed=seed, lr=0.05, weight_decay=0.0, scale=1.0,
+                              side="left")
+        total += dequantize_int8_group_ref(c, s, group)
+    step = scales.max().item()
+    assert (total / 64 - exact).abs().mean() < 0.1 * step  # one sample is off by up to a whole step
+
+
+def test_int8_workspace_is_zero_in_one_pass_and_the_absmax_in_two():
+    assert lowrank_int8_workspace((48, 256), 128) == 0
+    assert lowrank_int8_workspace((16, 688), 128) == 4 * 16 * 688 // 128
+    assert lowrank_int8_workspace((4, 2048), 1024) == 4 * 8  # past 512 a one-pass tile is too wide
+
+
+def _call_int8(fn=lowrank_apply_int8_sr, **overrides):
+    args = {"codes": torch.zeros(6, 32, dtype=torch.int8, device=DEVICE),
+            "scales": torch.ones(12, device=DEVICE), "proj": torch.zeros(6, 2, device=DEVICE),
+            "update": torch.zeros(2, 32, device=DEVICE), "group": 16, "seed": 0, **HYPER, "side": "left"}
+    args.update(overrides)
+    fn(args.pop("codes"), args.pop("scales"), args.pop("proj"), args.pop("update"), **args)
+
+
+BAD_INT8_INPUTS = [
+    ({"codes": torch.zeros(6, 32)}, r"memfit\.kernels\.lowrank: expected `codes` of dtype torch\.int8, got "
+                                    r"torch\.float32; pass the int8 codes of the weight"),
+    ({"group": 24}, r"expected `group` a power of two from 16 to 4096, got 24"),
+    ({"group": 128}, r"expected `group` dividing the number of elements of `codes` \(192\), got 128"),
+    ({"scales": torch.ones(6)}, r"expected `scales` of shape \(12,\), one value per group, got \(6,\)"),
+    ({"seed": 1.5}, r"expected `seed` an int, got float"),
+    ({"proj": torch.zeros(32, 2)}, r"expected `proj` of shape \(6, 2\) for side='left' and `codes` \(6, 32\)"),
+]
+
+
+@pytest.mark.parametrize("fn", [lowrank_apply_int8_sr, lowrank_apply_int8_sr_ref], ids=["kernel", "ref"])
+@pytest.mark.parametrize(("overrides", "message"), BAD_INT8_INPUTS,
+                         ids=["codes_dtype", "group_power", "group_divides", "scales_shape", "seed", "proj_shape"])
+def test_int8_bad_input_raises_and_changes_nothing(fn, overrides, message):
+    codes = torch.arange(192, dtype=torch.int8).reshape(6, 32) if "codes" not in overrides else None
+    if codes is not None:
+        overrides = {**overrides, "codes": codes}
+    before = None if codes is None else codes.clone()
+    with pytest.raises(KernelError, match=message):
+        _call_int8(fn, **overrides)
+    if before is not None:
+        assert torch.equal(codes, before)

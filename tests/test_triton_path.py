@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import memfit
 from memfit import models
+from memfit.kernels import lowrank as lowrank_kernels
 
 
 @pytest.mark.parametrize("optimizer", [memfit.AdamW(lr=1e-2), memfit.SGD(lr=1e-2, momentum=0.9, nesterov=True)])
@@ -77,12 +78,17 @@ def test_quantized_weights_on_triton_match_reference(monkeypatch, passes):
     opt = memfit.AdamW(lr=1e-2)
     ref = memfit.optimize(ref_model, example_inputs=(x, y), loss_fn=F.cross_entropy, optimizer=opt, passes=passes)
     monkeypatch.setenv("MEMFIT_TRITON_INTERPRET", "1")
+    fused_lowrank = []  # GaLore's project-back on INT8 codes runs as one kernel, without an fp32 copy
+    kernel = lowrank_kernels.lowrank_apply_int8_sr
+    monkeypatch.setattr(lowrank_kernels, "lowrank_apply_int8_sr",
+                        lambda *a, **kw: (fused_lowrank.append(a[0].shape), kernel(*a, **kw)))
     tri = memfit.optimize(tri_model, example_inputs=(x, y), loss_fn=F.cross_entropy, optimizer=opt, passes=passes)
     assert set(tri.lowered.kernels.values()) == {"triton"}
     assert any(fn.__name__ == "weight_only_matmul" for fn in
                (n.target for n in tri.lowered.gm.graph.nodes if n.op == "call_function") if hasattr(fn, "__name__"))
     for _ in range(4):
         torch.testing.assert_close(tri.step(x, y), ref.step(x, y), rtol=1e-5, atol=1e-5)
+    assert bool(fused_lowrank) == any(isinstance(p, tuple) and p[0] == "lowrank" for p in passes)
     for name, t in ref.executor.params.items():
         other = tri.executor.params[name]
         if t.dtype == torch.int8:  # codes: stochastic rounding may move a value across a threshold by one ulp
