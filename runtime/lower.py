@@ -78,6 +78,10 @@ def _kernel_impls(triton: bool) -> dict:
         ops.lowrank_update.default: (_bind(memfit_ops.run_lowrank_update, label, ops.lowrank_update.default,
                                            lowrank_apply, quant, wk=wk), label),
         ops.dequant_weight.default: (_bind(memfit_ops.run_dequant_weight, label, None, dequant), label),
+        # the mask step mutates the weight, its mask and moments: the step hook journals it like an update; a
+        # skipped one (a non-finite gradient) hands the gradient on unmasked, for the update op to skip as well
+        ops.prune_mask.default: (_bind(memfit_ops.run_prune_mask, "reference", ops.prune_mask.default,
+                                       on_skip=_argument(ops.prune_mask.default, "grad")), "reference"),
     }
 
 
@@ -135,15 +139,22 @@ def check_loss(loss: torch.Tensor) -> None:
         hook.on_loss(loss)
 
 
-def _bind(runner: Callable, label: str, op, *kernels: Callable, **fixed) -> Callable:
+def _argument(op, name: str) -> Callable:
+    """``(args, kwargs) -> `` the argument ``name`` of a call of ``op`` (by its schema position)."""
+    index = [a.name for a in op._schema.arguments].index(name)
+    return lambda args, kwargs: kwargs[name] if name in kwargs else args[index]
+
+
+def _bind(runner: Callable, label: str, op, *kernels: Callable, on_skip: Callable | None = None,
+          **fixed) -> Callable:
     """``runner`` with its kernels fixed, named so FX codegen can reference it; an update op (``op`` given)
-    asks the step hook first."""
+    asks the step hook first (a skipped call returns ``on_skip(args, kwargs)``, else None)."""
 
     @functools.wraps(runner)
     def bound(*args, **kwargs):
         hook = _STEP_HOOK.get()
         if op is not None and hook is not None and hook.before_op(op, args, kwargs) is False:
-            return None
+            return on_skip(args, kwargs) if on_skip is not None else None
         return runner(*kernels, *args, **kwargs, **fixed)
 
     bound.__name__ = f"{runner.__name__}_{label}"

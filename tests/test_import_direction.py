@@ -11,8 +11,12 @@ triton; ``passes/`` never imports triton or the runtime. The rules as the code k
 * ``projection``: nothing from memfit (the low-rank math in plain torch, shared by ops, passes and runtime).
 * ``weights``: ``errors`` and ``kernels`` (weight encodings and the recipes that make graph tensors from a model's
   weights; read by ops, passes and runtime).
-* ``ops``: ``errors``, ``kernels``, ``projection`` and ``weights`` (each op's CPU body is its kernel's reference).
-* ``passes/``: ``errors``, ``graph``, ``liveness``, ``ops``, ``projection`` (shapes), ``weights`` and other passes;
+* ``sparsity``: ``errors`` and ``weights`` (pruning masks, scores, schedules and one-shot pruning; read by ops and
+  passes).
+* ``ops``: ``errors``, ``kernels``, ``projection``, ``weights`` and ``sparsity`` (each op's CPU body is its kernel's
+  reference).
+* ``passes/``: ``errors``, ``graph``, ``liveness``, ``ops``, ``projection`` (shapes), ``weights``, ``sparsity`` and
+  other passes;
   never the runtime, kernels, frontends, the API or triton. Passes insert memfit ops through ``torch.ops.memfit``,
   never a kernel.
 * ``runtime/``: ``errors``, ``graph``, ``liveness``, ``ops``, ``kernels``, ``projection``, ``weights`` and
@@ -49,8 +53,9 @@ ALLOWED: dict[str, object] = {
     "kernels": {"errors", "kernels"},
     "projection": set(),
     "weights": {"errors", "kernels"},
-    "ops": {"errors", "kernels", "projection", "weights"},
-    "passes": {"errors", "graph", "liveness", "ops", "passes", "projection", "weights"},
+    "sparsity": {"errors", "weights"},
+    "ops": {"errors", "kernels", "projection", "weights", "sparsity"},
+    "passes": {"errors", "graph", "liveness", "ops", "passes", "projection", "weights", "sparsity"},
     "runtime": {"errors", "graph", "liveness", "ops", "kernels", "runtime", "passes.base", "projection", "weights"},
     "frontends": {"errors", "graph", "frontends"},
     "frontends.dynamo": {"errors", "graph", "frontends", "runtime", "passes.base"},

@@ -1,0 +1,185 @@
+"""prune: pruning masks applied to the weights and to their updates, on a schedule (memfit.sparsity).
+
+Rewrites, per target weight: two state tensors, ``<fqn>::pruned`` (the mask as packed bits, 1 = pruned,
+one bit per element) and ``<fqn>::prune_sched`` (events done, step of the last), and a
+``memfit::prune_mask`` op between the weight's gradient and its update op. At a schedule event the op
+prunes the weight to the scheduled sparsity by magnitude (or to an n:m pattern), for GraNet drops and
+regrows a further fraction (regrown weights start at zero), zeroes the weight where pruned and its
+optimizer moments where the mask changed; at every step it hands the update the gradient with the pruned
+entries zeroed. AdamW and SGD then leave a pruned weight exactly zero (zero gradient, zero moments, decay
+of zero), so the forward computes with the masked weight without a multiply.
+
+The mask starts as the model's exact zeros: a dense model starts dense; a model pruned once by
+``memfit.sparsity.prune_model`` (magnitude, Wanda, GBLM, n:m) keeps its mask with ``schedule="fixed"``.
+
+Schedules: ``"fixed"`` (never changes), ``"oneshot"`` (prune once at step ``start``), ``"gradual"`` (Zhu &
+Gupta's cubic schedule from ``initial`` to ``sparsity`` at ``start + k * every``, ``k = 0..events``),
+``"granet"`` (gradual plus prune-and-regrow of ``regrow`` of the kept weights at each event, decayed by
+a half cosine). ``initial = sparsity`` with ``"granet"`` is sparse-to-sparse training. ``scope``: ``"layer"``
+(every target at ``sparsity``) or ``"erk"`` (layer-adaptive Erdős–Rényi-Kernel sparsities averaging
+``sparsity``). ``total_steps``, when given, must cover the schedule.
+
+Requires ``fused_update`` with AdamW or SGD (fp32 moments) on the targets; not with micro-steps when the
+mask changes, nor with ``lowrank``, ``quantize_state`` or ``quantize_weights`` on a target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import sparsity as sp
+from ..errors import ConfigError, where_what_got
+from ..graph import StateSpec, TrainGraph
+from ..ops import PRUNE_SCHEDULES, args_of, op_call, prune_workspace, replace_args
+from .base import MemoryEffect, Pass, PassResult, register_pass
+from .quantize_weights import default_targets
+
+_WHERE = "passes['prune']"
+_PLAIN_UPDATES = {torch.ops.memfit.adamw_update.default: ("exp_avg", "exp_avg_sq"),
+                  torch.ops.memfit.sgd_update.default: ("momentum_buffer", None)}
+
+
+@register_pass("prune")
+@dataclass(frozen=True)
+class Prune(Pass):
+    sparsity: float = 0.5
+    schedule: str = "gradual"
+    initial: float = 0.0
+    start: int = 1
+    every: int = 100
+    events: int = 10
+    regrow: float = 0.3
+    pattern: str | None = None
+    scope: str = "layer"
+    targets: tuple[str, ...] | None = None
+    total_steps: int | None = None
+
+    requires = ("fused_update",)
+    lossless = False
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+        if self.schedule not in PRUNE_SCHEDULES:
+            raise ConfigError(where_what_got(f"{_WHERE}.schedule", f"one of {PRUNE_SCHEDULES}", repr(self.schedule),
+                                             "pick one"))
+        sp.check_sparsity(self.sparsity, _WHERE)
+        sp.check_sparsity(self.initial, _WHERE, "initial")
+        if self.scope not in ("layer", "erk"):
+            raise ConfigError(where_what_got(f"{_WHERE}.scope", "'layer' or 'erk' while training",
+                                             repr(self.scope), "one threshold over every weight ('global') or per "
+                                             "row is for the one-shot memfit.sparsity.prune_model"))
+        for name in ("start", "every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(where_what_got(f"{_WHERE}.{name}", "an int >= 1 (steps count from 1)", v,
+                                                 f"pass e.g. {name}=100"))
+        if isinstance(self.events, bool) or not isinstance(self.events, int) or self.events < 0:
+            raise ConfigError(where_what_got(f"{_WHERE}.events", "an int >= 0 (pruning events after the first)",
+                                             self.events, "pass e.g. events=10"))
+        if not 0.0 <= float(self.regrow) < 1.0:
+            raise ConfigError(where_what_got(f"{_WHERE}.regrow", "a fraction in [0, 1) of the kept weights",
+                                             self.regrow, "GraNet's default is around 0.3-0.5"))
+        if self.schedule in ("gradual", "granet") and self.initial > self.sparsity:
+            raise ConfigError(where_what_got(_WHERE, "initial <= sparsity (the schedule prunes, never densifies)",
+                                             f"initial={self.initial}, sparsity={self.sparsity}",
+                                             "swap them, or set initial=sparsity for sparse-to-sparse GraNet"))
+        pat = sp.parse_pattern(self.pattern, f"{_WHERE}.pattern")
+        if pat is not None and self.schedule not in ("fixed", "oneshot"):
+            raise ConfigError(where_what_got(f"{_WHERE}.pattern", "an n:m pattern with schedule 'oneshot' or 'fixed'",
+                                             f"pattern={self.pattern!r}, schedule={self.schedule!r}",
+                                             "an n:m mask has one sparsity: prune it once"))
+        if self.total_steps is not None and self.last_event > self.total_steps:
+            raise ConfigError(where_what_got(_WHERE, f"a schedule ending by total_steps={self.total_steps}",
+                                             f"its last event at step {self.last_event} (start {self.start} + "
+                                             f"events {self.events} x every {self.every})",
+                                             "start earlier, prune every fewer steps, or take fewer events"))
+
+    @property
+    def last_event(self) -> int:
+        if self.schedule in ("gradual", "granet"):
+            return self.start + self.events * self.every
+        return self.start if self.schedule == "oneshot" else 0
+
+    def _targets(self, g: TrainGraph) -> list[str]:
+        if self.targets is None:
+            return [f for f in default_targets(g) if f in g.updates]
+        g.check_globs(self.targets, f"{_WHERE}.targets")
+        return g.match(self.targets, list(g.params))
+
+    def _sparsities(self, g: TrainGraph, fqns: list[str]) -> dict[str, float]:
+        if self.scope == "erk":
+            dens = sp.erk_densities({f: tuple(g.params[f].meta["val"].shape) for f in fqns}, self.sparsity)
+            return {f: 1 - d for f, d in dens.items()}
+        return dict.fromkeys(fqns, float(self.sparsity))
+
+    def _check(self, g: TrainGraph, fqns: list[str]) -> None:
+        if not fqns:
+            raise ConfigError(where_what_got(f"{_WHERE}.targets", "trainable weights of the step",
+                                             list(self.targets or ["(default: every 2-D weight but embeddings and "
+                                                                   "the head)"]),
+                                             "name weights the step updates, e.g. 'model.layers.*.mlp.*.weight'"))
+        pat = sp.parse_pattern(self.pattern, f"{_WHERE}.pattern")
+        for f in fqns:
+            upd = g.updates.get(f)
+            if upd is None:
+                raise ConfigError(where_what_got(f"{_WHERE}.targets", "weights that train (have an update op)",
+                                                 f, "leave frozen weights out of the targets"))
+            if upd.target not in _PLAIN_UPDATES or args_of(upd).wscale is not None:
+                raise ConfigError(where_what_got(f"{_WHERE} on {f!r}", "an AdamW or SGD update on fp32 state",
+                                                 f"{upd.target}" + (" on INT8 weights"
+                                                                    if args_of(upd).wscale is not None else ""),
+                                                 "leave this weight out of the prune targets, or of lowrank / "
+                                                 "quantize_state / quantize_weights"))
+            if args_of(upd).micro_steps > 1 and self.schedule != "fixed":
+                raise ConfigError(where_what_got(_WHERE, "micro_steps=1 with a mask that changes",
+                                                 f"micro_steps={args_of(upd).micro_steps}",
+                                                 "use schedule='fixed' with gradient accumulation"))
+            if pat is not None:
+                shape = tuple(g.params[f].meta["val"].shape)
+                sp.check_pattern_fits(pat, (shape[0], math.prod(shape[1:])), f, _WHERE)
+
+    def memory_effect(self, g: TrainGraph) -> MemoryEffect:
+        fqns = self._targets(g)
+        per = {}
+        work = 0
+        pattern = self.pattern is not None
+        for f in fqns:
+            val = g.params[f].meta["val"]
+            per[f] = sp.packed_bytes(val.numel()) + 16
+            work = max(work, val.numel() * val.element_size() + prune_workspace(
+                val.numel(), val.numel() * val.element_size(), self.schedule, self.regrow, pattern))
+        return MemoryEffect(persistent=sum(per.values()), transient=work, per_param=per)
+
+    def run(self, g: TrainGraph) -> PassResult:
+        fqns = self._targets(g)
+        self._check(g, fqns)
+        target = self._sparsities(g, fqns)
+        pat = sp.parse_pattern(self.pattern, f"{_WHERE}.pattern")
+        step = g.hparams["step"]
+        for f in fqns:
+            upd = g.updates[f]
+            a = args_of(upd)
+            p = g.params[f]
+            numel = p.meta["val"].numel()
+            pruned = g.add_state(f"{f}::pruned", StateSpec((sp.packed_bytes(numel),), torch.uint8, f, "mask"))
+            sched = g.add_state(f"{f}::prune_sched", StateSpec((2,), torch.int64, f, "pass"))
+            m1, m2 = (getattr(a, n) if n else None for n in _PLAIN_UPDATES[upd.target])
+            # ERK scales the whole schedule per layer: its initial sparsity in proportion to its final one
+            initial = self.initial * target[f] / self.sparsity if self.scope == "erk" and self.sparsity else \
+                self.initial
+            with g.graph.inserting_before(upd):
+                node = op_call(g.graph, torch.ops.memfit.prune_mask.default, param=p, grad=a.grad, pruned=pruned,
+                               sched=sched, moment1=m1, moment2=m2, step=step, schedule=self.schedule,
+                               sparsity=float(target[f]), initial=float(initial), start=int(self.start),
+                               every=int(self.every), events=int(self.events), regrow=float(self.regrow),
+                               pattern_n=pat[0] if pat else 0, pattern_m=pat[1] if pat else 0)
+            with g.fake_mode():
+                node.meta["val"] = torch.empty_like(a.grad.meta["val"])
+            upd.args, upd.kwargs = replace_args(upd, grad=node)
+            g.inits.append(sp.MaskFromZeros(f, f"{f}::pruned"))
+        g.info["prune"] = {"targets": fqns, "sparsity": target, "schedule": self.schedule}
+        return PassResult(g, True, {"targets": len(fqns), "schedule": self.schedule}, meta_ok=True)
