@@ -21,6 +21,7 @@ from .passes.base import MemoryEffect, Pass, PassResult, Pipeline, register_pass
 from .passes.fused_update import SGD, AdamW
 from .runtime.memory import MemoryPlan
 from .runtime.plot import plot_memory
+from .sparsity import prune_model
 
 __version__ = "0.1.0"
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
                      "parse_budget",
                      "plan",
                      "plot_memory",
+                     "prune_model",
                      "register_pass",
                      "registered_passes",
                      "size_model",

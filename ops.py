@@ -690,18 +690,17 @@ def prune_event(step: int, schedule: str, sparsity: float, initial: float, start
                     regrow_fraction(k, events, regrow) if schedule == "granet" else 0.0, pattern)
 
 
-def prune_workspace(numel: int, grad_bytes: int, schedule: str, regrow: float, pattern: bool) -> int:
+def prune_workspace(numel: int, grad_bytes: int, schedule: str, pattern: bool) -> int:
     """Bytes ``run_prune_mask`` allocates beside its output (``grad_bytes``), at its worst step: the unpacked
-    mask (1 byte per element, unpacked through one byte-per-element temporary), and at a mask event the mask
-    before, the fp32 magnitudes and their stable sort (4 + 8 bytes per element), plus for an n:m pattern a new
-    mask, for a GraNet regrow the fp32 gradient magnitudes (measured on CPU: 18n, 19n and 22n bytes)."""
+    mask (1 byte per element, unpacked through one byte-per-element temporary), and at a mask event the fp32
+    magnitudes (of the weight, then for a GraNet regrow of the gradient) with their stable sort (4 + 8 bytes
+    per element), plus a new mask for an n:m pattern (measured on CPU: 17n and 18n bytes)."""
     from .sparsity import packed_bytes
 
     plain = max(8 * packed_bytes(numel) + numel, numel + grad_bytes)
     if schedule == "fixed":
         return plain - grad_bytes
-    event = 18 * numel + (numel if pattern else 0) + (4 * numel if schedule == "granet" and regrow > 0 else 0)
-    return max(plain, event) - grad_bytes
+    return max(plain, 17 * numel + (numel if pattern else 0)) - grad_bytes
 
 
 def run_prune_mask(param, grad, pruned, sched, moment1, moment2, step, schedule, sparsity, initial, start, every,
@@ -872,8 +871,7 @@ def workspace_bytes(node, triton: bool) -> int:
     if target is ops.prune_mask.default:
         a = args_of(node)
         grad = a.grad.meta["val"]
-        return prune_workspace(grad.numel(), grad.numel() * grad.element_size(), a.schedule, a.regrow,
-                               a.pattern_m > 0)
+        return prune_workspace(grad.numel(), grad.numel() * grad.element_size(), a.schedule, a.pattern_m > 0)
     if target is ops.dequant_weight.default:
         if triton and node.args[2] is None:
             return 0

@@ -188,31 +188,35 @@ class Event:
 
 @torch.no_grad()
 def apply_event(param: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor, event: Event,
-                moments: Iterable[torch.Tensor | None] = ()) -> torch.Tensor:
-    """Update ``keep`` in place for ``event``, zero the weight where pruned and the optimizer ``moments`` where
-    the mask changed (regrown weights start at zero with fresh moments). Returns the changed positions."""
-    before = keep.clone()
+                moments: Iterable[torch.Tensor | None] = ()) -> None:
+    """Update ``keep`` in place for ``event``; zero the weight where it is pruned, and the weight and the
+    optimizer ``moments`` at every position dropped or regrown (a regrown weight starts at zero with fresh
+    moments, even one dropped and regrown in the same event, as GraNet's code does)."""
+    moments = [m for m in moments if m is not None]
+
+    def reset(idx: torch.Tensor, kept: bool) -> None:
+        keep.view(-1)[idx] = kept
+        for t in (param, *moments):
+            t.view(-1)[idx] = 0
+
     score = param.detach().abs().float()
     if event.pattern is not None:
         keep.copy_(select(score, 0.0, pattern=event.pattern))
-    else:
-        pruned_now = int((~keep).sum())
-        target = round(event.sparsity * keep.numel())
+        for t in (param, *moments):
+            t.masked_fill_(~keep, 0)
+        return
+    pruned_now = keep.numel() - int(keep.sum())
+    drop = max(round(event.sparsity * keep.numel()) - pruned_now, 0)
+    regrow = int(event.regrow * (keep.numel() - pruned_now - drop)) if event.regrow > 0 else 0
+    if drop + regrow:
         score.masked_fill_(~keep, math.inf)
-        drop = max(target - pruned_now, 0)
-        kept_after = keep.numel() - pruned_now - drop
-        regrow = int(event.regrow * kept_after) if event.regrow > 0 else 0
-        keep.view(-1)[_lowest(score, drop + regrow)] = False
-        if regrow:
-            gscore = grad.detach().abs().float().neg_()
-            gscore.masked_fill_(keep, math.inf)  # kept positions are not candidates
-            keep.view(-1)[_lowest(gscore, regrow)] = True
-    changed = keep != before
-    param.masked_fill_(~keep | changed, 0)
-    for m in moments:
-        if m is not None:
-            m.masked_fill_(changed, 0)
-    return changed
+        reset(_lowest(score, drop + regrow), False)
+    del score
+    if regrow:
+        gscore = grad.detach().abs().float().neg_()
+        gscore.masked_fill_(keep, math.inf)  # kept positions are not candidates
+        reset(_lowest(gscore, regrow), True)
+    param.masked_fill_(~keep, 0)
 
 
 # ---- recipes: masks made from the model's weights --------------------------------------------------------
@@ -295,9 +299,10 @@ def _feature_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def calibrate(model: nn.Module, batches: Iterable[Sequence[Any]], *, loss_fn: Callable | None = None,
               targets: Sequence[str] | None = None, gradients: bool = False,
               scale: float = GBLM_SCALE) -> Calibration:
-    """Input-feature norms of every target over ``batches`` (each a tuple of model inputs, the last one the
-    target when ``loss_fn`` is given), and with ``gradients`` GBLM's gradient norms: each sample of each batch
-    (dim 0) back-propagated alone. The model's weights and gradients are left as they were."""
+    """Input-feature norms of every target over ``batches`` (each ``(inputs..., target)`` as the training step
+    takes them; a one-element tuple holds inputs only), and with ``gradients`` GBLM's gradient norms (needs
+    ``loss_fn`` and targets): each sample of each batch (dim 0) back-propagated alone. The model's weights and
+    gradients are left as they were."""
     where = "memfit.prune_model(data=)"
     mods = _match(model, targets, where)
     cal = Calibration({f: torch.zeros(m.weight[0].numel(), dtype=torch.float64) for f, m in mods.items()},
@@ -326,14 +331,14 @@ def calibrate(model: nn.Module, batches: Iterable[Sequence[Any]], *, loss_fn: Ca
             elif shapes != first:
                 raise ConfigError(where_what_got(f"{where} batch {i}", f"per-sample shapes {first} (batch 0's)",
                                                  shapes, "give calibration batches of one shape"))
-            inputs = batch[:-1] if loss_fn is not None else batch
+            inputs = batch[:-1] if len(batch) > 1 else batch  # (inputs..., target), as the training step takes them
             try:
                 if gradients:
                     for s in range(batch[0].shape[0]):
                         model.zero_grad(set_to_none=True)
                         sample = [t[s:s + 1] for t in batch]
                         out = model(*sample[:-1])
-                        loss = loss_fn(out, sample[-1]) if loss_fn is not None else out.float().mean()
+                        loss = loss_fn(out, sample[-1])
                         loss.backward()
                         for f in cal.grad:
                             g = params[f].grad
@@ -346,7 +351,7 @@ def calibrate(model: nn.Module, batches: Iterable[Sequence[Any]], *, loss_fn: Ca
                     cal.samples += batch[0].shape[0]
             except ConfigError:
                 raise
-            except (RuntimeError, ValueError, IndexError) as e:
+            except (RuntimeError, ValueError, IndexError, TypeError) as e:
                 got = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
                 raise ConfigError(where_what_got(f"{where} batch {i}",
                                                  "batches the model accepts (its example inputs' shapes)",

@@ -151,7 +151,7 @@ class Prune(Pass):
             val = g.params[f].meta["val"]
             per[f] = sp.packed_bytes(val.numel()) + 16
             work = max(work, val.numel() * val.element_size() + prune_workspace(
-                val.numel(), val.numel() * val.element_size(), self.schedule, self.regrow, pattern))
+                val.numel(), val.numel() * val.element_size(), self.schedule, pattern))
         return MemoryEffect(persistent=sum(per.values()), transient=work, per_param=per)
 
     def run(self, g: TrainGraph) -> PassResult:
