@@ -31,6 +31,7 @@ from .errors import ConfigError, UnsupportedGraph, where_what_got
 Role = Literal["param", "buffer", "input", "state", "hparam"]
 ROLE_KEY = "memfit.role"
 NAME_KEY = "memfit.name"
+FORWARD_KEY = "memfit.forward"  # a node a pass added to the forward (see TrainGraph.forward_nodes)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class TrainGraph:
     # How parameters and state that are not the model's own tensors are made from the model's weights, and how
     # the plain weights are read back (``memfit.weights.Recipe``: encoded weights, adapters, step sizes).
     inits: list[Any] = field(default_factory=list)
+    # Parameters whose gradient covers only a leading slice: fqn -> (dim, length) (sparse_update's channel
+    # subsets); the update steps ``param.narrow(dim, 0, length)`` and its state has that shape.
+    grad_slices: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def clone(self) -> TrainGraph:
         """An independent copy (new graph and nodes; FakeTensor values and state specs shared)."""
@@ -107,6 +111,7 @@ class TrainGraph:
         new.tied = dict(self.tied)
         new.forward_outputs = [env_get(v) for v in self.forward_outputs]
         new.inits = list(self.inits)
+        new.grad_slices = dict(self.grad_slices)
         return new
 
     def param_readers(self, fqn: str) -> list[fx.Node]:
@@ -159,8 +164,11 @@ class TrainGraph:
         return {n for n in self.graph.nodes if n.op == "call_function" and n not in forward}
 
     def forward_nodes(self) -> set[fx.Node]:
+        """Nodes the loss, a buffer update or a forward output reads, and nodes a pass placed in the forward
+        for the backward (``meta[FORWARD_KEY]``: a narrowed copy or a bit mask saved in place of an activation)."""
         seen: set[fx.Node] = set()
-        stack = [self.loss, *self.buffer_updates.values(), *self.forward_outputs]
+        marked = [n for n in self.graph.nodes if n.meta.get(FORWARD_KEY)]
+        stack = [self.loss, *self.buffer_updates.values(), *self.forward_outputs, *marked]
         while stack:
             n = stack.pop()
             if n in seen:

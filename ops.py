@@ -717,6 +717,38 @@ def run_prune_mask(param, grad, pruned, sched, moment1, moment2, step, schedule,
     return grad * keep
 
 
+# ---- 1-bit activation masks (sparse_update) ----------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::pack_mask", mutates_args=())
+def pack_mask(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """A ReLU's or ReLU6's derivative, ``lo < x < hi``, as packed bits in ``memfit.sparsity``'s mask layout
+    (eight to a byte, flat, LSB first, 1 = the gradient is zeroed): what the backward keeps instead of the
+    activation."""
+    from . import sparsity as sp
+
+    return sp.pack_pruned((x > lo) & (x < hi))
+
+
+@pack_mask.register_fake
+def _(x, lo, hi):
+    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.custom_op(f"{_LIB}::mask_grad", mutates_args=())
+def mask_grad(grad: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``grad`` where the packed mask ``bits`` (``pack_mask``) is set, 0 elsewhere: threshold_backward and
+    hardtanh_backward from one bit per element."""
+    from . import sparsity as sp
+
+    keep = sp.unpack_into(bits, torch.empty(grad.shape, dtype=torch.bool, device=grad.device))
+    return grad * keep
+
+
+@mask_grad.register_fake
+def _(grad, bits):
+    return torch.empty_like(grad)
+
+
 # ---- named arguments: every consumer reads and writes memfit op arguments by schema name -------------
 
 class OpArgs:

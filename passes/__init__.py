@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (registration side effects)
     lora,
     lowrank,
     prune,
+    sparse_update,
     qat,
     quantize,
     quantize_weights,

@@ -212,6 +212,12 @@ class FusedUpdate(Pass):
     def _update_node(self, g: TrainGraph, fqn: str, grad: fx.Node, lr, step, micro) -> fx.Node:
         p = g.params[fqn]
         shape = tuple(p.meta["val"].shape)
+        if fqn in g.grad_slices:  # the gradient covers a leading slice: step that view, with state of its shape
+            dim, length = g.grad_slices[fqn]
+            p = g.graph.call_function(torch.ops.aten.slice.Tensor, (p, dim, 0, length))
+            with g.fake_mode():
+                p.meta["val"] = g.params[fqn].meta["val"].narrow(dim, 0, length)
+            shape = tuple(p.meta["val"].shape)
         states = {name: g.add_state(f"{fqn}::{name}", StateSpec(shape, torch.float32, fqn, "optimizer"))
                   for name in self.optimizer.state_names()}
         acc = None
