@@ -6,10 +6,10 @@ from . import (  # noqa: F401  (registration side effects)
     lora,
     lowrank,
     prune,
-    sparse_update,
     qat,
     quantize,
     quantize_weights,
     remat,
     sink,
+    sparse_update,
 )
