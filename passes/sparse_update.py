@@ -131,6 +131,22 @@ class SparseUpdate(Pass):
                                          "or Conv (its gradient one matmul or convolution_backward)",
                                          f"a gradient made by {grad.target}", "use 0 or 1 for this parameter"))
 
+    def _in_forward(self, g: TrainGraph, x: fx.Node, forward: set[fx.Node]) -> fx.Node:
+        """``x`` itself when the forward makes it, else the views that make it from a forward value replayed
+        right after that value (so the narrowed copy can be taken in the forward)."""
+        chain = []
+        while x not in forward and x.op == "call_function" and x.target in _VIEWS:
+            chain.append(x)
+            x = x.args[0]
+        if x not in forward:
+            raise ConfigError(where_what_got(_WHERE, "a Linear input the forward computes", x.format_node()[:120],
+                                             "use 0 or 1 for this parameter"))
+        for v in reversed(chain):
+            with g.graph.inserting_after(x):
+                x = g.graph.call_function(v.target, (x, *v.args[1:]), dict(v.kwargs))
+            x.meta[FORWARD_KEY] = True
+        return x
+
     def _forward_copy(self, g: TrainGraph, x: fx.Node, dim: int, k: int) -> fx.Node:
         """``x.narrow(dim, 0, k)`` copied (contiguous) right after ``x`` is made: what the backward saves."""
         with g.graph.inserting_after(x):
@@ -143,28 +159,32 @@ class SparseUpdate(Pass):
     def _narrow_linear(self, g: TrainGraph, fqn: str, mm: fx.Node, r: float, shape) -> int:
         c_in = shape[1]
         k = math.ceil(r * c_in)
-        forward_inputs = set()
+        forward_inputs = set()  # the storages the forward products with this weight read as their input
+        forward = g.forward_nodes()
         for u in g.param_readers(fqn):
             for prod in ([u] if u.target in (aten.mm.default, aten.addmm.default) else list(u.users)):
+                if prod not in forward:  # the input gradient's product, mm(dY, W)
+                    continue
                 if prod.target is aten.mm.default:
-                    forward_inputs.add(prod.args[0])
+                    forward_inputs.add(_strip(prod.args[0]))
                 elif prod.target is aten.addmm.default:
-                    forward_inputs.add(prod.args[1])
+                    forward_inputs.add(_strip(prod.args[1]))
         for i, a in enumerate(mm.args[:2]):
-            base = _strip(a)
-            if base in forward_inputs and base.meta["val"].dim() == 2 and base.meta["val"].shape[1] == c_in:
-                x_k = self._forward_copy(g, base, 1, k)
-                new = a if a is base else None
-                if new is None:  # mm(t(X), dY): the same transpose of the narrowed copy
-                    with g.graph.inserting_before(mm):
-                        new = g.graph.call_function(a.target, (x_k, *a.args[1:]), dict(a.kwargs))
-                else:
-                    new = x_k
-                args = list(mm.args)
-                args[i] = new
-                mm.args = tuple(args)
-                g.grad_slices[fqn] = (1, k)
-                return k
+            transposed = a.target is aten.t.default
+            x2d = a.args[0] if transposed else a
+            val = x2d.meta["val"]
+            if _strip(x2d) not in forward_inputs or val.dim() != 2 or val.shape[1] != c_in:
+                continue
+            x_k = self._forward_copy(g, self._in_forward(g, x2d, forward), 1, k)
+            new = x_k
+            if transposed:
+                with g.graph.inserting_before(mm):
+                    new = g.graph.call_function(aten.t.default, (x_k,))
+            args = list(mm.args)
+            args[i] = new
+            mm.args = tuple(args)
+            g.grad_slices[fqn] = (1, k)
+            return k
         raise ConfigError(where_what_got(f"{_WHERE}.scheme[{fqn!r}]", "a weight gradient mm(dY^T, X) of a Linear",
                                          mm.format_node()[:120], "use 0 or 1 for this parameter"))
 
@@ -180,7 +200,7 @@ class SparseUpdate(Pass):
                                              f"groups={groups}", "use 0 or 1 for this parameter"))
         c = shape[0] if depthwise else shape[1]
         k = math.ceil(r * c)
-        x_k = self._forward_copy(g, x, 1, k)
+        x_k = self._forward_copy(g, self._in_forward(g, x, g.forward_nodes()), 1, k)
         with g.graph.inserting_before(bwd):
             w_k = g.graph.call_function(aten.slice.Tensor, (w, 0 if depthwise else 1, 0, k))
             dy = grad_out
