@@ -21,6 +21,7 @@ from .passes.base import MemoryEffect, Pass, PassResult, Pipeline, register_pass
 from .passes.fused_update import SGD, AdamW
 from .runtime.memory import MemoryPlan
 from .runtime.plot import plot_memory
+from .search import search_sparse_update
 from .sparsity import prune_model
 
 __version__ = "0.1.0"
@@ -54,5 +55,6 @@ __all__ = [
                      "prune_model",
                      "register_pass",
                      "registered_passes",
+                     "search_sparse_update",
                      "size_model",
 ]

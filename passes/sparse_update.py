@@ -138,8 +138,8 @@ class SparseUpdate(Pass):
         while x not in forward and x.op == "call_function" and x.target in _VIEWS:
             chain.append(x)
             x = x.args[0]
-        if x not in forward:
-            raise ConfigError(where_what_got(_WHERE, "a Linear input the forward computes", x.format_node()[:120],
+        if x not in forward and x.op != "placeholder":
+            raise ConfigError(where_what_got(_WHERE, "a layer input the forward computes", x.format_node()[:120],
                                              "use 0 or 1 for this parameter"))
         for v in reversed(chain):
             with g.graph.inserting_after(x):
@@ -149,7 +149,7 @@ class SparseUpdate(Pass):
 
     def _forward_copy(self, g: TrainGraph, x: fx.Node, dim: int, k: int) -> fx.Node:
         """``x.narrow(dim, 0, k)`` copied (contiguous) right after ``x`` is made: what the backward saves."""
-        with g.graph.inserting_after(x):
+        with g.graph.inserting_after(g.placeholders()[-1] if x.op == "placeholder" else x):
             view = g.graph.call_function(aten.slice.Tensor, (x, dim, 0, k))
         with g.graph.inserting_after(view):
             copy = g.graph.call_function(aten.clone.default, (view,), {"memory_format": torch.contiguous_format})

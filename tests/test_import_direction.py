@@ -26,8 +26,9 @@ triton; ``passes/`` never imports triton or the runtime. The rules as the code k
   ``passes.base`` and ``runtime`` (it is the torch.compile door: it runs the Pipeline on what it
   captures and lowers the result, as ``api`` does for ``optimize``). Never kernels.
 * ``measure``, ``models``, ``data``: only ``errors`` (leaf utilities).
-* ``__init__``, ``api``, ``cli``, ``integrations`` (the transformers.Trainer door) and ``zoo`` (the test matrix,
-  which drives both doors): free to import any layer. Nothing else imports them.
+* ``__init__``, ``api``, ``cli``, ``integrations`` (the transformers.Trainer door), ``zoo`` (the test matrix,
+  which drives both doors) and ``search`` (the sparse-update scheme search): free to import any layer. Nothing
+  else imports them.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ ALLOWED: dict[str, object] = {
     "cli": ANY,
     "integrations": ANY,  # transformers.Trainer door
     "zoo": ANY,  # the architecture matrix: builds models and drives both doors
+    "search": ANY,  # the sparse-update scheme search: fine-tunes and plans (a user-facing function)
 }
-DOORS = {"", "api", "cli", "integrations", "integrations.hf", "zoo"}  # "" is the package itself (__init__.py)
+DOORS = {"", "api", "cli", "integrations", "integrations.hf", "zoo", "search"}  # "" is the package itself (__init__.py)
 
 
 def _package_files() -> list[Path]:
