@@ -255,6 +255,7 @@ def search_sparse_update(model: nn.Module, train: Sequence[Sequence[Any]], held_
     rng = random.Random(seed)
     choices = [0.0, *map(float, ratios)]
     pop = [(k, *([0.0] * n)) for k in range(n + 1)]  # the uniform "last k biases" schemes
+    pop.append(_greedy(pop, n, choices, score, peak, budget_bytes))
     while len(pop) < population:
         pop.append((rng.randint(0, n), *(rng.choice(choices) if rng.random() < 0.3 else 0.0 for _ in range(n))))
     history = []
@@ -298,6 +299,29 @@ def search_sparse_update(model: nn.Module, train: Sequence[Sequence[Any]], held_
     per_layer.append({"layer": f"biases of the last {best[0]}", "setting": "", "gain": bias[best[0]]})
     return SearchResult(scheme, per_layer, score(best), peak(best), budget_bytes, metric, base, bias, weight,
                         fine_tunes, len(peaks), generations, time.perf_counter() - t0, history)
+
+
+def _greedy(uniform: list[tuple], n: int, choices: list[float], score, peak, budget: int) -> tuple:
+    """A seed for the evolution: the best uniform bias scheme that fits, then repeatedly the one-layer ratio
+    change with the most gain per byte of predicted peak that still fits."""
+    fits = [g for g in uniform if peak(g) <= budget]
+    if not fits:
+        return uniform[0]
+    best = max(fits, key=score)
+    while True:
+        base_score, base_peak = score(best), peak(best)
+        moves = []
+        for i in range(n):
+            for r in choices:
+                if r <= best[1 + i]:
+                    continue
+                cand = (*best[:1 + i], r, *best[2 + i:])
+                gain = score(cand) - base_score
+                if gain > 0 and peak(cand) <= budget:
+                    moves.append((gain / max(peak(cand) - base_peak, 1), cand))
+        if not moves:
+            return best
+        best = max(moves)[1]
 
 
 def uniform_scheme(model: nn.Module, k: int, *, weights: bool = False) -> dict[str, float]:
