@@ -449,3 +449,43 @@ def density(model: nn.Module, targets: Sequence[str] | None = None) -> float:
     mods = _match(model, targets, "memfit.sparsity.density")
     nonzero = sum(int((m.weight != 0).sum()) for m in mods.values())
     return nonzero / sum(m.weight.numel() for m in mods.values())
+
+
+def is_n_m(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """Whether every run of ``m`` consecutive input elements of every row holds at least ``n`` zeros."""
+    w = weight.reshape(weight.shape[0], -1)
+    if w.shape[1] % m:
+        return False
+    return bool(((w.reshape(-1, m) == 0).sum(dim=1) >= n).all())
+
+
+@torch.no_grad()
+def to_semi_structured(model: nn.Module, targets: Sequence[str] | None = None) -> dict[str, str]:
+    """Hold the 2:4-sparse Linear weights of ``model`` in torch's semi-structured sparse layout
+    (``torch.sparse.to_sparse_semi_structured``: kept values plus metadata, the sparse tensor-core matmul)
+    where torch supports it: a CUDA device and fp16 / bf16 weights. Elsewhere the weight stays dense (its
+    zeros in place). Returns, per target, ``"semi-structured"`` or why it stayed dense. A target that is not
+    2:4 sparse is a ConfigError (nothing is changed)."""
+    where = "memfit.sparsity.to_semi_structured"
+    mods = {f: m for f, m in _match(model, targets, where).items() if isinstance(m, nn.Linear)}
+    bad = [f for f, m in mods.items() if not is_n_m(m.weight)]
+    if bad:
+        raise ConfigError(where_what_got(where, "2:4-sparse Linear weights (two zeros in every four inputs)", bad[:4],
+                                         "prune them with prune_model(..., pattern='2:4') first"))
+    convert = getattr(torch.sparse, "to_sparse_semi_structured", None)
+    out = {}
+    for f, m in mods.items():
+        w = m.weight
+        if convert is None:
+            out[f] = "dense: this torch has no torch.sparse.to_sparse_semi_structured"
+        elif w.device.type != "cuda":
+            out[f] = f"dense: the semi-structured layout needs CUDA (weight on {w.device.type})"
+        elif w.dtype not in (torch.float16, torch.bfloat16):
+            out[f] = f"dense: the semi-structured layout takes fp16 / bf16 (weight is {w.dtype})"
+        else:
+            try:
+                m.weight = nn.Parameter(convert(w.detach()), requires_grad=False)
+                out[f] = "semi-structured"
+            except (RuntimeError, ValueError) as e:  # shapes or GPUs the kernels do not take
+                out[f] = f"dense: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    return out

@@ -282,3 +282,14 @@ def test_prune_model_bad_input():
         sp.prune_model(mlp, pattern="1:3")
     with pytest.raises(ConfigError, match=r"weight of an nn.Linear or nn.Conv"):
         sp.prune_model(models.build_cnn(), targets=["1.weight"])  # a BatchNorm
+
+
+def test_semi_structured_export_stays_dense_on_cpu_and_refuses_non_2_4():
+    m = _llama()
+    sp.prune_model(m, pattern="2:4")
+    w = {f: p.clone() for f, p in m.named_parameters()}
+    report = sp.to_semi_structured(m, targets=["model.layers.*.mlp.*.weight"])
+    assert report and all(v.startswith("dense: ") for v in report.values())  # CPU: torch's layout needs CUDA
+    assert all(torch.equal(p, w[f]) for f, p in m.named_parameters())
+    with pytest.raises(ConfigError, match=r"2:4-sparse Linear weights"):
+        sp.to_semi_structured(_llama())
