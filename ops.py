@@ -690,17 +690,28 @@ def prune_event(step: int, schedule: str, sparsity: float, initial: float, start
                     regrow_fraction(k, events, regrow) if schedule == "granet" else 0.0, pattern)
 
 
-def prune_workspace(numel: int, grad_bytes: int, schedule: str, pattern: bool) -> int:
+def prune_workspace(numel: int, grad_bytes: int, schedule: str, pattern: bool, dense_moments: int = 0) -> int:
     """Bytes ``run_prune_mask`` allocates beside its output (``grad_bytes``), at its worst step: the unpacked
     mask (1 byte per element, unpacked through one byte-per-element temporary), and at a mask event the fp32
     magnitudes (of the weight, then for a GraNet regrow of the gradient) with their stable sort (4 + 8 bytes
-    per element), plus a new mask for an n:m pattern (measured on CPU: 17n and 18n bytes)."""
+    per element), plus a new mask for an n:m pattern, plus the dense fp32 form of each of ``dense_moments``
+    compressed moments (measured on CPU: 17n, 18n, and 8n more for AdamW's two compressed moments)."""
     from .sparsity import packed_bytes
 
     plain = max(8 * packed_bytes(numel) + numel, numel + grad_bytes)
     if schedule == "fixed":
         return plain - grad_bytes
-    return max(plain, 17 * numel + (numel if pattern else 0)) - grad_bytes
+    event = 17 * numel + (numel if pattern else 0) + 4 * numel * dense_moments
+    return max(plain, event) - grad_bytes
+
+
+def sparse_adamw_workspace(numel: int, kept: int, param_bytes: int, grad_bytes: int) -> int:
+    """``memfit::sparse_adamw_update``: the unpacked mask (through its byte-per-element temporary), the kept
+    indices (int64), the gathered weight and gradient and ``adamw_ref``'s own temporaries on ``kept`` values."""
+    from .sparsity import packed_bytes
+
+    gathered = kept * (8 + param_bytes + grad_bytes) + adamw_workspace(kept, param_bytes != 4, 0, 1, False)
+    return max(8 * packed_bytes(numel) + numel, numel + 8 * kept, gathered)
 
 
 def run_prune_mask(param, grad, pruned, sched, moment1, moment2, step, schedule, sparsity, initial, start, every,
@@ -710,11 +721,70 @@ def run_prune_mask(param, grad, pruned, sched, moment1, moment2, step, schedule,
     keep = sp.unpack_into(pruned, torch.empty(param.shape, dtype=torch.bool, device=param.device))
     due = prune_event(step, schedule, sparsity, initial, start, every, events, regrow, pattern_n, pattern_m)
     if due is not None and int(sched[0]) <= due[0]:  # not yet applied (a retried step finds it done)
-        sp.apply_event(param, grad, keep, due[1], (moment1, moment2))
+        moments = [m for m in (moment1, moment2) if m is not None]
+        packed = bool(moments) and moments[0].numel() != param.numel()  # prune(compress=True)
+        if packed:  # to dense, the event, then back to the kept positions of the new mask
+            dense = compressed_moments(keep, moments, param.numel(), int(sched[0]) > 0)
+            sp.apply_event(param, grad, keep, due[1], [d.view(param.shape) for d in dense])
+            idx = keep.view(-1).nonzero().squeeze(1)
+            if idx.numel() != moments[0].numel():
+                raise RuntimeError(f"memfit::prune_mask: the event keeps {idx.numel()} entries, the compressed "
+                                   f"state holds {moments[0].numel()}")
+            for m, d in zip(moments, dense, strict=True):
+                m.copy_(d[idx])
+            del dense, idx
+        else:
+            sp.apply_event(param, grad, keep, due[1], moments)
         pruned.copy_(sp.pack_pruned(keep))
         sched[0] = due[0] + 1
         sched[1] = step
     return grad * keep
+
+
+@torch.library.custom_op(f"{_LIB}::sparse_adamw_update", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+def sparse_adamw_update(param: torch.Tensor, grad: torch.Tensor, pruned: torch.Tensor, exp_avg: torch.Tensor,
+                        exp_avg_sq: torch.Tensor, lr: float, step: int, beta1: float, beta2: float, eps: float,
+                        weight_decay: float) -> None:
+    """AdamW on the kept entries of a pruned weight only, with moments stored compressed: ``exp_avg`` and
+    ``exp_avg_sq`` hold one value per kept entry, in flat order of the kept positions of the packed mask
+    ``pruned`` (``prune(compress=True)``). The pruned entries are not touched (they stay zero)."""
+    run_sparse_adamw_update(param, grad, pruned, exp_avg, exp_avg_sq, lr, step, beta1, beta2, eps, weight_decay)
+
+
+@sparse_adamw_update.register_fake
+def _(*args, **kwargs):
+    return None
+
+
+def run_sparse_adamw_update(param, grad, pruned, exp_avg, exp_avg_sq, lr, step, beta1, beta2, eps,
+                            weight_decay) -> None:
+    from . import sparsity as sp
+
+    keep = sp.unpack_into(pruned, torch.empty(param.shape, dtype=torch.bool, device=param.device))
+    idx = keep.view(-1).nonzero().squeeze(1)
+    del keep
+    if idx.numel() != exp_avg.numel():
+        raise RuntimeError(f"memfit::sparse_adamw_update: the mask keeps {idx.numel()} entries, the compressed "
+                           f"state holds {exp_avg.numel()}")
+    flat = param.view(-1)
+    p = flat[idx]
+    g = grad.reshape(-1)[idx]
+    adamw_ref(p, g, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+              step=step)
+    flat[idx] = p
+
+
+def compressed_moments(keep: torch.Tensor, moments, numel: int, started: bool) -> list[torch.Tensor]:
+    """The dense fp32 form of compressed moments (kept positions of ``keep`` in flat order; zeros before the
+    first mask event, when they have not been used)."""
+    out = []
+    idx = keep.view(-1).nonzero().squeeze(1) if started else None
+    for m in moments:
+        dense = torch.zeros(numel, dtype=m.dtype, device=m.device)
+        if started:
+            dense[idx] = m
+        out.append(dense)
+    return out
 
 
 # ---- 1-bit activation masks (sparse_update) ----------------------------------------------------------------
@@ -903,7 +973,15 @@ def workspace_bytes(node, triton: bool) -> int:
     if target is ops.prune_mask.default:
         a = args_of(node)
         grad = a.grad.meta["val"]
-        return prune_workspace(grad.numel(), grad.numel() * grad.element_size(), a.schedule, a.pattern_m > 0)
+        moments = [m for m in (a.moment1, a.moment2) if m is not None]
+        dense = len(moments) if moments and moments[0].meta["val"].numel() != grad.numel() else 0
+        return prune_workspace(grad.numel(), grad.numel() * grad.element_size(), a.schedule, a.pattern_m > 0,
+                               dense)
+    if target is ops.sparse_adamw_update.default:
+        a = args_of(node)
+        param, grad = a.param.meta["val"], a.grad.meta["val"]
+        return sparse_adamw_workspace(param.numel(), a.exp_avg.meta["val"].numel(), param.element_size(),
+                                      grad.element_size())
     if target is ops.dequant_weight.default:
         if triton and node.args[2] is None:
             return 0

@@ -228,6 +228,7 @@ class MaskFromZeros(Recipe):
 
     fqn: str
     state: str
+    kept: int | None = None  # the kept count compressed state was sized for (prune(compress=True)), checked
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -238,7 +239,14 @@ class MaskFromZeros(Recipe):
         return (self.state,)
 
     def build(self, src):
-        return {self.state: pack_pruned(src[self.fqn] != 0)}
+        keep = src[self.fqn] != 0
+        if self.kept is not None and int(keep.sum()) != self.kept:
+            raise ConfigError(where_what_got(f"prune(compress=True) on {self.fqn!r}",
+                                             f"{self.kept} nonzero weights (the sparsity configured)",
+                                             f"{int(keep.sum())} of {keep.numel()}",
+                                             "pass the sparsity the model was pruned to (per layer), or its n:m "
+                                             "pattern"))
+        return {self.state: pack_pruned(keep)}
 
     def apply(self, get, weights):
         pass  # the weight holds its zeros itself

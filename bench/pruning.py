@@ -13,8 +13,10 @@ attention and MLP projection pruned, the embedding table and head dense:
   (``W + (BA) * M``, PERP's MaskLoRA) so the model stays sparse; "gap closed" = (pruned - recovered) /
   (pruned - dense) in eval loss.
 
-Part B, pruning while training (dense to sparse) from the same pretrained model on slice B, ``--steps`` steps
-of batch ``--batch`` x ``--seq``, every method stepped round-robin in one process on the same batches:
+Part B, pruning while training (dense to sparse, and GraNet sparse to sparse with compressed state) from the
+same pretrained model on slice B, ``--steps`` steps
+of batch ``--batch`` x ``--seq``, every method stepped round-robin in one process on the same batches
+(memfit GraNet sparse-to-sparse with ``compress=True`` beside them):
 dense AdamW (eager torch); memfit ``prune`` gradual magnitude (cubic schedule from 0 to the final sparsity at
 steps ``1 + k * --every``, ``k = 0..--events``); memfit GraNet (the same plus prune-and-regrow of 0.3 of the
 kept weights per event, cosine-decayed); torch.ao.pruning's ``WeightNormSparsifier`` (unstructured blocks
@@ -222,6 +224,9 @@ def part_b(pretrained: nn.Module, held_out: list, args) -> list[dict]:
         methods[f"memfit granet {s}"] = Memfit(copy.deepcopy(pretrained), args.lr,
                                                {**base, "schedule": "granet", "regrow": args.regrow}, train[0])
         methods[f"torch.ao gradual {s}"] = torch_ao(copy.deepcopy(pretrained), args.lr, s, args)
+        methods[f"memfit granet s2s compressed {s}"] = Memfit(
+            copy.deepcopy(pretrained), args.lr, {**base, "schedule": "granet", "regrow": args.regrow, "initial": s,
+                                                 "compress": True}, train[0])
     losses: dict[str, list[float]] = {k: [] for k in methods}
     times: dict[str, list[float]] = {k: [] for k in methods}
     t0 = time.perf_counter()
@@ -295,8 +300,10 @@ def report_b(rows: list[dict], args) -> str:
               f"{args.regrow} of the kept weights per event (cosine-decayed); torch.ao.pruning: WeightNormSparsifier "
               f"(blocks of 1) under CubicSL at the same events. Eval loss on 16 held-out batches (slice C); final "
               f"loss: mean of the last 20 training steps; peak: one step measured (live tensor bytes); step time: "
-              f"median ratio to dense. memfit holds the optimizer state and weights dense (plus a 1-bit mask): "
-              f"compressed storage is not built yet, so the peak does not fall with density.")
+              f"median ratio to dense. memfit gradual / granet (dense to sparse) hold the optimizer state dense "
+              f"(plus a 1-bit mask), so their peak does not fall with density; granet s2s compressed (sparse to sparse: "
+              f"magnitude-pruned to the final sparsity at step 1, then GraNet's prune-and-regrow at every event) "
+              f"keeps AdamW's moments for the kept weights only (prune(compress=True)); the weights stay dense.")
     return write_table("pruning_training", rows, [
         ("method", "method"), ("final_sparsity", "final sparsity"), ("sparsity_reached", "reached"),
         ("eval_loss", "eval loss"), ("final_loss", "final train loss"), ("peak", "measured peak"),

@@ -56,6 +56,7 @@ class Prune(Pass):
     scope: str = "layer"
     targets: tuple[str, ...] | None = None
     total_steps: int | None = None
+    compress: bool = False
 
     requires = ("fused_update",)
     lossless = False
@@ -92,11 +93,34 @@ class Prune(Pass):
             raise ConfigError(where_what_got(f"{_WHERE}.pattern", "an n:m pattern with schedule 'oneshot' or 'fixed'",
                                              f"pattern={self.pattern!r}, schedule={self.schedule!r}",
                                              "an n:m mask has one sparsity: prune it once"))
+        if self.compress and not self.constant_density:
+            raise ConfigError(where_what_got(f"{_WHERE}.compress", "a mask whose kept count is fixed from the first "
+                                             "update: schedule 'fixed', 'oneshot' with start=1, or sparse-to-sparse "
+                                             "'granet' (initial = sparsity) with start=1",
+                                             f"schedule={self.schedule!r}, start={self.start}, "
+                                             f"initial={self.initial}, sparsity={self.sparsity}",
+                                             "compress after the density stops changing (a second run with "
+                                             "schedule='fixed'), or leave compress off"))
         if self.total_steps is not None and self.last_event > self.total_steps:
             raise ConfigError(where_what_got(_WHERE, f"a schedule ending by total_steps={self.total_steps}",
                                              f"its last event at step {self.last_event} (start {self.start} + "
                                              f"events {self.events} x every {self.every})",
                                              "start earlier, prune every fewer steps, or take fewer events"))
+
+    @property
+    def constant_density(self) -> bool:
+        if self.schedule == "fixed":
+            return True
+        if self.start != 1:
+            return False
+        return self.schedule == "oneshot" or (self.schedule == "granet" and self.initial == self.sparsity)
+
+    def kept(self, numel: int, sparsity: float) -> int:
+        """Entries a target keeps after its first event (the compressed state's length)."""
+        pat = sp.parse_pattern(self.pattern, f"{_WHERE}.pattern")
+        if pat is not None:
+            return numel // pat[1] * (pat[1] - pat[0])
+        return numel - round(sparsity * numel)
 
     @property
     def last_event(self) -> int:
@@ -134,6 +158,11 @@ class Prune(Pass):
                                                                     if args_of(upd).wscale is not None else ""),
                                                  "leave this weight out of the prune targets, or of lowrank / "
                                                  "quantize_state / quantize_weights"))
+            if self.compress and (upd.target is not torch.ops.memfit.adamw_update.default
+                                  or args_of(upd).micro_steps > 1 or args_of(upd).spike_threshold):
+                raise ConfigError(where_what_got(f"{_WHERE}.compress on {f!r}", "a plain AdamW update (no "
+                                                 "micro-steps, no spike clipping)", str(upd.target),
+                                                 "leave compress off for this optimizer"))
             if args_of(upd).micro_steps > 1 and self.schedule != "fixed":
                 raise ConfigError(where_what_got(_WHERE, "micro_steps=1 with a mask that changes",
                                                  f"micro_steps={args_of(upd).micro_steps}",
@@ -151,7 +180,7 @@ class Prune(Pass):
             val = g.params[f].meta["val"]
             per[f] = sp.packed_bytes(val.numel()) + 16
             work = max(work, val.numel() * val.element_size() + prune_workspace(
-                val.numel(), val.numel() * val.element_size(), self.schedule, pattern))
+                val.numel(), val.numel() * val.element_size(), self.schedule, pattern, 2 if self.compress else 0))
         return MemoryEffect(persistent=sum(per.values()), transient=work, per_param=per)
 
     def run(self, g: TrainGraph) -> PassResult:
@@ -180,6 +209,27 @@ class Prune(Pass):
             with g.fake_mode():
                 node.meta["val"] = torch.empty_like(a.grad.meta["val"])
             upd.args, upd.kwargs = replace_args(upd, grad=node)
-            g.inits.append(sp.MaskFromZeros(f, f"{f}::pruned"))
-        g.info["prune"] = {"targets": fqns, "sparsity": target, "schedule": self.schedule}
+            kept = self.kept(numel, target[f]) if self.compress else None
+            if self.compress:
+                self._compress(g, f, upd, node, pruned, kept)
+            g.inits.append(sp.MaskFromZeros(f, f"{f}::pruned", kept if self.schedule == "fixed" else None))
+        g.info["prune"] = {"targets": fqns, "sparsity": target, "schedule": self.schedule, "compress": self.compress}
         return PassResult(g, True, {"targets": len(fqns), "schedule": self.schedule}, meta_ok=True)
+
+    def _compress(self, g: TrainGraph, fqn: str, upd, grad, pruned, kept: int) -> None:
+        """AdamW on the kept entries only: the moments become ``kept``-long vectors (in flat order of the kept
+        positions) and the update op ``memfit::sparse_adamw_update``."""
+        a = args_of(upd)
+        for name in ("exp_avg", "exp_avg_sq"):
+            node = getattr(a, name)
+            state = f"{fqn}::{name}"
+            g.state_specs[state] = StateSpec((kept,), torch.float32, fqn, "optimizer")
+            with g.fake_mode():
+                node.meta["val"] = torch.empty((kept,), dtype=torch.float32, device=a.param.meta["val"].device)
+        with g.graph.inserting_before(upd):
+            new = op_call(g.graph, torch.ops.memfit.sparse_adamw_update.default, param=a.param, grad=grad,
+                          pruned=pruned, exp_avg=a.exp_avg, exp_avg_sq=a.exp_avg_sq, lr=a.lr, step=a.step,
+                          beta1=a.beta1, beta2=a.beta2, eps=a.eps, weight_decay=a.weight_decay)
+        new.meta["val"] = None
+        g.updates[fqn] = new
+        g.graph.erase_node(upd)

@@ -82,6 +82,8 @@ def _kernel_impls(triton: bool) -> dict:
         # skipped one (a non-finite gradient) hands the gradient on unmasked, for the update op to skip as well
         ops.prune_mask.default: (_bind(memfit_ops.run_prune_mask, "reference", ops.prune_mask.default,
                                        on_skip=_argument(ops.prune_mask.default, "grad")), "reference"),
+        ops.sparse_adamw_update.default: (_bind(memfit_ops.run_sparse_adamw_update, "reference",
+                                                ops.sparse_adamw_update.default), "reference"),
     }
 
 

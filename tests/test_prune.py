@@ -293,3 +293,47 @@ def test_semi_structured_export_stays_dense_on_cpu_and_refuses_non_2_4():
     assert all(torch.equal(p, w[f]) for f, p in m.named_parameters())
     with pytest.raises(ConfigError, match=r"2:4-sparse Linear weights"):
         sp.to_semi_structured(_llama())
+
+
+# ---- compressed state (compress=True) -----------------------------------------------------------------------
+
+
+def test_compressed_state_trains_identically_with_a_fraction_of_the_bytes(tmp_path):
+    cfg = {"schedule": "granet", "sparsity": 0.8, "initial": 0.8, "every": 2, "events": 5, "regrow": 0.3}
+    dense, packed = _trainer(cfg), _trainer({**cfg, "compress": True})
+    batches = [_batch(i) for i in range(8)]
+    for b in batches[:4]:
+        assert float(dense.step(*b)) == float(packed.step(*b))
+    x, y = batches[4]
+    assert packed.measure_step(x, y).peak_bytes == packed.plan.peak_bytes  # step 5: a regrow event
+    dense.step(x, y)
+    for k, v in dense.executor.params.items():
+        assert torch.equal(v, packed.executor.params[k]), k
+    f = packed.graph.info["prune"]["targets"][0]
+    numel = packed.executor.params[f].numel()
+    assert packed.executor.state[f"{f}::exp_avg"].numel() == numel - round(0.8 * numel)
+    # the compressed moments are the dense ones at the kept positions, in flat order
+    keep = _kept(packed, f).view(-1)
+    assert torch.equal(packed.executor.state[f"{f}::exp_avg"], dense.executor.state[f"{f}::exp_avg"].view(-1)[keep])
+    held = {t: sum(v.numel() * v.element_size() for v in t.executor.state.values()) for t in (dense, packed)}
+    assert held[packed] < 0.35 * held[dense]
+    assert packed.plan.peak_bytes < dense.plan.peak_bytes
+    # resume through the next regrow (step 7)
+    torch.save(packed.state_dict(), tmp_path / "s.pt")
+    rest = [float(packed.step(*b)) for b in batches[5:]]
+    again = _trainer({**cfg, "compress": True})
+    again.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert [float(again.step(*b)) for b in batches[5:]] == rest
+
+
+def test_compressed_fixed_mask_checks_the_kept_count():
+    m = _llama()
+    sp.prune_model(m, 0.5, scope="layer")
+    t = _trainer({"schedule": "fixed", "sparsity": 0.5, "compress": True}, model=m)
+    t.step(*_batch(0))
+    f = t.graph.info["prune"]["targets"][0]
+    assert t.executor.state[f"{f}::exp_avg"].numel() == t.executor.params[f].numel() // 2
+    with pytest.raises(ConfigError, match=r"expected \d+ nonzero weights \(the sparsity configured\)"):
+        _trainer({"schedule": "fixed", "sparsity": 0.6, "compress": True}, model=copy.deepcopy(m))
+    with pytest.raises(ConfigError, match=r"a mask whose kept count is fixed from the first update"):
+        _trainer({"schedule": "gradual", "sparsity": 0.6, "compress": True})
