@@ -302,8 +302,8 @@ def report_b(rows: list[dict], args) -> str:
               f"loss: mean of the last 20 training steps; peak: one step measured (live tensor bytes); step time: "
               f"median ratio to dense. memfit gradual / granet (dense to sparse) hold the optimizer state dense "
               f"(plus a 1-bit mask), so their peak does not fall with density; granet s2s compressed (sparse to "
-              f"sparse: magnitude-pruned to the final sparsity at step 1, then GraNet's prune-and-regrow at every event) "
-              f"keeps AdamW's moments for the kept weights only (prune(compress=True)); the weights stay dense.")
+              f"sparse: magnitude-pruned to the final sparsity at step 1, then GraNet's prune-and-regrow at every "
+              f"event) keeps AdamW's moments for the kept weights only (prune(compress=True)); the weights stay dense.")
     return write_table("pruning_training", rows, [
         ("method", "method"), ("final_sparsity", "final sparsity"), ("sparsity_reached", "reached"),
         ("eval_loss", "eval loss"), ("final_loss", "final train loss"), ("peak", "measured peak"),
