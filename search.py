@@ -289,7 +289,7 @@ def search_sparse_update(model: nn.Module, train: Sequence[Sequence[Any]], held_
     for i, layer in enumerate(lay):
         r = best[1 + i]
         if r > 0:
-            setting = f"weight {r:g} of input channels + bias"
+            setting = f"weight {r:g} of input channels" + (" + bias" if layer.companions else "")
         elif i >= n - best[0]:
             setting = "bias only" if layer.companions else "frozen (no bias)"
         else:
