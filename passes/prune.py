@@ -25,8 +25,10 @@ mask changes, nor with ``lowrank``, ``quantize_state`` or ``quantize_weights`` o
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -34,7 +36,7 @@ from .. import sparsity as sp
 from ..errors import ConfigError, where_what_got
 from ..graph import StateSpec, TrainGraph
 from ..ops import PRUNE_SCHEDULES, args_of, op_call, prune_workspace, replace_args
-from .base import MemoryEffect, Pass, PassResult, register_pass
+from .base import MemoryEffect, Option, Pass, PassResult, register_pass
 from .quantize_weights import default_targets
 
 _WHERE = "passes['prune']"
@@ -57,6 +59,7 @@ class Prune(Pass):
     targets: tuple[str, ...] | None = None
     total_steps: int | None = None
     compress: bool = False
+    sparsities: tuple[tuple[str, float], ...] = ()  # (glob, sparsity) per target; the first match wins
 
     requires = ("fused_update",)
     lossless = False
@@ -64,6 +67,9 @@ class Prune(Pass):
     def __post_init__(self):
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
+        items = self.sparsities.items() if isinstance(self.sparsities, dict) else self.sparsities
+        object.__setattr__(self, "sparsities", tuple((str(gl), sp.check_sparsity(v, f"{_WHERE}.sparsities[{gl!r}]"))
+                                                     for gl, v in items))
         if self.schedule not in PRUNE_SCHEDULES:
             raise ConfigError(where_what_got(f"{_WHERE}.schedule", f"one of {PRUNE_SCHEDULES}", repr(self.schedule),
                                              "pick one"))
@@ -138,7 +144,44 @@ class Prune(Pass):
         if self.scope == "erk":
             dens = sp.erk_densities({f: tuple(g.params[f].meta["val"].shape) for f in fqns}, self.sparsity)
             return {f: 1 - d for f, d in dens.items()}
-        return dict.fromkeys(fqns, float(self.sparsity))
+        return {f: next((v for gl, v in self.sparsities if fnmatch.fnmatchcase(f, gl)), float(self.sparsity))
+                for f in fqns}
+
+    # ---- the planner lever (opt-in: name "prune" in lever_passes) --------------------------------------
+
+    LEVER_SPARSITIES: ClassVar[tuple[float, ...]] = (0.5, 0.75, 0.9)
+
+    @classmethod
+    def options(cls, g: TrainGraph, levers: str) -> list[Option]:
+        """At ``levers`` lossy: each AdamW-trained weight (the ``default_targets``) pruned by magnitude at the
+        first step to 50%, 75% or 90%, its moments held for the kept entries only (``compress=True``): exact
+        persistent bytes (moments, packed mask, schedule counter), the mask op's worst-step workspace and
+        output as the transient. Taken alone on its target (it replaces the update op's state)."""
+        if levers not in ("lossy", "adapters"):
+            return []
+        out = []
+        for f in default_targets(g):
+            upd = g.updates.get(f)
+            if upd is None or upd.target is not torch.ops.memfit.adamw_update.default:
+                continue
+            a = args_of(upd)
+            if a.wscale is not None or a.micro_steps > 1 or a.spike_threshold:
+                continue
+            val, grad = g.params[f].meta["val"], a.grad.meta["val"]
+            numel, gb = val.numel(), grad.numel() * grad.element_size()
+            for s in cls.LEVER_SPARSITIES:
+                kept = numel - round(s * numel)
+                persistent = 8 * (kept - numel) + sp.packed_bytes(numel) + 16
+                work = gb + prune_workspace(numel, gb, "oneshot", False, 2)
+                out.append(Option("prune", f, f"pruned {s:.0%}", (("sparsity", s),), persistent=persistent,
+                                  transient=work, lossiness="lossy", degree=10 + int(10 * s), alone=True))
+        return out
+
+    @classmethod
+    def from_options(cls, chosen: list[Option]) -> tuple[str, dict]:
+        return "prune", {"schedule": "oneshot", "start": 1, "compress": True,
+                         "targets": tuple(o.target for o in chosen),
+                         "sparsities": tuple((o.target, dict(o.config)["sparsity"]) for o in chosen)}
 
     def _check(self, g: TrainGraph, fqns: list[str]) -> None:
         if not fqns:

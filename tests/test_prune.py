@@ -337,3 +337,30 @@ def test_compressed_fixed_mask_checks_the_kept_count():
         _trainer({"schedule": "fixed", "sparsity": 0.6, "compress": True}, model=copy.deepcopy(m))
     with pytest.raises(ConfigError, match=r"a mask whose kept count is fixed from the first update"):
         _trainer({"schedule": "gradual", "sparsity": 0.6, "compress": True})
+
+
+def test_pruning_is_an_opt_in_planner_lever_with_exact_bytes():
+    def batch(i=0):
+        gen = torch.Generator().manual_seed(i)
+        x = torch.randint(0, 256, (4, 64), generator=gen)
+        return x, torch.roll(x, -1, 1)
+
+    torch.manual_seed(0)
+    lossless = memfit.plan(build_llama("tiny-llama", num_hidden_layers=2), example_inputs=batch(), loss_fn=lm_loss)
+    budget = int(lossless.peak_bytes * 0.62)
+    torch.manual_seed(0)
+    t = memfit.optimize(build_llama("tiny-llama", num_hidden_layers=2), example_inputs=batch(), loss_fn=lm_loss,
+                        budget=budget, levers="lossy", lever_passes=["prune"])
+    chosen = t.graph.info["prune"]["sparsity"]
+    assert chosen and set(chosen.values()) <= {0.5, 0.75, 0.9} and t.graph.info["prune"]["compress"]
+    x, y = batch()
+    m = t.measure_step(x, y)  # step 1: the magnitude prune itself, the plan's worst step
+    assert m.peak_bytes == t.plan.peak_bytes <= budget
+    for f, s in chosen.items():
+        w = t.executor.params[f]
+        assert int((w == 0).sum()) == round(s * w.numel())
+    # the default levers never prune
+    torch.manual_seed(0)
+    d = memfit.optimize(build_llama("tiny-llama", num_hidden_layers=2), example_inputs=batch(), loss_fn=lm_loss,
+                        budget=budget, levers="lossy")
+    assert "prune" not in d.graph.info
