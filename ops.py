@@ -705,13 +705,17 @@ def prune_workspace(numel: int, grad_bytes: int, schedule: str, pattern: bool, d
     return max(plain, event) - grad_bytes
 
 
-def sparse_adamw_workspace(numel: int, kept: int, param_bytes: int, grad_bytes: int) -> int:
+def sparse_adamw_workspace(numel: int, kept: int, param_bytes: int, grad_bytes: int, values: bool = False) -> int:
     """``memfit::sparse_adamw_update``: the unpacked mask (through its byte-per-element temporary), the kept
-    indices (int64), the gathered weight and gradient and ``adamw_ref``'s own temporaries on ``kept`` values."""
+    indices (int64), the gathered gradient, the gathered weight (unless the weight is held as its ``values``)
+    and ``adamw_ref``'s own temporaries on ``kept`` values (measured on CPU)."""
     from .sparsity import packed_bytes
 
-    gathered = kept * (8 + param_bytes + grad_bytes) + adamw_workspace(kept, param_bytes != 4, 0, 1, False)
-    return max(8 * packed_bytes(numel) + numel, numel + 8 * kept, gathered)
+    own = adamw_workspace(kept, param_bytes != 4, 0, 1, False)
+    unpack = max(8 * packed_bytes(numel) + numel, numel + 8 * kept)
+    if values:
+        return max(unpack, kept * (8 + grad_bytes), kept * grad_bytes + own)
+    return max(unpack, kept * (8 + param_bytes + grad_bytes) + own)
 
 
 def run_prune_mask(param, grad, pruned, sched, moment1, moment2, step, schedule, sparsity, initial, start, every,
@@ -760,18 +764,36 @@ def run_sparse_adamw_update(param, grad, pruned, exp_avg, exp_avg_sq, lr, step, 
                             weight_decay) -> None:
     from . import sparsity as sp
 
-    keep = sp.unpack_into(pruned, torch.empty(param.shape, dtype=torch.bool, device=param.device))
+    keep = sp.unpack_into(pruned, torch.empty(grad.shape, dtype=torch.bool, device=grad.device))
     idx = keep.view(-1).nonzero().squeeze(1)
     del keep
     if idx.numel() != exp_avg.numel():
         raise RuntimeError(f"memfit::sparse_adamw_update: the mask keeps {idx.numel()} entries, the compressed "
                            f"state holds {exp_avg.numel()}")
+    g = grad.reshape(-1)[idx]
+    if param.numel() == exp_avg.numel():  # the weight itself held as its kept values (compress_weights)
+        del idx
+        adamw_ref(param, g, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=weight_decay, step=step)
+        return
     flat = param.view(-1)
     p = flat[idx]
-    g = grad.reshape(-1)[idx]
     adamw_ref(p, g, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
               step=step)
     flat[idx] = p
+
+
+@torch.library.custom_op(f"{_LIB}::sparse_weight", mutates_args=())
+def sparse_weight(values: torch.Tensor, pruned: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The dense weight of a pruned weight held as its kept values (``prune(compress_weights=True)``):
+    zeros where the packed mask ``pruned`` prunes. A transient made just before each op that reads it."""
+
+    return run_sparse_weight(values, pruned, shape)
+
+
+@sparse_weight.register_fake
+def _(values, pruned, shape):
+    return values.new_empty(tuple(shape))
 
 
 def compressed_moments(keep: torch.Tensor, moments, numel: int, started: bool) -> list[torch.Tensor]:
@@ -794,9 +816,7 @@ def pack_mask(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """A ReLU's or ReLU6's derivative, ``lo < x < hi``, as packed bits in ``memfit.sparsity``'s mask layout
     (eight to a byte, flat, LSB first, 1 = the gradient is zeroed): what the backward keeps instead of the
     activation."""
-    from . import sparsity as sp
-
-    return sp.pack_pruned((x > lo) & (x < hi))
+    return run_pack_mask(x, lo, hi)
 
 
 @pack_mask.register_fake
@@ -808,15 +828,41 @@ def _(x, lo, hi):
 def mask_grad(grad: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """``grad`` where the packed mask ``bits`` (``pack_mask``) is set, 0 elsewhere: threshold_backward and
     hardtanh_backward from one bit per element."""
+    return run_mask_grad(grad, bits)
+
+
+@mask_grad.register_fake
+def _(grad, bits):
+    return torch.empty_like(grad)
+
+
+def run_pack_mask(x, lo, hi):
+    from . import sparsity as sp
+
+    return sp.pack_pruned((x > lo) & (x < hi))
+
+
+def run_mask_grad(grad, bits):
     from . import sparsity as sp
 
     keep = sp.unpack_into(bits, torch.empty(grad.shape, dtype=torch.bool, device=grad.device))
     return grad * keep
 
 
-@mask_grad.register_fake
-def _(grad, bits):
-    return torch.empty_like(grad)
+def run_sparse_weight(values, pruned, shape):
+    from . import sparsity as sp
+
+    return sp.scatter_values(values, pruned, shape)
+
+
+def bit_mask_workspace(target, numel: int, out_bytes: int) -> int:
+    """``memfit::pack_mask`` (two comparisons and their and, the flat uint8 copy and its padding) and
+    ``memfit::mask_grad`` / ``memfit::sparse_weight`` (the unpacked mask beside the output); measured on CPU."""
+    from .sparsity import packed_bytes
+
+    if target is torch.ops.memfit.pack_mask.default:
+        return 3 * numel + 2 * ((-numel) % 8)
+    return max(8 * packed_bytes(numel) + numel, numel + out_bytes) - out_bytes
 
 
 # ---- named arguments: every consumer reads and writes memfit op arguments by schema name -------------
@@ -980,8 +1026,13 @@ def workspace_bytes(node, triton: bool) -> int:
     if target is ops.sparse_adamw_update.default:
         a = args_of(node)
         param, grad = a.param.meta["val"], a.grad.meta["val"]
-        return sparse_adamw_workspace(param.numel(), a.exp_avg.meta["val"].numel(), param.element_size(),
-                                      grad.element_size())
+        kept = a.exp_avg.meta["val"].numel()
+        return sparse_adamw_workspace(grad.numel(), kept, param.element_size(), grad.element_size(),
+                                      values=param.numel() == kept)
+    if target in (ops.sparse_weight.default, ops.mask_grad.default, ops.pack_mask.default):
+        out = node.meta["val"]
+        numel = out.numel() if target is not ops.pack_mask.default else args_of(node).x.meta["val"].numel()
+        return bit_mask_workspace(target, numel, out.numel() * out.element_size())
     if target is ops.dequant_weight.default:
         if triton and node.args[2] is None:
             return 0

@@ -497,3 +497,43 @@ def to_semi_structured(model: nn.Module, targets: Sequence[str] | None = None) -
             except (RuntimeError, ValueError) as e:  # shapes or GPUs the kernels do not take
                 out[f] = f"dense: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
     return out
+
+
+@dataclass(frozen=True)
+class SparseValues(Recipe):
+    """A pruned weight held compressed (``prune(compress_weights=True)``): the graph's parameter ``fqn`` is
+    its ``kept`` nonzero values in flat order, ``state`` the packed mask; read back dense with zeros."""
+
+    fqn: str
+    state: str
+    kept: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.fqn,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.fqn, self.state)
+
+    @property
+    def replaces(self) -> tuple[str, ...]:
+        return (self.fqn,)
+
+    def build(self, src):
+        w = src[self.fqn].detach()
+        keep = MaskFromZeros(self.fqn, self.state, self.kept).build(src)[self.state]
+        return {self.fqn: w.reshape(-1)[w.reshape(-1) != 0].clone(), self.state: keep}
+
+    def apply(self, get, weights):
+        weights[self.fqn] = scatter_values(get(self.fqn), get(self.state), self.shape)
+
+
+def scatter_values(values: torch.Tensor, pruned: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The dense weight of compressed ``values`` under the packed mask ``pruned`` (zeros where pruned)."""
+    keep = unpack_into(pruned, torch.empty(tuple(shape), dtype=torch.bool, device=values.device))
+    out = torch.zeros(tuple(shape), dtype=values.dtype, device=values.device)
+    out.view(-1)[keep.view(-1)] = values
+    return out

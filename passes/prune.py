@@ -59,6 +59,7 @@ class Prune(Pass):
     targets: tuple[str, ...] | None = None
     total_steps: int | None = None
     compress: bool = False
+    compress_weights: bool = False  # with compress and schedule "fixed": the weight held as its kept values
     sparsities: tuple[tuple[str, float], ...] = ()  # (glob, sparsity) per target; the first match wins
 
     requires = ("fused_update",)
@@ -107,6 +108,11 @@ class Prune(Pass):
                                              f"initial={self.initial}, sparsity={self.sparsity}",
                                              "compress after the density stops changing (a second run with "
                                              "schedule='fixed'), or leave compress off"))
+        if self.compress_weights and not (self.compress and self.schedule == "fixed"):
+            raise ConfigError(where_what_got(f"{_WHERE}.compress_weights", "compress=True with schedule 'fixed'",
+                                             f"compress={self.compress}, schedule={self.schedule!r}",
+                                             "prune the model first (prune_model), then train it with "
+                                             "schedule='fixed', compress=True, compress_weights=True"))
         if self.total_steps is not None and self.last_event > self.total_steps:
             raise ConfigError(where_what_got(_WHERE, f"a schedule ending by total_steps={self.total_steps}",
                                              f"its last event at step {self.last_event} (start {self.start} + "
@@ -238,6 +244,9 @@ class Prune(Pass):
             p = g.params[f]
             numel = p.meta["val"].numel()
             pruned = g.add_state(f"{f}::pruned", StateSpec((sp.packed_bytes(numel),), torch.uint8, f, "mask"))
+            if self.compress_weights:
+                self._compress_weight(g, f, upd, pruned, self.kept(numel, target[f]))
+                continue
             sched = g.add_state(f"{f}::prune_sched", StateSpec((2,), torch.int64, f, "pass"))
             m1, m2 = (getattr(a, n) if n else None for n in _PLAIN_UPDATES[upd.target])
             # ERK scales the whole schedule per layer: its initial sparsity in proportion to its final one
@@ -257,7 +266,9 @@ class Prune(Pass):
                 self._compress(g, f, upd, node, pruned, kept)
             g.inits.append(sp.MaskFromZeros(f, f"{f}::pruned", kept if self.schedule == "fixed" else None))
         g.info["prune"] = {"targets": fqns, "sparsity": target, "schedule": self.schedule, "compress": self.compress}
-        return PassResult(g, True, {"targets": len(fqns), "schedule": self.schedule}, meta_ok=True)
+        # the weight copies compress_weights adds (and their re-made views) get their meta re-propagated
+        return PassResult(g, True, {"targets": len(fqns), "schedule": self.schedule},
+                          meta_ok=not self.compress_weights)
 
     def _compress(self, g: TrainGraph, fqn: str, upd, grad, pruned, kept: int) -> None:
         """AdamW on the kept entries only: the moments become ``kept``-long vectors (in flat order of the kept
@@ -276,3 +287,19 @@ class Prune(Pass):
         new.meta["val"] = None
         g.updates[fqn] = new
         g.graph.erase_node(upd)
+
+    def _compress_weight(self, g: TrainGraph, fqn: str, upd, pruned, kept: int) -> None:
+        """The weight held as its ``kept`` values: every reader reads a ``memfit::sparse_weight`` copy made just
+        before it (one per reader, as ``quantize_weights``' copies), and AdamW steps the values with moments
+        of their length. The mask never changes (schedule "fixed"), so no mask op runs."""
+        from .quantize_weights import _rewire_to_dequant
+
+        p = g.params[fqn]
+        val = p.meta["val"]
+        shape = list(val.shape)
+        with g.fake_mode():
+            p.meta["val"] = torch.empty((kept,), dtype=val.dtype, device=val.device)
+        _rewire_to_dequant(g, p, lambda: g.graph.call_function(torch.ops.memfit.sparse_weight.default,
+                                                               (p, pruned, shape)))
+        self._compress(g, fqn, upd, args_of(upd).grad, pruned, kept)
+        g.inits.append(sp.SparseValues(fqn, f"{fqn}::pruned", kept, tuple(shape), val.dtype))

@@ -84,6 +84,10 @@ def _kernel_impls(triton: bool) -> dict:
                                        on_skip=_argument(ops.prune_mask.default, "grad")), "reference"),
         ops.sparse_adamw_update.default: (_bind(memfit_ops.run_sparse_adamw_update, "reference",
                                                 ops.sparse_adamw_update.default), "reference"),
+        # plain-torch bodies called directly (not through the dispatcher), so a measured step sees their temporaries
+        ops.pack_mask.default: (_bind(memfit_ops.run_pack_mask, "reference", None), "reference"),
+        ops.mask_grad.default: (_bind(memfit_ops.run_mask_grad, "reference", None), "reference"),
+        ops.sparse_weight.default: (_bind(memfit_ops.run_sparse_weight, "reference", None), "reference"),
     }
 
 

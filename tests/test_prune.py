@@ -364,3 +364,27 @@ def test_pruning_is_an_opt_in_planner_lever_with_exact_bytes():
     d = memfit.optimize(build_llama("tiny-llama", num_hidden_layers=2), example_inputs=batch(), loss_fn=lm_loss,
                         budget=budget, levers="lossy")
     assert "prune" not in d.graph.info
+
+
+def test_compressed_weights_train_identically_and_plan_exactly():
+    m = _llama()
+    sp.prune_model(m, 0.8)
+    runs = {}
+    for cw in (False, True):
+        t = _trainer({"schedule": "fixed", "sparsity": 0.8, "compress": True, "compress_weights": cw},
+                     model=copy.deepcopy(m))
+        losses = [float(t.step(*_batch(i))) for i in range(3)]
+        assert t.measure_step(*_batch(3)).peak_bytes == t.plan.peak_bytes
+        runs[cw] = (t, losses)
+    (dense, l0), (packed, l1) = runs[False], runs[True]
+    assert l0 == l1
+    e0, e1 = dict(dense.export().named_parameters()), dict(packed.export().named_parameters())
+    assert all(torch.equal(e0[k], e1[k]) for k in e0)
+    f = packed.graph.info["prune"]["targets"][0]
+    numel = e1[f].numel()
+    assert packed.executor.params[f].numel() == numel - round(0.8 * numel)  # the kept values only
+    assert packed.plan.peak_bytes < dense.plan.peak_bytes
+    held = {t: sum(v.numel() * v.element_size() for v in t.executor.params.values()) for t in (dense, packed)}
+    assert held[packed] < 0.5 * held[dense]
+    with pytest.raises(ConfigError, match=r"compress=True with schedule 'fixed'"):
+        _trainer({"schedule": "granet", "sparsity": 0.8, "initial": 0.8, "compress": True, "compress_weights": True})
