@@ -227,6 +227,11 @@ def part_b(pretrained: nn.Module, held_out: list, args) -> list[dict]:
         methods[f"memfit granet s2s compressed {s}"] = Memfit(
             copy.deepcopy(pretrained), args.lr, {**base, "schedule": "granet", "regrow": args.regrow, "initial": s,
                                                  "compress": True}, train[0])
+        one_shot = copy.deepcopy(pretrained)
+        sp.prune_model(one_shot, s, targets=TARGETS)  # magnitude, per layer
+        methods[f"memfit one-shot + fixed, state and weights compressed {s}"] = Memfit(
+            one_shot, args.lr, {"schedule": "fixed", "sparsity": s, "targets": tuple(TARGETS), "compress": True,
+                                "compress_weights": True}, train[0])
     losses: dict[str, list[float]] = {k: [] for k in methods}
     times: dict[str, list[float]] = {k: [] for k in methods}
     t0 = time.perf_counter()
@@ -303,7 +308,9 @@ def report_b(rows: list[dict], args) -> str:
               f"median ratio to dense. memfit gradual / granet (dense to sparse) hold the optimizer state dense "
               f"(plus a 1-bit mask), so their peak does not fall with density; granet s2s compressed (sparse to "
               f"sparse: magnitude-pruned to the final sparsity at step 1, then GraNet's prune-and-regrow at every "
-              f"event) keeps AdamW's moments for the kept weights only (prune(compress=True)); the weights stay dense.")
+              f"event) keeps AdamW's moments for the kept weights only (prune(compress=True)); one-shot + fixed "
+              f"(magnitude-pruned before training, mask fixed) holds the weights as their kept values too "
+              f"(compress_weights=True).")
     return write_table("pruning_training", rows, [
         ("method", "method"), ("final_sparsity", "final sparsity"), ("sparsity_reached", "reached"),
         ("eval_loss", "eval loss"), ("final_loss", "final train loss"), ("peak", "measured peak"),

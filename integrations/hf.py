@@ -219,10 +219,14 @@ class MemfitTrainer(transformers.Trainer):
                                              repr(memfit_nonfinite), "'skip' undoes a NaN/inf step and warns"))
         held = [p if isinstance(p, str) else p[0] if isinstance(p, tuple) else getattr(p, "name", "")
                 for p in memfit_passes or ()]
-        if set(held) & set(WEIGHT_PASSES):
+        # a pruned weight held as its kept values (prune(compress_weights=True)) is not the model's tensor either
+        held += ["prune(compress_weights=True)" for p in memfit_passes or ()
+                 if (p[1] if isinstance(p, tuple) else vars(p) if hasattr(p, "compress_weights") else {}).get(
+                     "compress_weights")]
+        if set(held) & {*WEIGHT_PASSES, "prune(compress_weights=True)"}:
             raise ConfigError(where_what_got(
                 "MemfitTrainer(memfit_passes=)", "passes that keep the model's weights as its own tensors",
-                sorted(set(held) & set(WEIGHT_PASSES)),
+                sorted(set(held) & {*WEIGHT_PASSES, "prune(compress_weights=True)"}),
                 "Hugging Face saves the model's tensors (model.safetensors), and these passes hold weights as codes "
                 "or adapters: train them with memfit.optimize (Trainer.export() / save_adapters() to save)"))
         if memfit_levers not in LEVELS or memfit_levers == "adapters":

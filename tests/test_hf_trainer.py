@@ -163,6 +163,8 @@ def test_optimizer_state_round_trips_before_the_step_exists():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(memfit_passes=[("lora", {"rank": 4}), "fused_update"]), "model.safetensors"),
     (dict(memfit_passes=["fused_update", "quantize_weights"]), "model.safetensors"),
+    (dict(memfit_passes=["fused_update", ("prune", {"schedule": "fixed", "compress": True,
+                                                     "compress_weights": True})]), r"prune\(compress_weights=True\)"),
     (dict(memfit_levers="adapters"), "memfit_levers"),
 ])
 def test_weight_passes_are_refused_at_this_door(tmp_path, kwargs, match):
