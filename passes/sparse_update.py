@@ -1,6 +1,7 @@
 """sparse_update: the Tiny Training Engine's sparse update (Lin et al., On-Device Training Under 256KB Memory).
 
-A ``scheme`` maps parameter FQN globs to a setting; every parameter it does not name takes ``default``:
+A ``scheme`` maps parameter FQN globs to a setting; every parameter it does not name takes ``default``
+(a ratio as ``default`` applies to weights; the other parameters then train, at 1):
 
 * a weight (two or more dimensions): ``0`` (frozen), or a ratio ``r`` in {1/8, 1/4, 1/2, 1} of its input
   channels that train: the weight gradient is computed for the first ``ceil(r * C_in)`` input channels only
