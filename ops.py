@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import projection as pj
+from .errors import ConfigError, where_what_got
 from .kernels.adamw import adamw_ref
 from .kernels.sgd import sgd_ref
 
@@ -732,8 +733,11 @@ def run_prune_mask(param, grad, pruned, sched, moment1, moment2, step, schedule,
             sp.apply_event(param, grad, keep, due[1], [d.view(param.shape) for d in dense])
             idx = keep.view(-1).nonzero().squeeze(1)
             if idx.numel() != moments[0].numel():
-                raise RuntimeError(f"memfit::prune_mask: the event keeps {idx.numel()} entries, the compressed "
-                                   f"state holds {moments[0].numel()}")
+                raise ConfigError(where_what_got(
+                    "memfit::prune_mask (prune(compress=True))", f"{moments[0].numel()} kept entries after the "
+                    "event (the compressed state's length)", f"{idx.numel()}",
+                    "the mask's kept count must not change once compressed: use a sparse-to-sparse schedule "
+                    "(initial = sparsity, start=1), or leave compress off"))
             for m, d in zip(moments, dense, strict=True):
                 m.copy_(d[idx])
             del dense, idx
@@ -768,8 +772,9 @@ def run_sparse_adamw_update(param, grad, pruned, exp_avg, exp_avg_sq, lr, step, 
     idx = keep.view(-1).nonzero().squeeze(1)
     del keep
     if idx.numel() != exp_avg.numel():
-        raise RuntimeError(f"memfit::sparse_adamw_update: the mask keeps {idx.numel()} entries, the compressed "
-                           f"state holds {exp_avg.numel()}")
+        raise ConfigError(where_what_got(
+            "memfit::sparse_adamw_update", f"a mask keeping {exp_avg.numel()} entries (the compressed state's "
+            "length)", f"{idx.numel()}", "load a state saved by this configuration, or rebuild the Trainer"))
     g = grad.reshape(-1)[idx]
     if param.numel() == exp_avg.numel():  # the weight itself held as its kept values (compress_weights)
         del idx

@@ -222,12 +222,15 @@ class Prune(Pass):
 
     def memory_effect(self, g: TrainGraph) -> MemoryEffect:
         fqns = self._targets(g)
+        target = self._sparsities(g, fqns)
         per = {}
         work = 0
         pattern = self.pattern is not None
         for f in fqns:
             val = g.params[f].meta["val"]
             per[f] = sp.packed_bytes(val.numel()) + 16
+            if self.compress:  # AdamW's two moments shrink to the kept entries
+                per[f] += 8 * (self.kept(val.numel(), target[f]) - val.numel())
             work = max(work, val.numel() * val.element_size() + prune_workspace(
                 val.numel(), val.numel() * val.element_size(), self.schedule, pattern, 2 if self.compress else 0))
         return MemoryEffect(persistent=sum(per.values()), transient=work, per_param=per)

@@ -241,7 +241,7 @@ class SparseUpdate(Pass):
                 grad, act, lo, hi = n.args
             else:
                 continue
-            src = _strip(act) if act.target is aten.detach.default else act
+            src = act  # the activation (autograd saves a detached alias of it)
             while src.target is aten.detach.default:
                 src = src.args[0]
             others = [u for a in [src, *_alias_chain(src)] for u in a.users if u in bwd and u is not n

@@ -242,7 +242,8 @@ def test_wanda_beats_magnitude_on_a_layer_with_outlier_features():
     ({"schedule": "oneshot", "pattern": "4:4"}, r"an n:m pattern with 0 < n < m"),
     ({"schedule": "oneshot", "pattern": "1:3"}, r"with an input dimension divisible by m = 3"),
     ({"schedule": "sometimes"}, r"one of \('fixed', 'oneshot', 'gradual', 'granet'\)"),
-    ({"targets": ("model.norm.weightx",)}, r"prune"),
+    ({"targets": ("model.norm.weightx",)}, r"passes\['prune'\]\.targets: expected a glob matching at least one "
+                                           r"parameter FQN, got 'model\.norm\.weightx'"),
 ], ids=["one", "negative", "ends-after-training", "global", "pattern-gradual", "pattern-n", "m-not-dividing",
         "schedule", "no-target"])
 def test_bad_config_is_refused_and_changes_nothing(cfg, message):
