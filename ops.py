@@ -616,15 +616,21 @@ def run_dequant_weight(kernels, codes, scales, scales2, codec, group, shape, dty
 def lsq_quant(w: torch.Tensor, step: torch.Tensor, group: int, qmax: int) -> torch.Tensor:
     """LSQ's fake quantization (Esser et al.): ``clamp(round(w / s), -qmax - 1, qmax) * s`` with one step
     size ``s`` per group of ``group`` flattened elements (round half up: floor(x + 0.5))."""
-    s = step.float()[:, None]
-    x = w.float().reshape(-1, group) / s
-    q = torch.clamp(torch.floor(x + 0.5), -qmax - 1, qmax)
-    return (q * s).reshape(w.shape).to(w.dtype)
+    return run_lsq_quant(w, step, group, qmax)
 
 
 @lsq_quant.register_fake
 def _(w, step, group, qmax):
     return torch.empty_like(w)
+
+
+def run_lsq_quant(w, step, group, qmax):
+    """Body of ``memfit::lsq_quant`` (the lowering calls it directly, so a measured step sees its
+    temporaries): one fp32 buffer, rounded, clamped and rescaled in place."""
+    s = step.float()[:, None]
+    x = w.float().reshape(-1, group) / s
+    x.add_(0.5).floor_().clamp_(-qmax - 1, qmax).mul_(s)
+    return x.reshape(w.shape).to(w.dtype)
 
 
 @torch.library.custom_op(f"{_LIB}::lsq_quant_backward", mutates_args=())
@@ -633,20 +639,48 @@ def lsq_quant_backward(grad: torch.Tensor, w: torch.Tensor, step: torch.Tensor, 
     """Gradients of ``lsq_quant``: the straight-through estimator for ``w`` (passed inside the clipping
     range, zero outside) and LSQ's step gradient, per group ``sum(grad * (round(x) - x))`` inside the range
     and ``sum(grad * bound)`` outside, scaled by LSQ's ``1 / sqrt(group * qmax)``."""
-    s = step.float()[:, None]
-    gr = grad.float().reshape(-1, group)
-    x = w.float().reshape(-1, group) / s
-    lo, hi = float(-qmax - 1), float(qmax)
-    inside = (x >= lo) & (x <= hi)
-    dw = torch.where(inside, gr, torch.zeros_like(gr)).reshape(w.shape).to(w.dtype)
-    ds_elem = torch.where(inside, torch.floor(x + 0.5) - x, torch.clamp(x, lo, hi))
-    ds = (gr * ds_elem).sum(dim=1) / math.sqrt(group * qmax)
-    return dw, ds.to(step.dtype)
+    return run_lsq_quant_backward(grad, w, step, group, qmax)
 
 
 @lsq_quant_backward.register_fake
 def _(grad, w, step, group, qmax):
     return torch.empty_like(w), torch.empty_like(step)
+
+
+def run_lsq_quant_backward(grad, w, step, group, qmax):
+    """Body of ``memfit::lsq_quant_backward``. The step gradient's per-element factor is
+    ``clamp(floor(x + 0.5), lo, hi) - x · inside`` (inside the range round(x) - x, outside the bound), made in
+    one fp32 buffer beside ``x`` and reduced before the weight gradient is allocated."""
+    s = step.float()[:, None]
+    x = w.float().reshape(-1, group) / s
+    lo, hi = float(-qmax - 1), float(qmax)
+    inside = x >= lo
+    inside &= x <= hi
+    r = x.add(0.5).floor_().clamp_(lo, hi)
+    r.sub_(x.mul_(inside))
+    del x
+    r.mul_(grad.reshape(-1, group))
+    ds = r.sum(dim=1).div_(math.sqrt(group * qmax)).to(step.dtype)
+    del r
+    dw = torch.where(inside, grad.reshape(-1, group), 0.0).reshape(w.shape).to(w.dtype)
+    return dw, ds
+
+
+def lsq_workspace(target, numel: int, groups: int, w_size: int, grad_size: int, step_size: int) -> int:
+    """Bytes ``run_lsq_quant`` / ``run_lsq_quant_backward`` hold beyond their outputs (measured on CPU):
+    the fp32 copies of ``w`` and the step sizes when those are not fp32, the fp32 buffer(s), the range mask."""
+    wf = 4 * numel if w_size != 4 else 0  # w.float(), alive while it is divided
+    sf = 4 * groups if step_size != 4 else 0
+    out = numel * w_size
+    if target is torch.ops.memfit.lsq_quant.default:
+        return sf + max(wf + 4 * numel, 4 * numel + (out if w_size != 4 else 0)) - out
+    ds = groups * 4 + (groups * step_size if step_size != 4 else 0)
+    mask = numel  # inside (bool)
+    # x / s; the mask beside x (and its second comparison); r beside x; x freed, the sum beside r
+    during = max(wf + 4 * numel, 4 * numel + 2 * mask, 8 * numel + mask, 4 * numel + mask + ds)
+    where = numel * grad_size  # torch.where in grad's dtype, then .to(w.dtype) when they differ
+    after = mask + groups * step_size + where + (out if grad_size != w_size else 0)
+    return sf + max(during, after) - out - groups * step_size
 
 
 # ---- pruning masks (prune) -------------------------------------------------------------------------------------
@@ -1034,6 +1068,12 @@ def workspace_bytes(node, triton: bool) -> int:
         kept = a.exp_avg.meta["val"].numel()
         return sparse_adamw_workspace(grad.numel(), kept, param.element_size(), grad.element_size(),
                                       values=param.numel() == kept)
+    if target in (ops.lsq_quant.default, ops.lsq_quant_backward.default):
+        w, step = node.args[1 if target is ops.lsq_quant_backward.default else 0].meta["val"], \
+            node.args[2 if target is ops.lsq_quant_backward.default else 1].meta["val"]
+        grad = node.args[0].meta["val"] if target is ops.lsq_quant_backward.default else w
+        return lsq_workspace(target, w.numel(), step.numel(), w.element_size(), grad.element_size(),
+                             step.element_size())
     if target in (ops.sparse_weight.default, ops.mask_grad.default, ops.pack_mask.default):
         out = node.meta["val"]
         numel = out.numel() if target is not ops.pack_mask.default else args_of(node).x.meta["val"].numel()

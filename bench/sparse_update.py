@@ -11,7 +11,10 @@ method from the same pretrained weights on the same batches, stepped round-robin
 - **PyTorch last k** (what users do today): ``requires_grad=False`` on everything but the last k layers
   (eager AdamW, autograd drops the frozen weight gradients);
 - **memfit searched @ budget**: ``memfit.search_sparse_update`` (contribution analysis + evolutionary search)
-  at budgets equal to the measured peaks of PyTorch's last-k rows, trained with the scheme it returns.
+  at budgets equal to the measured peaks of PyTorch's last-k rows, trained with the scheme it returns;
+- **memfit planner lever @ budget**: ``memfit.optimize(budget=..., levers="adapters",
+  lever_passes=["sparse_update"])``, the planner's own per-weight choice (frozen or a channel ratio, by the
+  state bytes each saves, with no contribution analysis) at the same budgets.
 
 Text: the tiny LLaMA pretrained on slice A of the stdlib corpus (``bench/_pretrain.py``), fine-tuned on
 slice B, eval loss on slice C, the same rows (norms play the biases' part; the search covers the last
@@ -132,11 +135,14 @@ class Eager:
 
 
 class Memfit:
-    def __init__(self, model: nn.Module, loss_fn, lr: float, example, scheme: dict | None):
+    def __init__(self, model: nn.Module, loss_fn, lr: float, example, scheme: dict | None,
+                 budget: int | None = None):
         passes = ["remat", "fused_update"] if scheme is None else \
             [("sparse_update", {"scheme": scheme}), "remat", "fused_update"]
+        kw = dict(passes=passes) if budget is None else \
+            dict(budget=budget, levers="adapters", lever_passes=["sparse_update"])
         self.trainer = memfit.optimize(model, example_inputs=example, loss_fn=loss_fn,
-                                       optimizer=memfit.AdamW(lr=lr, weight_decay=0.0), passes=passes)
+                                       optimizer=memfit.AdamW(lr=lr, weight_decay=0.0), **kw)
 
     def step(self, x, y):
         return float(self.trainer.step(x, y))
@@ -191,6 +197,11 @@ def run_task(name: str, model: nn.Module, loss_fn, train: list, evaluate, search
         print(res.report(), flush=True)
         methods[f"searched @ PyTorch last {k}'s peak (memfit)"] = Memfit(copy.deepcopy(model), loss_fn, args.lr,
                                                                         example, res.scheme)
+        try:  # the planner's own per-parameter choice (sparse_update as a lever, no contribution analysis)
+            methods[f"planner lever @ PyTorch last {k}'s peak (memfit)"] = Memfit(
+                copy.deepcopy(model), loss_fn, args.lr, example, None, budget=budgets[k])
+        except memfit.BudgetError as e:
+            print(f"planner lever at {budgets[k]} B: {str(e)[:300]}", flush=True)
     losses = {n: [] for n in methods}
     t0 = time.perf_counter()
     for i, (xb, yb) in enumerate(train):

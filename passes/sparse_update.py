@@ -22,6 +22,13 @@ when the activation is not otherwise needed by the backward.
 parameters' dead code is gone, after the channel subsets and after the 1-bit masks: the three savings apart.
 
 Runs before ``remat`` and ``fused_update``.
+
+As a planner lever (opt-in: name ``"sparse_update"`` in ``lever_passes``, at ``levers="adapters"``, since it
+changes what trains) it offers, per AdamW-trained weight, a frozen weight or an update of 1/2, 1/4 or 1/8 of
+its input channels, each with the exact change in optimizer-state bytes. The activations the rewrite also
+drops are left out of the option (they depend on which other layers train and on the recomputation
+prefix): the planner's verified plan counts them, so a choice can only fit with room to spare, never miss.
+The contribution-aware choice of a scheme is ``memfit.search_sparse_update``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from torch import fx
 
 from ..errors import ConfigError, where_what_got
 from ..graph import FORWARD_KEY, TrainGraph, saved_activations
-from .base import Pass, PassResult, register_pass
+from ..ops import args_of
+from .base import Option, Pass, PassResult, register_pass
 
 aten = torch.ops.aten
 RATIOS = (0.0, 0.125, 0.25, 0.5, 1.0)
@@ -54,6 +62,21 @@ def _setting(value: object, fqn: str, weight: bool) -> float:
         raise ConfigError(where_what_got(f"{_WHERE}.scheme[{fqn!r}]", what, value,
                                          "e.g. scheme={'features.6.weight': 0.25, 'features.7.*': 1}"))
     return float(value)
+
+
+def _channels(g: TrainGraph, fqn: str, grad: fx.Node | None = None) -> tuple[int, int]:
+    """(dim, count) of the channels a ratio of ``fqn``'s weight narrows: a Linear's or Conv's input channels
+    (dim 1), a depthwise Conv's channels (dim 0). A ConfigError when its gradient is neither."""
+    shape = tuple(g.params[fqn].meta["val"].shape)
+    grad = _strip(g.grad_of[fqn] if grad is None else grad)
+    if grad.target is operator.getitem and grad.args[0].target is aten.convolution_backward.default:
+        groups = grad.args[0].args[9]
+        return (0, shape[0]) if groups > 1 else (1, shape[1])
+    if grad.target is aten.mm.default:
+        return 1, shape[1]
+    raise ConfigError(where_what_got(f"{_WHERE}.scheme[{fqn!r}]", "a channel ratio on the weight of a Linear "
+                                     "or Conv (its gradient one matmul or convolution_backward)",
+                                     f"a gradient made by {grad.target}", "use 0 or 1 for this parameter"))
 
 
 def _strip(n: fx.Node) -> fx.Node:
@@ -92,6 +115,52 @@ class SparseUpdate(Pass):
             out[f] = _setting(value, f, weight)
         return out
 
+    # ---- the planner lever (opt-in: name "sparse_update" in lever_passes) -----------------------------------
+
+    LEVER_RATIOS = (0.5, 0.25, 0.125, 0.0)
+
+    @classmethod
+    def options(cls, g: TrainGraph, levers: str) -> list[Option]:
+        """At ``levers="adapters"``: each weight with an fp32 AdamW update frozen, or updated on 1/2, 1/4 or
+        1/8 of its input channels. ``persistent`` is the exact change in its optimizer state (moments of the
+        trained slice only; none when frozen); the saved activations it also drops are not claimed. Taken
+        alone on its target."""
+        if levers != "adapters":
+            return []
+        out = []
+        for f, upd in g.updates.items():
+            val = g.params[f].meta["val"]
+            if (upd is None or upd.target is not torch.ops.memfit.adamw_update.default or val.dim() < 2
+                    or f in g.tied):
+                continue
+            a = args_of(upd)
+            if a.wscale is not None or a.micro_steps > 1 or a.spike_threshold:
+                continue
+            state = [n.meta["val"] for n in upd.all_input_nodes if n.meta.get("memfit.role") == "state"]
+            moments = sum(v.numel() * v.element_size() for v in state if v.numel() == val.numel())
+            every = sum(v.numel() * v.element_size() for v in state)
+            try:
+                dim, c = _channels(g, f, a.grad)
+            except ConfigError:
+                dim, c = None, 0
+            for degree, r in enumerate(cls.LEVER_RATIOS):
+                if r:
+                    k = math.ceil(r * c)
+                    if dim is None or k >= c:
+                        continue
+                    persistent = (moments // c) * k - moments
+                    label = f"update {k}/{c} input channels"
+                else:
+                    persistent, label = -every, "frozen"
+                out.append(Option("sparse_update", f, label, (("ratio", r),), persistent=persistent,
+                                  lossiness="adapters", degree=20 + degree, group="weights", alone=True))
+        return out
+
+    @classmethod
+    def from_options(cls, chosen: list[Option]) -> tuple[str, dict]:
+        return "sparse_update", {"scheme": tuple((o.target, dict(o.config)["ratio"]) for o in chosen),
+                                 "default": 1.0}
+
     def run(self, g: TrainGraph) -> PassResult:
         settings = self.settings(g)
         before = sum(saved_activations(g).values())
@@ -121,16 +190,12 @@ class SparseUpdate(Pass):
     # ---- channel subsets ----------------------------------------------------------------------------------
 
     def _narrow(self, g: TrainGraph, fqn: str, r: float) -> int:
-        p = g.params[fqn]
-        shape = tuple(p.meta["val"].shape)
+        _channels(g, fqn)  # a Linear's or Conv's weight, else a ConfigError
         grad = _strip(g.grad_of[fqn])
-        if grad.target is operator.getitem and grad.args[0].target is aten.convolution_backward.default:
-            return self._narrow_conv(g, fqn, grad, r, shape)
+        shape = tuple(g.params[fqn].meta["val"].shape)
         if grad.target is aten.mm.default:
             return self._narrow_linear(g, fqn, grad, r, shape)
-        raise ConfigError(where_what_got(f"{_WHERE}.scheme[{fqn!r}]", "a channel ratio on the weight of a Linear "
-                                         "or Conv (its gradient one matmul or convolution_backward)",
-                                         f"a gradient made by {grad.target}", "use 0 or 1 for this parameter"))
+        return self._narrow_conv(g, fqn, grad, r, shape)
 
     def _in_forward(self, g: TrainGraph, x: fx.Node, forward: set[fx.Node]) -> fx.Node:
         """``x`` itself when the forward makes it, else the views that make it from a forward value replayed

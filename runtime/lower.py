@@ -88,6 +88,8 @@ def _kernel_impls(triton: bool) -> dict:
         ops.pack_mask.default: (_bind(memfit_ops.run_pack_mask, "reference", None), "reference"),
         ops.mask_grad.default: (_bind(memfit_ops.run_mask_grad, "reference", None), "reference"),
         ops.sparse_weight.default: (_bind(memfit_ops.run_sparse_weight, "reference", None), "reference"),
+        ops.lsq_quant.default: (_bind(memfit_ops.run_lsq_quant, "reference", None), "reference"),
+        ops.lsq_quant_backward.default: (_bind(memfit_ops.run_lsq_quant_backward, "reference", None), "reference"),
     }
 
 

@@ -174,6 +174,48 @@ def test_qat_trains_as_eager_lsq():
         assert float(t.step(x, y)) == pytest.approx(float(loss), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.bfloat16,) * 3,
+                                    (torch.bfloat16, torch.float32, torch.float32)], ids=["fp32", "bf16", "bf16-w"])
+def test_lsq_bodies_match_eager_lsq_and_hold_their_declared_workspace(dtypes):
+    from memfit import ops
+    from memfit.measure import measure_peak
+
+    wd, gd, sd = dtypes
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(48, 64, generator=gen) * 3).to(wd)  # some values outside the clipping range
+    g = torch.randn(48, 64, generator=gen).to(gd)
+    s = (torch.rand(96, generator=gen) + 0.05).to(sd)
+    w.view(-1)[:64] = torch.arange(64, dtype=wd) * 0.5 - 16  # ties (x + 0.5 exact) and both bounds
+    s[0] = 1.0
+    ref_w, ref_s = w.float().clone().requires_grad_(True), s.float().clone().requires_grad_(True)
+    out = _LSQ.apply(ref_w, ref_s, 32, 7)
+    out.backward(g.float())
+    assert torch.equal(ops.run_lsq_quant(w, s, 32, 7), out.detach().to(wd))
+    dw, ds = ops.run_lsq_quant_backward(g, w, s, 32, 7)
+    assert torch.equal(dw, ref_w.grad.to(wd))
+    torch.testing.assert_close(ds, ref_s.grad.to(sd), rtol=1e-6 if sd == torch.float32 else 8e-3, atol=0)
+    held = sum(t.numel() * t.element_size() for t in (w, g, s))
+    for target, fn, args, out_bytes in (
+            (torch.ops.memfit.lsq_quant.default, ops.run_lsq_quant, (w, s, 32, 7), w.numel() * w.element_size()),
+            (torch.ops.memfit.lsq_quant_backward.default, ops.run_lsq_quant_backward, (g, w, s, 32, 7),
+             w.numel() * w.element_size() + s.numel() * s.element_size())):
+        m = measure_peak(fn, *args, device="cpu", existing=iter([w, g, s]))
+        assert m.peak_bytes - held - out_bytes == ops.lsq_workspace(
+            target, w.numel(), s.numel(), w.element_size(), g.element_size(), s.element_size())
+
+
+def test_qat_plan_is_exact_with_the_lsq_temporaries_seen():
+    t = _optimize(_model(), [("qat", {"bits": 4, "group": 128}), "remat", "fused_update"], lr=1e-3)
+    x, y = _batches(1)[0]
+    lsq = [n for n in t.graph.graph.nodes if n.target in (torch.ops.memfit.lsq_quant.default,
+                                                          torch.ops.memfit.lsq_quant_backward.default)]
+    from memfit.ops import workspace_bytes
+
+    assert lsq and all(workspace_bytes(n, False) >= 0 for n in lsq)
+    assert any(workspace_bytes(n, False) > 0 for n in lsq)  # the backward's fp32 buffers, now declared
+    assert t.measure_step(x, y).peak_bytes == t.plan.peak_bytes
+
+
 def test_qat_export_matches_the_training_graph_and_real_codes():
     t = _optimize(_model(), [("qat", {"bits": 4, "group": 128}), "remat", "fused_update"], lr=1e-3)
     for x, y in _batches(2):

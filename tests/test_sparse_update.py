@@ -118,3 +118,33 @@ def test_bad_scheme_is_refused(scheme, message):
     x, y = _cnn_batch()
     with pytest.raises(ConfigError, match=message):
         _memfit(models.build_mobilenet_tiny(), x, y, F.cross_entropy, scheme, steps=0)
+
+
+def test_sparse_update_is_an_opt_in_planner_lever_with_exact_state_bytes():
+    from memfit.passes.sparse_update import SparseUpdate
+
+    x, y = _cnn_batch()
+    torch.manual_seed(0)
+    m = models.build_mobilenet_tiny()
+    lossless = memfit.optimize(copy.deepcopy(m), example_inputs=(x, y), loss_fn=F.cross_entropy)
+    options = {(o.target, dict(o.config)["ratio"]): o for o in SparseUpdate.options(lossless.graph, "adapters")}
+    assert not SparseUpdate.options(lossless.graph, "lossy")  # it changes what trains: adapters only
+    state0 = sum(v.numel() * v.element_size() for v in lossless.executor.state.values())
+    with pytest.raises(memfit.BudgetError, match="the smallest peak reachable is") as e:  # recomputation alone
+        memfit.optimize(copy.deepcopy(m), example_inputs=(x, y), loss_fn=F.cross_entropy, budget=1, levers="lossless")
+    budget = e.value.plan.peak_bytes - state0 // 3  # below the smallest lossless peak: state must go
+    t = memfit.optimize(copy.deepcopy(m), example_inputs=(x, y), loss_fn=F.cross_entropy,
+                        optimizer=memfit.AdamW(lr=1e-2, weight_decay=0.0), budget=budget, levers="adapters",
+                        lever_passes=["sparse_update"])
+    s = t.graph.info["sparse_update"]
+    assert s["frozen"] or s["narrowed"]
+    assert t.measure_step(x, y).peak_bytes == t.plan.peak_bytes <= budget
+    # the chosen options' declared bytes are what the state holds, exactly
+    chosen = [options[(f, s["trained"].get(f, 0.0))] for f, p in m.named_parameters()
+              if p.dim() >= 2 and s["trained"].get(f, 0.0) != 1.0]
+    state = sum(v.numel() * v.element_size() for v in t.executor.state.values())
+    assert chosen and state - state0 == sum(o.persistent for o in chosen)
+    # the default levers never freeze
+    d = memfit.optimize(copy.deepcopy(m), example_inputs=(x, y), loss_fn=F.cross_entropy, budget=budget,
+                        levers="adapters")
+    assert "sparse_update" not in d.graph.info
