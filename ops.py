@@ -683,6 +683,32 @@ def lsq_workspace(target, numel: int, groups: int, w_size: int, grad_size: int, 
     return sf + max(during, after) - out - groups * step_size
 
 
+# ---- linear + cross-entropy without the logits (fused_cross_entropy) --------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                         label_smoothing: float, reduction: int, chunk: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F.cross_entropy((h @ weight.T).float(), target, ...)`` with its gradients for ``h`` and ``weight``
+    at an incoming gradient of 1, the logits made ``chunk`` rows at a time (``memfit.kernels.cross_entropy``);
+    ``reduction`` is torch's enum (1 mean, 2 sum). Returns ``(loss, dh, dweight)``."""
+    return run_linear_cross_entropy(None, h, weight, target, ignore_index, label_smoothing, reduction, chunk)
+
+
+@linear_cross_entropy.register_fake
+def _(h, weight, target, ignore_index, label_smoothing, reduction, chunk):
+    return h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(weight)
+
+
+def run_linear_cross_entropy(kernel, h, weight, target, ignore_index, label_smoothing, reduction, chunk):
+    """Body of ``memfit::linear_cross_entropy``: ``kernel`` is the Triton launcher (None: the reference)."""
+    from .kernels import cross_entropy as ce
+
+    fn = kernel or ce.linear_cross_entropy_ref
+    return fn(h, weight, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+              chunk=chunk)
+
+
 # ---- pruning masks (prune) -------------------------------------------------------------------------------------
 
 PRUNE_SCHEDULES = ("fixed", "oneshot", "gradual", "granet")
@@ -1068,6 +1094,12 @@ def workspace_bytes(node, triton: bool) -> int:
         kept = a.exp_avg.meta["val"].numel()
         return sparse_adamw_workspace(grad.numel(), kept, param.element_size(), grad.element_size(),
                                       values=param.numel() == kept)
+    if target is ops.linear_cross_entropy.default:
+        from .kernels.cross_entropy import workspace_bytes as ce_workspace
+
+        a = args_of(node)
+        h, w = a.h.meta["val"], a.weight.meta["val"]
+        return ce_workspace(h.shape[0], h.shape[1], w.shape[0], a.chunk, h.element_size(), w.element_size(), triton)
     if target in (ops.lsq_quant.default, ops.lsq_quant_backward.default):
         w, step = node.args[1 if target is ops.lsq_quant_backward.default else 0].meta["val"], \
             node.args[2 if target is ops.lsq_quant_backward.default else 1].meta["val"]
