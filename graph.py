@@ -310,6 +310,17 @@ def alias_users(node: fx.Node) -> list[fx.Node]:
     return users
 
 
+def detached(node: fx.Node) -> list[fx.Node]:
+    """The ``aten.detach`` chain hanging off ``node`` (how autograd saves a value for the backward)."""
+    out, stack = [], [node]
+    while stack:
+        for u in stack.pop().users:
+            if u.target is torch.ops.aten.detach.default:
+                out.append(u)
+                stack.append(u)
+    return out
+
+
 def node_flops(node: fx.Node) -> int:
     """FLOPs to (re)compute a node: torch's FLOP formulas for matmuls, convolutions and attention, the
     output's element count for everything else (pointwise, reductions, copies); 0 for views."""

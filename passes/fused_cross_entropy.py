@@ -36,7 +36,7 @@ import torch
 from torch import fx
 
 from ..errors import ConfigError, where_what_got
-from ..graph import TrainGraph
+from ..graph import TrainGraph, detached
 from ..ops import op_call
 from .base import Pass, PassResult, register_pass
 
@@ -164,7 +164,7 @@ class FusedCrossEntropy(Pass):
         if smooth_sum is not None:
             eps, loss = self._match_smoothing(nll_value, smooth_sum, target, ignore_index, reduction, vocab)
         # backward: the gradient of the logits and its two matmuls
-        lsb = [u for d in _detached(ls) for u in d.users if u.target is aten._log_softmax_backward_data.default]
+        lsb = [u for d in [ls, *detached(ls)] for u in d.users if u.target is aten._log_softmax_backward_data.default]
         nll_b = [u for u in ls.users if u.target is aten.nll_loss_backward.default]
         if len(lsb) != 1 or len(nll_b) != 1:
             raise _Skip("the backward of log_softmax / NLL not found once")
@@ -253,16 +253,6 @@ class FusedCrossEntropy(Pass):
                 "label_smoothing": s["eps"], "ignore_index": int(s["ignore_index"]),
                 "reduction": "mean" if s["reduction"] == 1 else "sum", "logits_bytes": logits,
                 "scaled": s["seed"] is not None}
-
-
-def _detached(n: fx.Node) -> list[fx.Node]:
-    out, stack = [n], [n]
-    while stack:
-        for u in stack.pop().users:
-            if u.target is aten.detach.default:
-                out.append(u)
-                stack.append(u)
-    return out
 
 
 def _strip_views(n: fx.Node) -> fx.Node:

@@ -42,7 +42,7 @@ import torch
 from torch import fx
 
 from ..errors import ConfigError, where_what_got
-from ..graph import FORWARD_KEY, TrainGraph, saved_activations
+from ..graph import FORWARD_KEY, TrainGraph, detached, saved_activations
 from ..ops import args_of
 from .base import Option, Pass, PassResult, register_pass
 
@@ -309,7 +309,7 @@ class SparseUpdate(Pass):
             src = act  # the activation (autograd saves a detached alias of it)
             while src.target is aten.detach.default:
                 src = src.args[0]
-            others = [u for a in [src, *_alias_chain(src)] for u in a.users if u in bwd and u is not n
+            others = [u for a in [src, *detached(src)] for u in a.users if u in bwd and u is not n
                       and u.target is not aten.detach.default]
             if others:  # the activation is saved anyway: a mask would only add bytes
                 continue
@@ -321,14 +321,3 @@ class SparseUpdate(Pass):
             n.replace_all_uses_with(new)
             count += 1
         return count
-
-
-def _alias_chain(n: fx.Node) -> list[fx.Node]:
-    out, stack = [], [n]
-    while stack:
-        for u in stack.pop().users:
-            if u.target is aten.detach.default:
-                out.append(u)
-                stack.append(u)
-    return out
-
