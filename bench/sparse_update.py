@@ -202,6 +202,8 @@ def run_task(name: str, model: nn.Module, loss_fn, train: list, evaluate, search
                 copy.deepcopy(model), loss_fn, args.lr, example, None, budget=budgets[k])
         except memfit.BudgetError as e:
             print(f"planner lever at {budgets[k]} B: {str(e)[:300]}", flush=True)
+            searches[-1]["planner_lever"] = (f"no plan fits; its smallest peak is "
+                                             f"{mib(e.plan.peak_bytes) if e.plan is not None else '?'}")
     losses = {n: [] for n in methods}
     t0 = time.perf_counter()
     for i, (xb, yb) in enumerate(train):
@@ -244,7 +246,9 @@ def report(rows: list[dict], searches: list[dict], args) -> str:
     for s in searches:
         lines.append(f"**{s['task']}, budget {mib(s['budget_bytes'])} ({s['budget_of']})**: {s['seconds']} s, "
                      f"{s['fine_tunes']} fine-tunes, {s['plans']} plans, {s['generations']} generations; predicted "
-                     f"peak {mib(s['predicted_peak'])}, summed gain {s['summed_gain']:+.4f}.")
+                     f"peak {mib(s['predicted_peak'])}, summed gain {s['summed_gain']:+.4f}."
+                     + (f" The planner lever (`lever_passes=['sparse_update']`) at this budget: {s['planner_lever']}."
+                        if s.get("planner_lever") else ""))
         lines.append("")
         lines.append("| layer | setting | gain |")
         lines.append("|---|---|---|")
