@@ -683,6 +683,36 @@ def lsq_workspace(target, numel: int, groups: int, w_size: int, grad_size: int, 
     return sf + max(during, after) - out - groups * step_size
 
 
+# ---- fused pointwise programs (fuse) -----------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::fused", mutates_args=())
+def fused(inputs: list[torch.Tensor], program: str) -> torch.Tensor:
+    """A chain of pointwise ATen ops as one op (``memfit.kernels.pointwise``): the program's output, its
+    intermediates never whole (one generated Triton kernel; on CPU, chunks of the output)."""
+    return run_fused(None, inputs, program)
+
+
+@fused.register_fake
+def _(inputs, program):
+    from .kernels import pointwise as pw
+
+    return pw.evaluate(program, list(inputs))
+
+
+def run_fused(kernel, inputs, program):
+    """Body of ``memfit::fused``: ``kernel`` is the Triton runner (None: the chunked CPU evaluation)."""
+    from .kernels import pointwise as pw
+
+    return (kernel or pw.run_chunked)(program, list(inputs))
+
+
+def fusible_ops() -> frozenset[str]:
+    """The ATen overloads (``"mul.Tensor"``) a fused program may hold."""
+    from .kernels.pointwise import SUPPORTED
+
+    return SUPPORTED
+
+
 # ---- linear + cross-entropy without the logits (fused_cross_entropy) --------------------------------------
 
 @torch.library.custom_op(f"{_LIB}::linear_cross_entropy", mutates_args=())
@@ -1076,9 +1106,23 @@ def lowrank_workspace(shape: tuple[int, int], *, rank: int, projector: str, rule
     return step + pj.refresh_bytes((m, n), rank, projector)
 
 
+# The step hook checks each guarded op's gradient before the op runs (``runtime.executor.all_finite``): one
+# 0-dim fp32 sum, alive while the op's inputs are; declared as a floor of those ops' workspace.
+FINITE_CHECK_BYTES = 4
+
+
 def workspace_bytes(node, triton: bool) -> int:
     """Workspace of the memfit op at ``node`` (0 for any other node), for the Triton kernels or the CPU
-    references (``triton``)."""
+    references (``triton``); an op whose gradient the step hook checks holds at least the check's sum."""
+    own = _op_workspace(node, triton)
+    ops = torch.ops.memfit
+    if node.target in (ops.adamw_update.default, ops.sgd_update.default, ops.adam8bit_update.default,
+                       ops.lowrank_update.default, ops.prune_mask.default, ops.sparse_adamw_update.default):
+        return max(own, FINITE_CHECK_BYTES)
+    return own
+
+
+def _op_workspace(node, triton: bool) -> int:
     target = node.target
     ops = torch.ops.memfit
     if target is ops.prune_mask.default:
@@ -1094,6 +1138,14 @@ def workspace_bytes(node, triton: bool) -> int:
         kept = a.exp_avg.meta["val"].numel()
         return sparse_adamw_workspace(grad.numel(), kept, param.element_size(), grad.element_size(),
                                       values=param.numel() == kept)
+    if target is ops.fused.default:
+        if triton:
+            return 0
+        from .kernels.pointwise import chunked_workspace
+
+        a = args_of(node)
+        return chunked_workspace(a.program, [(tuple(x.meta["val"].shape), x.meta["val"].dtype,
+                                              tuple(x.meta["val"].stride())) for x in a.inputs])
     if target is ops.linear_cross_entropy.default:
         from .kernels.cross_entropy import workspace_bytes as ce_workspace
 

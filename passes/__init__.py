@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (registration side effects)
     freeze,
+    fuse,
     fused_cross_entropy,
     fused_update,
     lora,

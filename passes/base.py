@@ -52,7 +52,7 @@ LOSSINESS = ("lossless", "near-lossless", "lossy", "adapters")
 # The one written pipeline: every door and the planner read their pass sequences from here.
 PIPELINES: dict[str, tuple[str, ...]] = {
     # memfit.optimize / memfit.plan without a budget, the planner's starting point, size_model's default
-    "lossless": ("remat", "fused_update"),
+    "lossless": ("fused_cross_entropy", "remat", "fused_update"),
     # torch.compile's joint graphs keep gradients as outputs: no fused update there
     "compile": ("remat",),
 }

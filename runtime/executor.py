@@ -25,6 +25,8 @@ step (all its micro-batches):
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -129,7 +131,8 @@ class StepGuard:
 
     # ---- called from inside the lowered graph -----------------------------------------------------
     def on_loss(self, loss: torch.Tensor) -> None:
-        if self.nonfinite != "ignore" and not bool(torch.isfinite(loss).all()):
+        if self.nonfinite != "ignore" and not (math.isfinite(loss.item()) if loss.numel() == 1
+                                               else bool(torch.isfinite(loss).all())):
             raise NonFiniteError(where_what_got("Trainer.step", "a finite loss", f"loss {loss.item()}",
                                                 "check the batch for NaN/inf values or lower the learning rate"),
                                  what="loss", before_updates=self.applied == 0)
@@ -191,8 +194,9 @@ class StepGuard:
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every element is finite, without a tensor-sized temporary: a NaN or inf anywhere makes the
     sum NaN or inf; only when it is does the exact (temporary-allocating) check decide, which also clears
-    the rare finite tensor whose sum overflows."""
-    if bool(torch.isfinite(t.sum(dtype=torch.float32) if t.is_floating_point() else t.sum())):
+    the rare finite tensor whose sum overflows. The common path holds one 0-dim sum (``ops.FINITE_CHECK_BYTES``,
+    declared in every guarded op's workspace)."""
+    if math.isfinite((t.sum(dtype=torch.float32) if t.is_floating_point() else t.sum()).item()):
         return True
     return bool(torch.isfinite(t).all())
 

@@ -70,8 +70,9 @@ def _kernel_impls(triton: bool) -> dict:
     wk, dequant = _weight_kernels(triton)
     if triton:
         from ..kernels.cross_entropy import linear_cross_entropy as lce
+        from ..kernels.pointwise import run_triton as fused_kernel
     else:
-        lce = None
+        lce = fused_kernel = None
     ops = torch.ops.memfit
     return {
         ops.adamw_update.default: (_bind(memfit_ops.run_adamw_update, label, ops.adamw_update.default, adamw,
@@ -92,6 +93,7 @@ def _kernel_impls(triton: bool) -> dict:
         ops.pack_mask.default: (_bind(memfit_ops.run_pack_mask, "reference", None), "reference"),
         ops.mask_grad.default: (_bind(memfit_ops.run_mask_grad, "reference", None), "reference"),
         ops.sparse_weight.default: (_bind(memfit_ops.run_sparse_weight, "reference", None), "reference"),
+        ops.fused.default: (_bind(memfit_ops.run_fused, label, None, fused_kernel), label),
         ops.linear_cross_entropy.default: (_bind(memfit_ops.run_linear_cross_entropy, label, None, lce), label),
         ops.lsq_quant.default: (_bind(memfit_ops.run_lsq_quant, "reference", None), "reference"),
         ops.lsq_quant_backward.default: (_bind(memfit_ops.run_lsq_quant_backward, "reference", None), "reference"),

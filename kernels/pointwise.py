@@ -1,0 +1,432 @@
+"""Fused pointwise programs: one generated Triton kernel per program, and a chunked plain-torch evaluation.
+
+A *program* is a chain (or tree) of pointwise ATen ops over some input tensors, as the ``fuse`` pass cuts it
+from the step: a JSON string ``{"steps": [[op, args, kwargs], ...]}`` whose last step is the output. An
+argument is ``["in", i]`` (input ``i``), ``["v", j]`` (step ``j``'s value), ``["dtype", name]`` or a literal.
+``OPS`` lists the ops a program may use, each with its ATen overload and its Triton expression.
+
+``run_triton(program, inputs)`` generates (once per program and input layout: rank, dtypes) a kernel over
+the output's elements: each input is read through its strides broadcast to the output's shape (stride 0 on
+broadcast dimensions, so views and expands cost nothing), every op is evaluated in fp32 registers (bool and
+integer inputs as themselves), and only the output is written. The kernel source is written under
+``$MEMFIT_CACHE`` (default ``~/.cache/memfit/kernels``) and imported from there, keyed by its hash.
+
+``run_chunked(program, inputs)`` is the CPU evaluation: the ops run as ATen calls on slices of the output's
+first dimension, ``CHUNK_ELEMENTS`` output elements at a time, each chunk written into the output, so an
+intermediate never exists beyond one chunk; per element it is the same ATen arithmetic as the unfused
+graph (bit-identical results). ``chunked_workspace`` is what it holds beyond the output, computed from the
+same schedule.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import KernelError, where_what_got
+from ._checks import require_gpu_or_interpreter, require_triton
+
+try:
+    import triton
+    import triton.language as tl  # noqa: F401  (the generated modules import it themselves)
+except ImportError:  # no triton wheel on this platform; run_chunked still works
+    triton = None
+
+_WHERE = "memfit.kernels.pointwise"
+CHUNK_ELEMENTS = 1 << 14
+_BLOCK = 1024
+_MAX_RANK = 6
+aten = torch.ops.aten
+
+
+def _f(x: object) -> str:
+    """A Python literal as Triton source (floats as fp32 constants)."""
+    if isinstance(x, bool):
+        return "True" if x else "False"
+    if isinstance(x, int):
+        return f"{x}"
+    if isinstance(x, float):
+        if math.isinf(x):
+            return "float('inf')" if x > 0 else "float('-inf')"
+        return repr(x)
+    raise KernelError(where_what_got(_WHERE, "a number", repr(x), "report the op"))
+
+
+def _pow(a: str, e: object) -> str:
+    table = {1: "{a}", 2: "({a} * {a})", 3: "({a} * {a} * {a})", 0.5: "tl.sqrt_rn({a})", -0.5: "tl.rsqrt({a})",
+             -1: "(1.0 / {a})"}
+    e = float(e)
+    if e not in table:
+        raise KernelError(where_what_got(_WHERE, f"a power in {sorted(table)}", e, "leave it unfused"))
+    return table[e].format(a=a)
+
+
+def _alpha(b: str, kw: dict) -> str:
+    alpha = kw.get("alpha", 1)
+    return b if alpha == 1 else f"({b} * {_f(float(alpha))})"
+
+
+# op name (aten.<name>) -> Triton expression from its operand expressions (tensors or literals as source)
+OPS = {
+    "add.Tensor": lambda a, b, **kw: f"({a} + {_alpha(b, kw)})",
+    "add.Scalar": lambda a, b, **kw: f"({a} + {_alpha(b, kw)})",
+    "sub.Tensor": lambda a, b, **kw: f"({a} - {_alpha(b, kw)})",
+    "sub.Scalar": lambda a, b, **kw: f"({a} - {_alpha(b, kw)})",
+    "rsub.Scalar": lambda a, b, **kw: f"({b} - {_alpha(a, kw)})",
+    "mul.Tensor": lambda a, b: f"({a} * {b})",
+    "mul.Scalar": lambda a, b: f"({a} * {b})",
+    "div.Tensor": lambda a, b: f"({a} / {b})",
+    "div.Scalar": lambda a, b: f"({a} / {b})",
+    "neg.default": lambda a: f"(-{a})",
+    "exp.default": lambda a: f"tl.exp({a})",
+    "log.default": lambda a: f"tl.log({a})",
+    "sqrt.default": lambda a: f"tl.sqrt_rn({a})",
+    "rsqrt.default": lambda a: f"tl.rsqrt({a})",
+    "reciprocal.default": lambda a: f"(1.0 / {a})",
+    "abs.default": lambda a: f"tl.abs({a})",
+    "cos.default": lambda a: f"tl.cos({a})",
+    "sin.default": lambda a: f"tl.sin({a})",
+    "sigmoid.default": lambda a: f"(1.0 / (1.0 + tl.exp(-{a})))",
+    "silu.default": lambda a: f"({a} / (1.0 + tl.exp(-{a})))",
+    "tanh.default": lambda a: f"(1.0 - 2.0 / (tl.exp(2.0 * {a}) + 1.0))",
+    "relu.default": lambda a: f"tl.maximum({a}, 0.0)",
+    "gelu.default": lambda a, approximate="none": (
+        f"(0.5 * {a} * (1.0 + tl.erf({a} * 0.7071067811865476)))" if approximate == "none" else
+        f"(0.5 * {a} * (2.0 - 2.0 / (tl.exp(2.0 * 0.7978845608028654 * ({a} + 0.044715 * {a} * {a} * {a})) + 1.0)))"),
+    "pow.Tensor_Scalar": _pow,
+    "tanh_backward.default": lambda g, y: f"({g} * (1.0 - {y} * {y}))",
+    "sigmoid_backward.default": lambda g, y: f"({g} * {y} * (1.0 - {y}))",
+    "threshold_backward.default": lambda g, x, t: f"tl.where({x} <= {t}, 0.0, {g})",
+    "hardtanh.default": lambda a, lo=-1.0, hi=1.0: f"tl.minimum(tl.maximum({a}, {lo}), {hi})",
+    "hardtanh_backward.default": lambda g, x, lo, hi: f"tl.where(({x} <= {lo}) | ({x} >= {hi}), 0.0, {g})",
+    "clamp_min.default": lambda a, lo: f"tl.maximum({a}, {lo})",
+    "clamp_max.default": lambda a, hi: f"tl.minimum({a}, {hi})",
+    "where.self": lambda c, a, b: f"tl.where({c}, {a}, {b})",
+    "masked_fill.Scalar": lambda a, m, v: f"tl.where({m}, {v}, {a})",
+    "eq.Scalar": lambda a, b: f"({a} == {b})",
+    "ne.Scalar": lambda a, b: f"({a} != {b})",
+    "gt.Scalar": lambda a, b: f"({a} > {b})",
+    "ge.Scalar": lambda a, b: f"({a} >= {b})",
+    "lt.Scalar": lambda a, b: f"({a} < {b})",
+    "le.Scalar": lambda a, b: f"({a} <= {b})",
+    "empty_like.default": lambda a: "tl.zeros([BLOCK], tl.float32)",  # values unset: only read after a fill
+    "fill.Scalar": lambda a, v: f"(tl.zeros([BLOCK], tl.float32) + {v})",
+    "_to_copy.default": None,  # a dtype cast: handled by the generator (see _cast)
+}
+SUPPORTED = frozenset(OPS)
+
+_TL = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
+       torch.bool: "tl.int1", torch.int64: "tl.int64", torch.int32: "tl.int32"}
+
+
+def parse(program: str) -> list:
+    return _parse(program)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(program: str) -> list:
+    try:
+        steps = json.loads(program)["steps"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise KernelError(where_what_got(_WHERE, "a program {'steps': [[op, args, kwargs], ...]}", program[:80],
+                                         "build programs with the fuse pass")) from e
+    for op, _, _ in steps:
+        if op not in SUPPORTED:
+            raise KernelError(where_what_got(_WHERE, f"ops in {sorted(SUPPORTED)}", op, "leave it unfused"))
+    return steps
+
+
+def _decode(a, env_in, env_v):
+    if isinstance(a, list) and len(a) == 2 and a[0] in ("in", "v", "dtype"):
+        if a[0] == "in":
+            return env_in[a[1]]
+        if a[0] == "v":
+            return env_v[a[1]]
+        return getattr(torch, a[1])
+    if isinstance(a, list):
+        return [_decode(x, env_in, env_v) for x in a]
+    return a
+
+
+def _aten(op: str):
+    name, overload = op.split(".")
+    return getattr(getattr(aten, name), overload)
+
+
+def _last_uses(steps: list) -> dict[int, int]:
+    last = {}
+    for j, (_, args, kwargs) in enumerate(steps):
+        for a in _refs(args) + _refs(list(kwargs.values())):
+            last[a] = j
+    return last
+
+
+def _refs(args) -> list[int]:
+    out = []
+    for a in args:
+        if isinstance(a, list) and len(a) == 2 and a[0] == "v":
+            out.append(a[1])
+        elif isinstance(a, list):
+            out += _refs(a)
+    return out
+
+
+def evaluate(program: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The program as plain ATen calls on ``inputs`` (any tensors, fake ones included): the unfused result."""
+    steps = parse(program)
+    last = _last_uses(steps)
+    vals: dict[int, torch.Tensor] = {}
+    for j, (op, args, kwargs) in enumerate(steps):
+        fn = _aten(op)
+        vals[j] = fn(*_decode(args, inputs, vals), **{k: _decode(v, inputs, vals) for k, v in kwargs.items()})
+        for i in [i for i, lj in last.items() if lj == j and i in vals]:
+            del vals[i]
+    return vals[len(steps) - 1]
+
+
+def _chunks(shape: tuple[int, ...]):
+    """The output's chunks as per-dimension (start, stop) tuples: every index of the dimensions before the
+    split dimension ``j`` alone, ``j`` in runs of as many rows as fit ``CHUNK_ELEMENTS``. ``j`` is the first
+    dimension whose trailing block (the dimensions after it) holds at most ``CHUNK_ELEMENTS`` elements."""
+    rank = len(shape)
+    j = next((k for k in range(rank) if math.prod(shape[k + 1:]) <= CHUNK_ELEMENTS), rank - 1)
+    rows = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[j + 1:])))
+    for lead in itertools.product(*[range(shape[k]) for k in range(j)]):
+        for lo in range(0, shape[j], rows):
+            yield tuple((i, i + 1) for i in lead) + ((lo, min(shape[j], lo + rows)),)
+
+
+def _slice(x: torch.Tensor, rank: int, box: tuple) -> torch.Tensor:
+    """``x`` (broadcast to an output of ``rank`` dimensions) cut to the chunk ``box`` of the output; a
+    dimension ``x`` broadcasts over stays whole."""
+    offset = rank - x.dim()
+    for d, (lo, hi) in enumerate(box):
+        k = d - offset
+        if k >= 0 and x.shape[k] != 1:
+            x = x.narrow(k, lo, hi - lo)
+    return x
+
+
+def run_chunked(program: str, inputs: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The CPU evaluation: ``evaluate`` on chunks of about ``CHUNK_ELEMENTS`` output elements (``_chunks``),
+    each written into the output."""
+    if any(isinstance(x, torch._subclasses.FakeTensor) for x in inputs):
+        return evaluate(program, inputs)
+    meta = _out_meta(program, inputs)
+    if out is None:
+        out = _empty_out(meta, inputs[0].device)
+    if out.dim() == 0 or out.numel() == 0:
+        out.copy_(evaluate(program, inputs)) if out.numel() else None
+        return out
+    rank = out.dim()
+    for box in _chunks(tuple(out.shape)):
+        _slice(out, rank, box).copy_(evaluate(program, [_slice(x, rank, box) for x in inputs]))
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _meta_cached(program: str, sig: tuple) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
+    """(shape, dtype, strides) of the program's output for inputs of these (shape, dtype[, strides]): the
+    unfused ops' own output layout (a later view may rely on it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fakes = [torch.empty_strided(s[0], s[2], dtype=s[1]) if len(s) > 2 else torch.empty(s[0], dtype=s[1])
+                 for s in sig]
+        r = evaluate(program, fakes)
+        return tuple(r.shape), r.dtype, tuple(r.stride())
+
+
+class _Meta:
+    def __init__(self, shape, dtype, stride):
+        self.shape, self.dtype, self.stride = shape, dtype, stride
+
+
+def _out_meta(program: str, inputs: list[torch.Tensor]) -> _Meta:
+    return _Meta(*_meta_cached(program, tuple((tuple(x.shape), x.dtype, tuple(x.stride())) for x in inputs)))
+
+
+def _empty_out(meta: _Meta, device) -> torch.Tensor:
+    return torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, device=device)
+
+
+def chunked_workspace(program: str, shapes: list[tuple]) -> int:
+    """Bytes ``run_chunked`` holds beyond its output: the largest chunk's live intermediates (each step's result
+    until its last use) at their peak, computed on fake tensors of the chunk's input slices; ``shapes`` holds
+    each input's (shape, dtype, strides)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    steps = parse(program)
+    out_shape = _meta_cached(program, tuple(shapes))[0]
+    rank = len(out_shape)
+    last = _last_uses(steps)
+    with FakeTensorMode():
+        ins = [torch.empty_strided(s[0], s[2], dtype=s[1]) if len(s) > 2 else torch.empty(s[0], dtype=s[1])
+               for s in shapes]
+        if rank and math.prod(out_shape):
+            box = next(_chunks(out_shape))  # the first chunk is the largest
+            ins = [_slice(x, rank, box) for x in ins]
+        vals, sizes, live, peak = {}, {}, 0, 0
+        for j, (op, args, kwargs) in enumerate(steps):
+            fn = _aten(op)
+            r = fn(*_decode(args, ins, vals), **{k: _decode(v, ins, vals) for k, v in kwargs.items()})
+            vals[j] = r
+            sizes[j] = r.untyped_storage().nbytes() if not _aliases_input(r, ins, vals, j) else 0
+            live += sizes[j]
+            peak = max(peak, live)
+            for i in [i for i, lj in last.items() if lj == j and i in vals]:
+                live -= sizes.pop(i)
+                del vals[i]
+    return peak
+
+
+def _aliases_input(r, ins, vals, j) -> bool:
+    """An op that returned one of its inputs (``_to_copy`` to the same dtype): no new storage."""
+    return any(r is x for x in ins) or any(r is v for i, v in vals.items() if i != j)
+
+
+# ---- the Triton generator ------------------------------------------------------------------------------------
+
+def _cache_dir() -> Path:
+    d = Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")) / "kernels"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "f" if dtype.is_floating_point else ("b" if dtype == torch.bool else "i")
+
+
+def generate_source(program: str, in_dtypes: tuple[torch.dtype, ...], out_dtype: torch.dtype, rank: int) -> str:
+    """The Triton source of ``program``'s kernel for inputs of these dtypes and an output of this rank."""
+    steps = parse(program)
+    if rank > _MAX_RANK:
+        raise KernelError(where_what_got(_WHERE, f"outputs of rank <= {_MAX_RANK}", rank, "leave it unfused"))
+    n_in = len(in_dtypes)
+    dims = [f"d{k}" for k in range(rank)]
+    strides = [f"s{i}_{k}" for i in range(n_in) for k in range(rank)]
+    out_strides = [f"so_{k}" for k in range(rank)]
+    params = ["out_ptr", *[f"in{i}" for i in range(n_in)], "n_elements", *dims, *strides, *out_strides,
+              "BLOCK: tl.constexpr"]
+    lines = ["import triton", "import triton.language as tl", "", "", "@triton.jit",
+             f"def fused_kernel({', '.join(params)}):",
+             "    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
+             "    mask = offs < n_elements",
+             "    rem = offs"]
+    for k in reversed(range(rank)):
+        lines.append(f"    i{k} = rem % d{k}")
+        if k:
+            lines.append(f"    rem = rem // d{k}")
+    env_in, kinds_in = [], []
+    for i, dt in enumerate(in_dtypes):
+        off = " + ".join(f"i{k} * s{i}_{k}" for k in range(rank)) or "0"
+        load = f"tl.load(in{i} + ({off}), mask=mask"
+        if _kind(dt) == "f":
+            lines.append(f"    x{i} = {load}, other=0.0).to(tl.float32)")
+        elif _kind(dt) == "b":
+            lines.append(f"    x{i} = {load}, other=0) != 0")
+        else:
+            lines.append(f"    x{i} = {load}, other=0)")
+        env_in.append(f"x{i}")
+        kinds_in.append(_kind(dt))
+
+    def src(a):
+        if isinstance(a, list) and len(a) == 2 and a[0] == "in":
+            return env_in[a[1]]
+        if isinstance(a, list) and len(a) == 2 and a[0] == "v":
+            return f"v{a[1]}"
+        if isinstance(a, list) and len(a) == 2 and a[0] == "dtype":
+            return a
+        return _f(a)
+
+    for j, (op, args, kwargs) in enumerate(steps):
+        if op == "_to_copy.default":
+            dtype = getattr(torch, kwargs["dtype"][1]) if "dtype" in kwargs else None
+            expr = _cast(src(args[0]), dtype)
+        else:
+            expr = OPS[op](*[src(a) for a in args], **{k: (v if isinstance(v, str) else _lit(v))
+                                                      for k, v in kwargs.items()})
+        lines.append(f"    v{j} = {expr}")
+    result = f"v{len(steps) - 1}"
+    lines.append(f"    out_off = {' + '.join(f'i{k} * so_{k}' for k in range(rank)) or '0'}")
+    if out_dtype == torch.bool:
+        lines.append(f"    tl.store(out_ptr + out_off, {result}.to(tl.int1), mask=mask)")
+    elif out_dtype == torch.bfloat16:
+        lines.append(f"    r = {result}")
+        lines.append(f"    tl.store(out_ptr + out_off, ({_bf16_bits('r')}).to(tl.uint16).to(tl.bfloat16, bitcast=True), "
+                     "mask=mask)")
+    else:
+        lines.append(f"    tl.store(out_ptr + out_off, {result}.to({_TL[out_dtype]}), mask=mask)")
+    return "\n".join(lines) + "\n"
+
+
+def _lit(v):
+    return _f(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _bf16_bits(a: str) -> str:
+    """``a`` (fp32) rounded to nearest even at bf16, as its upper 16 bits in a uint32: by hand, since
+    ``.to(tl.bfloat16)`` truncates under TRITON_INTERPRET=1 (torch and GPUs round); NaN stays a quiet NaN."""
+    bits = f"{a}.to(tl.uint32, bitcast=True)"
+    return f"tl.where({a} != {a}, 0x7FC0, ({bits} + 0x7FFF + (({bits} >> 16) & 1)) >> 16)"
+
+
+def _cast(a: str, dtype: torch.dtype | None) -> str:
+    """A cast inside fp32 registers: to a narrower float, round there and back; to fp32 or a wider type, as is."""
+    if dtype is torch.bfloat16:
+        return f"({_bf16_bits(a)} << 16).to(tl.float32, bitcast=True)"
+    if dtype is torch.float16:
+        return f"{a}.to({_TL[dtype]}).to(tl.float32)"
+    if dtype is torch.bool:
+        return f"({a} != 0)"
+    return a
+
+
+@functools.lru_cache(maxsize=1024)
+def _kernel(source: str):
+    key = hashlib.sha256(source.encode()).hexdigest()[:24]
+    path = _cache_dir() / f"fused_{key}.py"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        tmp.replace(path)
+    spec = importlib.util.spec_from_file_location(f"memfit_fused_{key}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fused_kernel
+
+
+def run_triton(program: str, inputs: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The program as one generated Triton kernel (GPU, or CPU under ``TRITON_INTERPRET=1``)."""
+    require_triton(_WHERE, triton, "run_chunked")
+    if not inputs:
+        raise KernelError(where_what_got(_WHERE, "at least one input", 0, "fuse ops that read tensors"))
+    meta = _out_meta(program, inputs)
+    device = inputs[0].device
+    if any(x.device != device for x in inputs):
+        raise KernelError(where_what_got(_WHERE, f"inputs on one device ({device})",
+                                         sorted({str(x.device) for x in inputs}), "move them"))
+    if out is None:
+        out = _empty_out(meta, device)
+    rank = len(meta.shape)
+    source = generate_source(program, tuple(x.dtype for x in inputs), meta.dtype, rank)
+    kernel = _kernel(source)
+    require_gpu_or_interpreter(_WHERE, kernel, device)
+    n = out.numel()
+    if n == 0:
+        return out
+    strides = []
+    for x in inputs:
+        b = x.expand(meta.shape) if rank else x.reshape(())
+        strides += list(b.stride()) if rank else []
+    grid = (triton.cdiv(n, _BLOCK),)
+    kernel[grid](out, *inputs, n, *meta.shape, *strides, *(out.stride() if rank else ()), BLOCK=_BLOCK)
+    return out
