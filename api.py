@@ -577,7 +577,8 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
                 frozen: Sequence[str] = (), clip_grad_norm: float | None = None, clip: str = "global",
                 micro_steps: int = 1, budget_bytes: int | None = None,
                 device: torch.device | str = "cpu", levers: str = "lossy",
-                replicate: bool = False, lever_passes: Sequence[str] | None = None) -> tuple[TrainGraph, MemoryPlan]:
+                replicate: bool = False, lever_passes: Sequence[str] | None = None,
+                fuse: bool = False) -> tuple[TrainGraph, MemoryPlan]:
     """Capture one training step and let the planner rewrite it to fit ``budget_bytes`` (fake tensors
     throughout: nothing of the model's size is allocated). Returns the graph and its plan.
 
@@ -604,8 +605,12 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
     def make(spec):
         return make_pass(spec, **defaults)
 
+    if fuse and passes is not None and "fuse" not in [p if isinstance(p, str) else p[0] if isinstance(p, tuple)
+                                                      else p.name for p in passes]:
+        passes = [*passes, "fuse"]
     explicit = [make(s) for s in passes] if passes is not None else None
-    choice = choose(base, budget_bytes, device=device, make=make, head=("freeze",) if frozen else (),
+    head = (("freeze",) if frozen else ()) + (("fuse",) if fuse else ())  # fuse runs last whatever its place
+    choice = choose(base, budget_bytes, device=device, make=make, head=head,
                     explicit=explicit, levers=levers, lever_passes=lever_passes)
     choice.graph.info["planner"] = {"trials": [t.__dict__ for t in choice.trials]}
     return choice.graph, choice.plan
@@ -654,7 +659,7 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
          loss_fn: Callable | None = None, optimizer: AdamW | SGD | None = None,
          passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
          device: torch.device | str | None = None, levers: str = "lossy",
-         replicate: bool | str = "auto") -> MemoryPlan:
+         replicate: bool | str = "auto", fuse: bool = False) -> MemoryPlan:
     """The memory plan of one training step, without running it or allocating the model's tensors.
 
     ``model`` and ``example_inputs`` may live on the ``meta`` device (build the model under
@@ -666,7 +671,8 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     layers; the planner makes the same choice in every layer). ``"auto"`` (default) does so for models of 5
     or more layers on the ``meta`` device planned without ``passes=`` or ``frozen=``, and when that plan does
     not fit the budget, plans the whole step before saying so (its search is per value, not per layer class:
-    it may fit where the replicated one does not); ``False`` captures the whole step.
+    it may fit where the replicated one does not); ``False`` captures the whole step. ``fuse=True`` plans
+    the step with its pointwise chains fused (the ``fuse`` pass, as ``optimize(fuse=True)`` runs it).
     """
     if not isinstance(example_inputs, (tuple, list)):
         raise ConfigError(where_what_got("memfit.plan(example_inputs=)", "a tuple (one batch)",
@@ -690,7 +696,7 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     try:
         _, p = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes,
                            frozen=frozen, budget_bytes=budget_bytes, device=dev, levers=levers,
-                           replicate=bool(replicate))
+                           replicate=bool(replicate), fuse=fuse)
     except BudgetError:
         if not (auto and replicate):
             raise
@@ -698,7 +704,8 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
         # is not the last word: the whole step, captured and searched per value, decides (slower).
         log.info("memfit.plan: the replicated plan does not fit %s; planning the whole step", budget)
         _, p = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes,
-                           frozen=frozen, budget_bytes=budget_bytes, device=dev, levers=levers, replicate=False)
+                           frozen=frozen, budget_bytes=budget_bytes, device=dev, levers=levers, replicate=False,
+                           fuse=fuse)
     return p
 
 
@@ -748,7 +755,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
              passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
              clip_grad_norm: float | None = None, clip: str = "global", micro_steps: int = 1,
              lr_schedule: Callable[[int], float] | None = None, levers: str = "lossy", nonfinite: str = "skip",
-             transactional: bool = False, max_shapes: int = 8, lever_passes: Sequence[str] | None = None) -> Trainer:
+             transactional: bool = False, max_shapes: int = 8, lever_passes: Sequence[str] | None = None,
+             fuse: bool = False) -> Trainer:
     """Compile ``model``'s whole training step under ``budget`` and return a :class:`Trainer`.
 
     ``example_inputs`` is one batch: ``(inputs..., target)`` with ``loss_fn(output, target)``, or the
@@ -769,6 +777,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     ``lever_passes`` names the passes whose declared options the planner may take (default
     ``memfit.passes.base.LEVER_PASSES``: ``quantize_state``, ``lowrank``, ``quantize_weights`` and ``lora``); a
     pass of your own becomes a lever by declaring ``options`` and ``from_options`` and being named here.
+    ``fuse=True`` adds the ``fuse`` pass after every other rewrite: each pointwise chain one generated Triton
+    kernel on CUDA, a chunked evaluation on CPU, planned as such.
     """
     optimizer = AdamW() if optimizer is None else optimizer
     if transactional and budget is not None:
@@ -795,7 +805,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         capture_inputs = tuple(example_inputs)
     g, plan_ = build_graph(model, capture_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes,
                            frozen=frozen, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
-                           budget_bytes=budget_bytes, device=device, levers=levers, lever_passes=lever_passes)
+                           budget_bytes=budget_bytes, device=device, levers=levers, lever_passes=lever_passes,
+                           fuse=fuse)
     try:
         trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
                           lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device, plan=plan_,

@@ -1,6 +1,6 @@
 """``memfit`` command line: ``memfit plan`` predicts a step's memory, ``memfit train`` trains under a budget.
 
-    memfit plan MODEL --budget 16GB --batch 1 --seq 2048 [--dtype fp32|bf16] [--optimizer adamw|sgd] [--out step.png]
+    memfit plan MODEL --budget 16GB --batch 1 --seq 2048 [--dtype fp32|bf16] [--optimizer adamw|sgd] [--out step.png] [--fuse]
     memfit train --model tiny-llama --steps 200 [--text FILE] [--budget 300MB] [--save ckpt.pt] [--resume ckpt.pt]
 
 ``memfit plan`` builds the model on the ``meta`` device and captures the step with fake tensors, so a
@@ -138,7 +138,7 @@ def meta_model(spec: str, dtype: str = "fp32") -> nn.Module:
 
 def plan_on_meta(model: nn.Module, *, batch: int, seq: int, optimizer: str = "adamw",
                  budget: str | None = None, device: str = "cpu", levers: str = "lossy",
-                 replicate: bool | str = "auto") -> MemoryPlan:
+                 replicate: bool | str = "auto", fuse: bool = False) -> MemoryPlan:
     """``memfit.plan`` of one language-model step of ``model``: ``batch x seq`` int64 token ids (inputs and
     targets) on meta, ``models.lm_loss``, planned for the ``device`` runtime (``cuda``: Triton kernels, no
     CPU-reference workspaces). Raises BudgetError when nothing fits."""
@@ -151,7 +151,8 @@ def plan_on_meta(model: nn.Module, *, batch: int, seq: int, optimizer: str = "ad
             raise ConfigError(where_what_got(f"memfit plan {name}", "an int >= 1", v, "e.g. --batch 1 --seq 2048"))
     tokens = torch.zeros((batch, seq), dtype=torch.int64, device="meta")
     return memfit.plan(model, example_inputs=(tokens, tokens), loss_fn=models.lm_loss, budget=budget,
-                       optimizer=_optimizer(optimizer), device=device, levers=levers, replicate=replicate)
+                       optimizer=_optimizer(optimizer), device=device, levers=levers, replicate=replicate,
+                       fuse=fuse)
 
 
 def _optimizer(name: str) -> AdamW | SGD:
@@ -267,7 +268,8 @@ def _plan(args: argparse.Namespace) -> int:
     over: BudgetError | None = None
     try:
         plan = plan_on_meta(model, batch=args.batch, seq=args.seq, optimizer=args.optimizer, budget=args.budget,
-                            device=args.device, levers=args.levers, replicate=False if args.full else "auto")
+                            device=args.device, levers=args.levers, replicate=False if args.full else "auto",
+                            fuse=args.fuse)
     except BudgetError as e:  # the planner tried its levers; e.plan is the smallest peak it reached
         over, plan = e, e.plan
         if plan is None:
@@ -384,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levers", choices=("lossless", "near-lossless", "lossy", "adapters"), default="lossy",
                    help="how far the planner may change the numerics to fit: recomputation only, also 8-bit "
                         "optimizer state, also low-rank projection (default)")
+    p.add_argument("--fuse", action="store_true",
+                   help="plan with the step's pointwise chains fused (generated kernels; the fuse pass)")
     p.add_argument("--full", action="store_true",
                    help="capture every layer (default: a model of identical layers is planned from captures of 1 "
                         "and 2 layers and extrapolated, exact and much faster)")

@@ -50,6 +50,8 @@ class MemoryPlan:
     replicated: tuple[int, int] | None = None
     # per parameter, the optimizer-state setting the planner chose (absent: fp32 state as captured)
     state_choice: dict[str, str] = field(default_factory=dict)
+    # what was fused: graph.info["fused_cross_entropy"] and graph.info["fuse"] of the planned graph
+    fusion: dict[str, dict] = field(default_factory=dict, repr=False)
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
         """Draw the memory timeline of one step to ``path`` (needs matplotlib: pip install memfit[plot])."""
@@ -82,11 +84,30 @@ class MemoryPlan:
         lines.append(f"  {'gradients (all)':<{width}}  {fmt_bytes(self.gradient_bytes):>12}")
         if self.largest_at_peak:
             lines.append("  largest live at the peak: " + self.describe_largest())
+        lines += self.describe_fusion()
         if self.by_layer:
             top = sorted(self.by_layer.items(), key=lambda kv: -kv[1])[:6]
             lines.append("  by layer at the peak: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in top)
                          + (f", ... ({len(self.by_layer)} layers)" if len(self.by_layer) > 6 else ""))
         return "\n".join(lines)
+
+    def describe_fusion(self) -> list[str]:
+        """What was fused, one line per pass that fused something (of the captured step when replicated)."""
+        out = []
+        ce = self.fusion.get("fused_cross_entropy", {})
+        for site in ce.get("fused", []):
+            out.append(f"  fused linear + cross-entropy on {site['weight']}: {site['tokens']} tokens x "
+                       f"{site['vocab']} classes by chunks of {site['chunk']} rows; "
+                       f"{fmt_bytes(site['logits_bytes'])} of fp32 logits never whole")
+        for reason in ce.get("skipped", []):
+            out.append(f"  cross-entropy left unfused: {reason}")
+        f = self.fusion.get("fuse")
+        if f:
+            out.append(f"  fused pointwise: {f['groups']} groups, {f['kernels']} generated kernels, {f['nodes_fused']} "
+                       f"of {f['compute_nodes']} non-matmul nodes ({f['share']:.0%}); "
+                       f"{fmt_bytes(f['bytes_not_materialised'])} of intermediates never materialised"
+                       + (" (in the captured layers)" if self.replicated else ""))
+        return out
 
     def describe_largest(self) -> str:
         return ", ".join(f"{name} {fmt_bytes(b)} ({cat})" for name, b, cat in self.largest_at_peak)
@@ -222,7 +243,8 @@ def plan_memory(g: TrainGraph, budget_bytes: int | None = None,
                       by_layer=by_layer,
                       category_timeline={**{k: (v,) * len(nodes) for k, v in persistent.items()},
                                          **{k: tuple(v) for k, v in per_cat.items()}},
-                      node_names=tuple(n.name for n in nodes), backward_start=index[g.loss] + 1)
+                      node_names=tuple(n.name for n in nodes), backward_start=index[g.loss] + 1,
+                      fusion={k: g.info[k] for k in ("fused_cross_entropy", "fuse") if k in g.info})
 
 
 @dataclass(frozen=True)

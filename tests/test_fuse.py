@@ -81,3 +81,12 @@ def test_bad_min_ops_is_a_config_error():
     model, batch, loss_fn = _case("cnn")
     with pytest.raises(ConfigError, match="ops per fused kernel"):
         memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, passes=[*BASE, ("fuse", {"min_ops": 1})])
+
+
+def test_fuse_flag_of_optimize_and_plan_is_the_pass():
+    model, batch, loss_fn = _case("gpt2")
+    t = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=loss_fn, fuse=True)
+    assert "fuse" in t.graph.applied and t.graph.applied[-2:] == ["fuse", "sink"]
+    p = memfit.plan(copy.deepcopy(model), example_inputs=batch, loss_fn=loss_fn, fuse=True)
+    assert p.peak_bytes == t.plan.peak_bytes and p.fusion["fuse"] == t.graph.info["fuse"]
+    assert any("fused pointwise" in line for line in str(p).splitlines())

@@ -36,6 +36,17 @@ def test_plan_tiny_llama_fits_prints_the_table_and_draws(tmp_path, capsys):
     assert out.stat().st_size > 10_000
 
 
+def test_plan_fuse_prints_what_was_fused(tmp_path, capsys):
+    rc = cli.main(["plan", "tiny-llama", "--batch", "2", "--seq", "64", "--fuse", "--out", str(tmp_path / "s.png")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "fused linear + cross-entropy on lm_head.weight: 128 tokens x 256 classes" in out
+    line = next(x for x in out.splitlines() if "fused pointwise:" in x)
+    groups = int(line.split("fused pointwise: ")[1].split(" groups")[0])
+    assert groups > 0 and "generated kernels" in line and "never materialised" in line
+    assert "fuse" in out.splitlines()[0]  # the plan's passes
+
+
 def test_plan_over_budget_exits_3_naming_the_largest_tensors(tmp_path, capsys):
     out = tmp_path / "over.png"
     rc = cli.main(["plan", "tiny-llama", "--budget", "1MB", "--batch", "1", "--seq", "16", "--out", str(out)])
