@@ -1,6 +1,7 @@
 """``memfit`` command line: ``memfit plan`` predicts a step's memory, ``memfit train`` trains under a budget.
 
-    memfit plan MODEL --budget 16GB --batch 1 --seq 2048 [--dtype fp32|bf16] [--optimizer adamw|sgd] [--out step.png] [--fuse]
+    memfit plan MODEL --budget 16GB --batch 1 --seq 2048 [--dtype fp32|bf16] [--optimizer adamw|sgd]
+                      [--out step.png] [--fuse]
     memfit train --model tiny-llama --steps 200 [--text FILE] [--budget 300MB] [--save ckpt.pt] [--resume ckpt.pt]
 
 ``memfit plan`` builds the model on the ``meta`` device and captures the step with fake tensors, so a

@@ -45,13 +45,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import memfit  # noqa: E402
-from memfit import ops  # noqa: E402
-from memfit.measure import profiler_peak_bytes  # noqa: E402
-from memfit.models import build_llama  # noqa: E402
+from _common import mib, write_table
+from _pretrain import corpus
 
-from _common import mib, write_table  # noqa: E402
-from _pretrain import corpus  # noqa: E402
+import memfit
+from memfit import ops
+from memfit.measure import profiler_peak_bytes
+from memfit.models import build_llama
 
 
 def bigram_batches(vocab: int, n: int, batch: int = 4, seq: int = 512, seed: int = 0) -> list[torch.Tensor]:

@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import memfit  # noqa: E402
-from memfit.cli import meta_model, plan_on_meta  # noqa: E402
-from memfit.passes import base  # noqa: E402
+from _common import mib, write_table
 
-from _common import mib, write_table  # noqa: E402
+import memfit
+from memfit.cli import meta_model, plan_on_meta
+from memfit.passes import base
 
 
 def gib(n: int) -> str:

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import memfit  # noqa: E402
-from memfit.models import build_gpt2_small, build_llama, build_mobilenet_tiny, lm_loss  # noqa: E402
-from memfit.passes.base import PIPELINES  # noqa: E402
+from _common import mib, write_table
+from _pretrain import batches
 
-from _common import mib, write_table  # noqa: E402
-from _pretrain import batches  # noqa: E402
+import memfit
+from memfit.models import build_gpt2_small, build_llama, build_mobilenet_tiny, lm_loss
+from memfit.passes.base import PIPELINES
 
 
 def cases():

@@ -25,8 +25,6 @@ in both. ``workspace_bytes`` is what each holds beyond its outputs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import KernelError, where_what_got

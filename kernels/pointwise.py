@@ -201,7 +201,7 @@ def _chunks(shape: tuple[int, ...]):
     rows = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[j + 1:])))
     for lead in itertools.product(*[range(shape[k]) for k in range(j)]):
         for lo in range(0, shape[j], rows):
-            yield tuple((i, i + 1) for i in lead) + ((lo, min(shape[j], lo + rows)),)
+            yield (*((i, i + 1) for i in lead), (lo, min(shape[j], lo + rows)))
 
 
 def _slice(x: torch.Tensor, rank: int, box: tuple) -> torch.Tensor:
@@ -361,7 +361,8 @@ def generate_source(program: str, in_dtypes: tuple[torch.dtype, ...], out_dtype:
         lines.append(f"    tl.store(out_ptr + out_off, {result}.to(tl.int1), mask=mask)")
     elif out_dtype == torch.bfloat16:
         lines.append(f"    r = {result}")
-        lines.append(f"    tl.store(out_ptr + out_off, ({_bf16_bits('r')}).to(tl.uint16).to(tl.bfloat16, bitcast=True), "
+        bits = _bf16_bits("r")
+        lines.append(f"    tl.store(out_ptr + out_off, ({bits}).to(tl.uint16).to(tl.bfloat16, bitcast=True), "
                      "mask=mask)")
     else:
         lines.append(f"    tl.store(out_ptr + out_off, {result}.to({_TL[out_dtype]}), mask=mask)")

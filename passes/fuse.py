@@ -175,7 +175,8 @@ def _program(group: list[fx.Node]) -> tuple[str, list[fx.Node]]:
             return [enc(x) for x in a]
         return a
 
-    steps = [[_op_name(m), [enc(a) for a in m.args], {k: enc(v) for k, v in m.kwargs.items() if k not in _DROP}] for m in group]
+    steps = [[_op_name(m), [enc(a) for a in m.args], {k: enc(v) for k, v in m.kwargs.items() if k not in _DROP}]
+             for m in group]
     return json.dumps({"steps": steps}, separators=(",", ":")), inputs
 
 

@@ -198,7 +198,8 @@ class FusedCrossEntropy(Pass):
         unit = seed.target is aten.ones_like.default and seed.args[0] is loss
         return {"head": head, "h2d": h2d, "weight": weight, "target": target, "nll": nll, "loss": loss,
                 "eps": eps, "reduction": reduction, "ignore_index": ignore_index, "dh_mm": dh_mm,
-                "dw_mm": dw_mm, "seed": None if unit else seed, "chain": chain, "n": n, "hidden": hidden, "vocab": vocab}
+                "dw_mm": dw_mm, "seed": None if unit else seed, "chain": chain, "n": n, "hidden": hidden,
+                "vocab": vocab}
 
     @staticmethod
     def _match_smoothing(nll_value, smooth_sum, target, ignore_index, reduction, vocab) -> tuple[float, fx.Node]:

@@ -26,7 +26,6 @@ step (all its micro-batches):
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 

@@ -166,8 +166,9 @@ def test_non_finite_or_sub_byte_budget(budget):
 def test_budget_too_small():
     with _raises(memfit.BudgetError, match=r"memfit planner: expected a step that fits the budget 1000 B, got a "
                                            r"floor of .* that no lever reduces yet \(parameters .*\); the smallest "
-                                           r"peak reachable is .* \(that plan: fused_cross_entropy, remat, fused_update, .*\); "
-                                           r"the lossless plan \(fused_cross_entropy, remat, fused_update, sink\) peaks at .*; largest live at the peak "
+                                           r"peak reachable is .* \(that plan: fused_cross_entropy, remat, "
+                                           r"fused_update, .*\); the lossless plan \(fused_cross_entropy, remat, "
+                                           r"fused_update, sink\) peaks at .*; largest live at the peak "
                                            r"\(of the smallest plan\): .*weight.*; raise the budget above the floor"):
         memfit.optimize(models.build_mlp(), example_inputs=_mlp_batch(), loss_fn=F.cross_entropy, budget=1000)
 

@@ -65,8 +65,8 @@ def test_llama_trains_as_unfused_with_a_lower_exact_peak(loss_fn):
     assert not [v for v in between if v.target is torch.ops.aten.mm.default]  # before any other backward matmul
     # no (tokens, vocabulary) value is left in the step
     n = x.numel()
-    assert not [v for v in t.graph.graph.nodes if v.op == "call_function" and isinstance(v.meta.get("val"), torch.Tensor)
-                and v.meta["val"].numel() >= n * 2048]
+    assert not [v for v in t.graph.graph.nodes if v.op == "call_function"
+                and isinstance(v.meta.get("val"), torch.Tensor) and v.meta["val"].numel() >= n * 2048]
 
 
 def test_hf_gpt2_own_loss_with_tied_head_and_ignored_labels():

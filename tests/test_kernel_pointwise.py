@@ -43,7 +43,8 @@ PROGRAMS = {
     "bool-mask-in": [["masked_fill.Scalar", [A, MASK, 0.0], {}], ["mul.Tensor", [["v", 0], B], {}]],
     "casts": [["_to_copy.default", [A], {"dtype": ["dtype", "bfloat16"]}],
               ["_to_copy.default", [["v", 0]], {"dtype": ["dtype", "float32"]}], ["mul.Tensor", [["v", 1], B], {}]],
-    "ones-like": [["empty_like.default", [A], {}], ["fill.Scalar", [["v", 0], 1], {}], ["sub.Tensor", [["v", 1], B], {}]],
+    "ones-like": [["empty_like.default", [A], {}], ["fill.Scalar", [["v", 0], 1], {}],
+                  ["sub.Tensor", [["v", 1], B], {}]],
     "compare-out": [["mul.Tensor", [A, B], {}], ["ge.Scalar", [["v", 0], 0.0], {}]],
 }
 # (a, b, mask) shapes: same shape; b broadcast from a row; a transposed (strided); 0-dim b; one element
