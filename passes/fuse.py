@@ -141,12 +141,23 @@ class Fuse(Pass):
             programs.add(program)
             covered += len(group)
             saved += sum(value_nbytes(m.meta["val"]) for m in group if m is not root)
+        left: dict[str, int] = {}  # compute nodes left to ATen, by the reason
+        fused_names = {m for grp in members.values() if len(grp) >= self.min_ops for m in grp}
+        for n in compute:
+            if n in fused_names:
+                continue
+            why = ("alone (a group of one)" if n in group_of else
+                   "not pointwise, or an op the generator does not know" if _op_name(n) not in names else
+                   "a dtype or argument the generator does not take")
+            key = f"{_op_name(n) or n.target}: {why}"
+            left[key] = left.get(key, 0) + 1
         stats = {"groups": groups, "kernels": len(programs), "nodes_fused": covered,
                  "compute_nodes": len(compute), "share": round(covered / max(1, len(compute)), 3),
-                 "bytes_not_materialised": saved}
+                 "bytes_not_materialised": saved, "left_to_aten": left}
         g.info["fuse"] = stats
-        log.info("fuse: %d groups, %d kernels, %d of %d non-matmul compute nodes", groups, len(programs), covered,
-                 len(compute))
+        log.info("fuse: %d groups, %d kernels, %d of %d non-matmul compute nodes; left to ATen: %s", groups,
+                 len(programs), covered, len(compute),
+                 ", ".join(f"{k} x{v}" for k, v in sorted(left.items(), key=lambda kv: -kv[1])) or "none")
         return PassResult(g, bool(groups), stats, meta_ok=True)
 
 

@@ -224,6 +224,13 @@ class LowRank(Pass):
         for fqn in g.match(self.targets, with_update):
             shape = tuple(g.params[fqn].meta["val"].shape)
             (chosen if len(shape) == 2 and min(shape) > self.for_param(fqn).rank else skipped).append(fqn)
+        if not chosen and not skipped:
+            other = [f for f in g.match(self.targets, list(g.updates)) if f not in with_update]
+            if other:  # every target steps with another rule: projecting nothing would be a silent no-op
+                raise ConfigError(where_what_got(
+                    "passes['lowrank'].targets", "weights with an AdamW update (the low-rank rules are Adam's)",
+                    f"{other[:3]} updated by {g.updates[other[0]].target}",
+                    "use optimizer=memfit.AdamW(...), or drop the lowrank pass"))
         return chosen, skipped
 
     # ---- memory --------------------------------------------------------------------------------

@@ -90,3 +90,15 @@ def test_fuse_flag_of_optimize_and_plan_is_the_pass():
     p = memfit.plan(copy.deepcopy(model), example_inputs=batch, loss_fn=loss_fn, fuse=True)
     assert p.peak_bytes == t.plan.peak_bytes and p.fusion["fuse"] == t.graph.info["fuse"]
     assert any("fused pointwise" in line for line in str(p).splitlines())
+
+
+def test_what_stays_on_aten_is_logged_with_the_reason(caplog):
+    import logging
+
+    model, batch, loss_fn = _case("llama")
+    with caplog.at_level(logging.INFO, logger="memfit.passes"):
+        t = memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, passes=[*BASE, "fuse"])
+    left = t.graph.info["fuse"]["left_to_aten"]
+    assert any(k.startswith("sum.dim_IntList: not pointwise") for k in left)  # RMSNorm's reduction
+    assert sum(left.values()) + t.graph.info["fuse"]["nodes_fused"] == t.graph.info["fuse"]["compute_nodes"]
+    assert "left to ATen: " in caplog.text and "sum.dim_IntList" in caplog.text

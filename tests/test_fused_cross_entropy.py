@@ -109,3 +109,18 @@ def test_bad_chunk_is_a_config_error():
     with pytest.raises(ConfigError, match="a number of rows per chunk"):
         memfit.optimize(_BiasHead(), example_inputs=_batch(50, b=2, s=8), loss_fn=lm_loss,
                         passes=[("fused_cross_entropy", {"chunk": -1}), "remat", "fused_update"])
+
+
+def test_composes_with_a_projected_head():
+    """GaLore on the head itself: its update projects the fused op's weight gradient."""
+    model = build_llama("tiny-llama", num_hidden_layers=1)
+    batches = [_batch(256, seed=i) for i in range(4)]
+    lowrank = ("lowrank", {"rank": 8, "targets": "lm_head.weight", "gap": 2})
+    runs = [memfit.optimize(copy.deepcopy(model), example_inputs=batches[0], loss_fn=lm_loss, passes=passes,
+                            optimizer=memfit.AdamW(lr=1e-2)) for passes in ([*BASE, lowrank], [*PASSES, lowrank])]
+    want, got = ([float(r.step(*b)) for b in batches] for r in runs)
+    t = runs[1]
+    assert len(t.graph.info["fused_cross_entropy"]["fused"]) == 1
+    assert t.graph.updates["lm_head.weight"].target is torch.ops.memfit.lowrank_update.default
+    assert got == pytest.approx(want, rel=1e-5)
+    assert t.measure_step(*batches[0]).peak_bytes == t.plan.peak_bytes

@@ -408,3 +408,13 @@ def test_moment_rotation_sees_the_old_and_the_new_projector(cfg, monkeypatch):
     for b in batches:  # gap 3: the refresh at step 4 rotates
         t.step(*b)
     assert seen and min(seen) > 1e-3, seen
+
+
+def test_lowrank_on_sgd_updates_is_a_config_error_not_a_silent_no_op():
+    from memfit.models import build_llama, lm_loss
+
+    x = torch.randint(0, 256, (2, 16))
+    with pytest.raises(memfit.ConfigError, match=r"weights with an AdamW update .* updated by memfit.sgd_update"):
+        memfit.optimize(build_llama("tiny-llama", num_hidden_layers=1), example_inputs=(x, torch.roll(x, -1, 1)),
+                        loss_fn=lm_loss, optimizer=memfit.SGD(lr=0.1),
+                        passes=["remat", "fused_update", ("lowrank", {"rank": 8, "targets": "lm_head.weight"})])
