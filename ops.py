@@ -716,27 +716,29 @@ def fusible_ops() -> frozenset[str]:
 # ---- linear + cross-entropy without the logits (fused_cross_entropy) --------------------------------------
 
 @torch.library.custom_op(f"{_LIB}::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                         label_smoothing: float, reduction: int, chunk: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``F.cross_entropy((h @ weight.T).float(), target, ...)`` with its gradients for ``h`` and ``weight``
-    at an incoming gradient of 1, the logits made ``chunk`` rows at a time (``memfit.kernels.cross_entropy``);
-    ``reduction`` is torch's enum (1 mean, 2 sum). Returns ``(loss, dh, dweight)``."""
-    return run_linear_cross_entropy(None, h, weight, target, ignore_index, label_smoothing, reduction, chunk)
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                         ignore_index: int, label_smoothing: float, reduction: int, chunk: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F.cross_entropy((h @ weight.T + bias).float(), target, ...)`` with its gradients for ``h``, ``weight``
+    and ``bias`` at an incoming gradient of 1, the logits made ``chunk`` rows at a time
+    (``memfit.kernels.cross_entropy``); ``reduction`` is torch's enum (1 mean, 2 sum). Returns
+    ``(loss, dh, dweight, dbias)`` (``dbias`` empty without a bias)."""
+    return run_linear_cross_entropy(None, h, weight, bias, target, ignore_index, label_smoothing, reduction, chunk)
 
 
 @linear_cross_entropy.register_fake
-def _(h, weight, target, ignore_index, label_smoothing, reduction, chunk):
-    return h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(weight)
+def _(h, weight, bias, target, ignore_index, label_smoothing, reduction, chunk):
+    return (h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else weight.new_empty(0))
 
 
-def run_linear_cross_entropy(kernel, h, weight, target, ignore_index, label_smoothing, reduction, chunk):
+def run_linear_cross_entropy(kernel, h, weight, bias, target, ignore_index, label_smoothing, reduction, chunk):
     """Body of ``memfit::linear_cross_entropy``: ``kernel`` is the Triton launcher (None: the reference)."""
     from .kernels import cross_entropy as ce
 
     fn = kernel or ce.linear_cross_entropy_ref
-    return fn(h, weight, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
-              chunk=chunk)
+    return fn(h, weight, target, bias=bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
+              reduction=reduction, chunk=chunk)
 
 
 # ---- pruning masks (prune) -------------------------------------------------------------------------------------
@@ -1151,7 +1153,8 @@ def _op_workspace(node, triton: bool) -> int:
 
         a = args_of(node)
         h, w = a.h.meta["val"], a.weight.meta["val"]
-        return ce_workspace(h.shape[0], h.shape[1], w.shape[0], a.chunk, h.element_size(), w.element_size(), triton)
+        return ce_workspace(h.shape[0], h.shape[1], w.shape[0], a.chunk, h.element_size(), w.element_size(), triton,
+                            bias=a.bias is not None)
     if target in (ops.lsq_quant.default, ops.lsq_quant_backward.default):
         w, step = node.args[1 if target is ops.lsq_quant_backward.default else 0].meta["val"], \
             node.args[2 if target is ops.lsq_quant_backward.default else 1].meta["val"]

@@ -142,7 +142,7 @@ def head_gradients(model, x, vocab: int, liger_tokens: int) -> dict[str, dict]:
     compiled = torch.compile(lambda logits, tt: F.cross_entropy(logits.float(), tt, ignore_index=-100))
     ref = autograd(eager_ce, h, w, labels)
     got = {"torch.compile loss (Inductor)": autograd(lambda hh, ww, tt: compiled(hh @ ww.t(), tt), h, w, labels),
-           "memfit fused_cross_entropy": ops.run_linear_cross_entropy(None, h, w, labels, -100, 0.0, 1, 16)}
+           "memfit fused_cross_entropy": ops.run_linear_cross_entropy(None, h, w, None, labels, -100, 0.0, 1, 16)}
 
     def rel(a, b):
         return float((a.float() - b.float()).abs().max() / b.float().abs().max())

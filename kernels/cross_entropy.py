@@ -1,9 +1,9 @@
 """Linear + cross-entropy without the logits: loss, hidden-state gradient and head-weight gradient by chunks.
 
-``linear_cross_entropy(h, weight, target, ...)`` takes the last hidden states ``h`` (N, H), the head's
-weight (V, H) and the targets (N,) and returns ``(loss, dh, dweight)``: the cross-entropy of
-``h @ weight.T`` (in fp32, as ``F.cross_entropy(logits.float(), target)``) and its gradients for an
-incoming gradient of 1. The logits exist one chunk of ``chunk`` rows at a time, as one fp32 (chunk, V)
+``linear_cross_entropy(h, weight, target, bias=...)`` takes the last hidden states ``h`` (N, H), the head's
+weight (V, H), optionally its bias (V,), and the targets (N,) and returns ``(loss, dh, dweight, dbias)``:
+the cross-entropy of ``h @ weight.T + bias`` (in fp32, as ``F.cross_entropy(logits.float(), target)``) and
+its gradients for an incoming gradient of 1 (``dbias`` empty without a bias). The logits exist one chunk of ``chunk`` rows at a time, as one fp32 (chunk, V)
 buffer: the chunk's product is written into it, the row kernel turns it into the chunk's gradient in place
 (softmax minus the smoothed one-hot, times the reduction's scale) and writes each row's loss, and two
 matmuls take the chunk's ``dh`` rows and add its share of ``dweight``.
@@ -79,7 +79,7 @@ if triton is not None:
             tl.store(base + idx, g, mask=idx < n_cols)
 
 
-def _check(h, weight, target, reduction, chunk, label_smoothing) -> None:
+def _check(h, weight, target, reduction, chunk, label_smoothing, bias=None) -> None:
     for name, x in (("h", h), ("weight", weight), ("target", target)):
         if not isinstance(x, torch.Tensor):
             raise KernelError(where_what_got(_WHERE, f"`{name}` a torch.Tensor", type(x).__name__,
@@ -104,6 +104,9 @@ def _check(h, weight, target, reduction, chunk, label_smoothing) -> None:
         raise KernelError(where_what_got(_WHERE, "chunk, a positive number of rows", chunk, "e.g. 1024"))
     if not 0.0 <= label_smoothing <= 1.0:
         raise KernelError(where_what_got(_WHERE, "label_smoothing in [0, 1]", label_smoothing, "as torch"))
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise KernelError(where_what_got(_WHERE, f"bias (V,) = ({weight.shape[0]},) or None",
+                                         getattr(bias, "shape", type(bias).__name__), "pass the head's bias"))
 
 
 def _row_scale(target: torch.Tensor, ignore_index: int, reduction: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,18 +117,19 @@ def _row_scale(target: torch.Tensor, ignore_index: int, reduction: int) -> tuple
     return keep.to(torch.float32) / divisor, divisor
 
 
-def _run(h, weight, target, ignore_index, label_smoothing, reduction, chunk, rows) -> tuple:
+def _run(h, weight, bias, target, ignore_index, label_smoothing, reduction, chunk, rows) -> tuple:
     """The chunk loop shared by both paths; ``rows(buf, t, scale) -> (chunk,) fp32 losses`` turns the
     chunk's logits in ``buf`` into its gradient in place (and may rebind the buffer: it returns it too)."""
     n, _ = h.shape
     scale, divisor = _row_scale(target, ignore_index, reduction)
     dh = torch.empty_like(h)
     dweight = torch.zeros_like(weight)
+    dbias = torch.zeros_like(bias) if bias is not None else weight.new_empty(0)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         h_c = h[lo:hi]
-        buf = torch.mm(h_c, weight.t())
+        buf = torch.mm(h_c, weight.t()) if bias is None else torch.addmm(bias, h_c, weight.t())
         if buf.dtype != torch.float32:
             buf = buf.float()
         losses, buf = rows(buf, target[lo:hi], scale[lo:hi])
@@ -135,15 +139,17 @@ def _run(h, weight, target, ignore_index, label_smoothing, reduction, chunk, row
         del buf
         torch.mm(g, weight, out=dh[lo:hi])
         dweight.addmm_(g.t(), h_c)
+        if bias is not None:
+            torch.sum(g, 0, out=dbias) if lo == 0 else dbias.add_(g.sum(0))
         del g
-    return total / divisor, dh, dweight
+    return total / divisor, dh, dweight, dbias
 
 
-def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, bias: torch.Tensor | None = None,
                              ignore_index: int = -100, label_smoothing: float = 0.0, reduction: int = MEAN,
-                             chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-torch reference of :func:`linear_cross_entropy` (any device)."""
-    _check(h, weight, target, reduction, chunk, label_smoothing)
+    _check(h, weight, target, reduction, chunk, label_smoothing, bias)
     v = weight.shape[0]
     keep_t, each = 1.0 - label_smoothing, label_smoothing / v
 
@@ -163,15 +169,15 @@ def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, target: torc
         grad.mul_(scale.unsqueeze(1))
         return losses, grad
 
-    return _run(h, weight, target, ignore_index, label_smoothing, reduction, chunk, rows)
+    return _run(h, weight, bias, target, ignore_index, label_smoothing, reduction, chunk, rows)
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, bias: torch.Tensor | None = None,
                          ignore_index: int = -100, label_smoothing: float = 0.0, reduction: int = MEAN,
-                         chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk loop with the Triton row kernel (GPU, or CPU under ``TRITON_INTERPRET=1``)."""
     require_triton(_WHERE, triton, "linear_cross_entropy_ref")
-    _check(h, weight, target, reduction, chunk, label_smoothing)
+    _check(h, weight, target, reduction, chunk, label_smoothing, bias)
     require_gpu_or_interpreter(_WHERE, _ce_rows_kernel, h.device)
     v = weight.shape[0]
     keep_t, each = to_f32(1.0 - label_smoothing), to_f32(label_smoothing / v)
@@ -182,10 +188,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
                                          BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(v)))
         return losses, buf
 
-    return _run(h, weight, target, ignore_index, label_smoothing, reduction, chunk, rows)
+    return _run(h, weight, bias, target, ignore_index, label_smoothing, reduction, chunk, rows)
 
 
-def workspace_bytes(n: int, hidden: int, vocab: int, chunk: int, h_size: int, w_size: int, triton: bool) -> int:
+def workspace_bytes(n: int, hidden: int, vocab: int, chunk: int, h_size: int, w_size: int, triton: bool,
+                    bias: bool = False) -> int:
     """Bytes either path holds beyond its outputs (loss, dh, dweight): the row scales and the loss's divisor
     (4n + 4) under the largest of the chunk's phases: the product in the weights' dtype beside its fp32 copy,
     the rows' work, the gradient beside its cast to the weights' dtype. The reference's rows hold the logits,
@@ -198,4 +205,6 @@ def workspace_bytes(n: int, hidden: int, vocab: int, chunk: int, h_size: int, w_
     product = logits + cv * w_size if w_size != 4 or h_size != 4 else 0
     rows = logits + 4 * c if triton else 2 * logits + 17 * c
     cast = logits + cv * w_size if w_size != 4 else 0
-    return 4 * n + 4 + max(product, rows, cast)
+    # the bias's share of a chunk after the first: g.sum(0) beside the gradient (in the weights' dtype)
+    column = (cv * w_size if w_size != 4 else logits) + vocab * w_size if bias and n > c else 0
+    return 4 * n + 4 + max(product, rows, cast, column)

@@ -20,7 +20,8 @@ embeddings: the embedding's gradient is added in the backward, as before).
 whose fp32 logits are no larger than the hidden states ``h`` (at least 16 rows, at most all): the fused
 loss's workspace then stays below an activation the step holds anyway, so it never sets the peak.
 
-A site the pass cannot fuse (a head with a bias, logits read elsewhere, ``reduction="none"``, a loss not in
+A head with a bias (``addmm``) is fused too: the op also returns the bias's gradient, which replaces the
+backward's ``sum(dlogits, [0])``. A site the pass cannot fuse (logits read elsewhere, ``reduction="none"``, a loss not in
 fp32, weights by class) is left as it was, and the reason is logged (logger ``memfit.passes``) and kept in
 ``graph.info["fused_cross_entropy"]["skipped"]``. Runs before ``remat`` and ``fused_update``.
 """
@@ -125,11 +126,12 @@ class FusedCrossEntropy(Pass):
                 raise _Skip(f"the logits ({x.name}) are read by {[u.name for u in _live_users(x)]}, not only the loss")
             x = x.args[0]
             chain.append(x)
-        if x.target is aten.addmm.default:
-            raise _Skip("a head with a bias")
-        if x.target is not aten.mm.default or len(_live_users(x)) != 1:
+        if x.target not in (aten.mm.default, aten.addmm.default) or len(_live_users(x)) != 1 or x.kwargs:
             raise _Skip(f"logits not made by one matmul read only by the loss (got {x.target})")
-        head, (h2d, wt) = x, x.args
+        head = x
+        bias, (h2d, wt) = (None, x.args) if x.target is aten.mm.default else (x.args[0], x.args[1:])
+        if bias is not None and tuple(bias.meta["val"].shape) != (wt.meta["val"].shape[1],):
+            raise _Skip("a bias not of the vocabulary's shape")
         if wt.target is not aten.t.default:
             raise _Skip("a head product not of the form h @ W.T")
         weight = wt.args[0]
@@ -181,22 +183,25 @@ class FusedCrossEntropy(Pass):
                 dl = users[0]
                 continue
             break
-        dh_mm, dw_mm = None, None
+        dh_mm, dw_mm, db_sum = None, None, None
         for u in _live_users(dl):
             if u.target is aten.mm.default and u.args[0] is dl and tuple(u.meta["val"].shape) == (n, hidden):
                 dh_mm = u
+            elif bias is not None and u.target is aten.sum.dim_IntList and list(u.args[1]) == [0]:
+                db_sum = u
             elif u.target is aten.t.default:
                 for v in _live_users(u):
                     if v.target is aten.mm.default and v.args[0] is u and _same(v.args[1], h2d):
                         dw_mm = v
             else:
                 raise _Skip(f"the logits' gradient read by {u.target}")
-        if dh_mm is None or dw_mm is None:
-            raise _Skip("the backward's hidden-state or weight gradient matmul not found")
+        if dh_mm is None or dw_mm is None or (bias is not None and db_sum is None):
+            raise _Skip("the backward's hidden-state, weight or bias gradient not found")
         if not _same(_untranspose(dh_mm.args[1]), weight):
             raise _Skip("the hidden-state gradient is not made with the head's weight")
         unit = seed.target is aten.ones_like.default and seed.args[0] is loss
-        return {"head": head, "h2d": h2d, "weight": weight, "target": target, "nll": nll, "loss": loss,
+        return {"head": head, "h2d": h2d, "weight": weight, "bias": bias, "db_sum": db_sum, "target": target,
+                "nll": nll, "loss": loss,
                 "eps": eps, "reduction": reduction, "ignore_index": ignore_index, "dh_mm": dh_mm,
                 "dw_mm": dw_mm, "seed": None if unit else seed, "chain": chain, "n": n, "hidden": hidden,
                 "vocab": vocab}
@@ -233,10 +238,15 @@ class FusedCrossEntropy(Pass):
         chunk = self.chunk or rule_chunk(s["n"], s["hidden"], s["vocab"], h_size)
         with G.inserting_before(s["nll"]):
             op = op_call(G, torch.ops.memfit.linear_cross_entropy.default, h=s["h2d"], weight=s["weight"],
-                         target=s["target"], ignore_index=int(s["ignore_index"]),
+                         bias=s["bias"], target=s["target"], ignore_index=int(s["ignore_index"]),
                          label_smoothing=float(s["eps"]), reduction=int(s["reduction"]), chunk=int(chunk))
-            loss, dh, dw = (G.call_function(operator.getitem, (op, i)) for i in range(3))
-        for old, new in ((s["loss"], loss), (s["dh_mm"], dh), (s["dw_mm"], dw)):
+            loss, dh, dw, db = (G.call_function(operator.getitem, (op, i)) for i in range(4))
+        replaced = [(s["loss"], loss), (s["dh_mm"], dh), (s["dw_mm"], dw)]
+        if s["bias"] is not None:  # the backward's sum(dlogits, [0], keepdim): the bias gradient in its shape
+            with G.inserting_before(s["db_sum"]):
+                db = G.call_function(aten.view.default, (db, list(s["db_sum"].meta["val"].shape)))
+            replaced.append((s["db_sum"], db))
+        for old, new in replaced:
             if old is not s["loss"] and s["seed"] is not None:  # a loss scaled after the head: its gradient
                 with G.inserting_before(old):                  # is not 1
                     new = G.call_function(aten.mul.Tensor, (new, s["seed"]))
@@ -252,7 +262,7 @@ class FusedCrossEntropy(Pass):
         logits = s["n"] * s["vocab"] * 4
         return {"weight": _name(g, s["weight"]), "tokens": s["n"], "vocab": s["vocab"], "chunk": chunk,
                 "label_smoothing": s["eps"], "ignore_index": int(s["ignore_index"]),
-                "reduction": "mean" if s["reduction"] == 1 else "sum", "logits_bytes": logits,
+                "reduction": "mean" if s["reduction"] == 1 else "sum", "logits_bytes": logits, "bias": s["bias"] is not None,
                 "scaled": s["seed"] is not None}
 
 

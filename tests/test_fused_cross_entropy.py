@@ -95,13 +95,31 @@ class _BiasHead(nn.Module):
         return self.head(self.emb(x))
 
 
-def test_a_head_with_a_bias_is_left_unfused_and_logged(caplog):
+def test_a_head_with_a_bias_is_fused_and_trains_as_unfused():
+    x, y = _batch(50, b=2, s=40)
+    batches = [(x, y), _batch(50, b=2, s=40, seed=1)]
+    model = _BiasHead()
+    ref, want = _run(copy.deepcopy(model), batches, lm_loss, BASE)
+    t, got = _run(copy.deepcopy(model), batches, lm_loss, [("fused_cross_entropy", {"chunk": 16}), *BASE])
+    site = t.graph.info["fused_cross_entropy"]["fused"][0]
+    assert site["bias"] and site["chunk"] == 16
+    assert got == pytest.approx(want, rel=1e-6)
+    for f, p in ref.executor.params.items():
+        torch.testing.assert_close(t.executor.params[f], p, rtol=1e-5, atol=1e-6)
+    assert t.measure_step(x, y).peak_bytes == t.plan.peak_bytes
+
+
+def _per_token_loss(out, t):
+    return F.cross_entropy(out.flatten(0, 1), t.flatten(), reduction="none").mean()
+
+
+def test_an_unsupported_loss_is_left_unfused_and_logged(caplog):
     x, y = _batch(50, b=2, s=8)
     with caplog.at_level(logging.INFO, logger="memfit.passes"):
-        t = memfit.optimize(_BiasHead(), example_inputs=(x, y), loss_fn=lm_loss, passes=PASSES)
+        t = memfit.optimize(_BiasHead(), example_inputs=(x, y), loss_fn=_per_token_loss, passes=PASSES)
     info = t.graph.info["fused_cross_entropy"]
-    assert not info["fused"] and "a head with a bias" in info["skipped"][0]
-    assert "a head with a bias" in caplog.text
+    assert not info["fused"] and "reduction='none'" in info["skipped"][0]
+    assert "left unfused" in caplog.text and "reduction='none'" in caplog.text
     assert t.measure_step(x, y).peak_bytes == t.plan.peak_bytes
 
 

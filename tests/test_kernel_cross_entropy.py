@@ -27,11 +27,13 @@ def _inputs(n, hidden, vocab, dtype, seed=0):
     return h, w, t
 
 
-def _eager(h, w, t, eps, reduction):
+def _eager(h, w, t, eps, reduction, b=None):
     hr, wr = h.float().clone().requires_grad_(True), w.float().clone().requires_grad_(True)
-    loss = F.cross_entropy(hr @ wr.t(), t, label_smoothing=eps, reduction="mean" if reduction == 1 else "sum")
+    br = b.float().clone().requires_grad_(True) if b is not None else None
+    logits = hr @ wr.t() if br is None else hr @ wr.t() + br
+    loss = F.cross_entropy(logits, t, label_smoothing=eps, reduction="mean" if reduction == 1 else "sum")
     loss.backward()
-    return loss.detach(), hr.grad, wr.grad
+    return loss.detach(), hr.grad, wr.grad, (br.grad if br is not None else None)
 
 
 def _close(got, want, tol):
@@ -39,20 +41,27 @@ def _close(got, want, tol):
     assert float((got.float() - want).abs().max() / scale) <= tol
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("eps,reduction", [(0.0, 1), (0.1, 1), (0.2, 2)], ids=["mean", "smooth-mean", "smooth-sum"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kernel_and_reference_match_cross_entropy(shape, eps, reduction, dtype):
+def test_kernel_and_reference_match_cross_entropy(shape, eps, reduction, dtype, bias):
     n, hidden, vocab, chunk = shape
     h, w, t = _inputs(n, hidden, vocab, dtype)
-    want = _eager(h, w, t, eps, reduction)
+    b = torch.randn(vocab, generator=torch.Generator().manual_seed(1)).to(dtype) if bias else None
+    want = _eager(h, w, t, eps, reduction, b)
     tol = TOL[dtype]
     for fn in (ce.linear_cross_entropy_ref, ce.linear_cross_entropy):
-        loss, dh, dw = fn(h, w, t, label_smoothing=eps, reduction=reduction, chunk=chunk)
+        loss, dh, dw, db = fn(h, w, t, bias=b, label_smoothing=eps, reduction=reduction, chunk=chunk)
         assert loss.dtype == torch.float32 and dh.dtype == dtype and dw.dtype == dtype
         assert float((loss - want[0]).abs() / want[0].abs()) <= tol["loss"], fn.__name__
         _close(dh, want[1], tol["grad"])
         _close(dw, want[2], tol["grad"])
+        if bias:
+            assert db.dtype == dtype
+            _close(db, want[3], tol["grad"])
+        else:
+            assert db.numel() == 0
 
 
 def test_chunking_does_not_change_the_result_beyond_summation_order():
@@ -71,22 +80,26 @@ def test_all_ignored_mean_is_nan_as_in_torch_and_sum_is_zero():
     assert torch.isnan(ce.linear_cross_entropy_ref(h, w, t)[0])
     assert torch.isnan(ce.linear_cross_entropy(h, w, t)[0])
     assert torch.isnan(F.cross_entropy(h @ w.t(), t))
-    loss, dh, dw = ce.linear_cross_entropy(h, w, t, reduction=2)
+    loss, dh, dw, _ = ce.linear_cross_entropy(h, w, t, reduction=2)
     assert float(loss) == 0.0 and not dh.any() and not dw.any()
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", [(37, 16, 50, 8), (37, 16, 50, 64), (64, 8, 7, 64), (74, 16, 100, 16)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_declared_workspace_is_what_the_reference_holds(shape, dtype):
+@pytest.mark.parametrize("shape", [(37, 16, 50, 8), (37, 16, 50, 64), (64, 8, 7, 64), (74, 16, 100, 16),
+                                   (40, 4, 3000, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_declared_workspace_is_what_the_reference_holds(shape, dtype, bias):
     n, hidden, vocab, chunk = shape
     h, w, t = _inputs(n, hidden, vocab, dtype)
-    held = sum(x.numel() * x.element_size() for x in (h, w, t))
-    m = measure_peak(lambda: ce.linear_cross_entropy_ref(h, w, t, label_smoothing=0.1, chunk=chunk), device="cpu",
-                     existing=iter([h, w, t]))
-    outputs = 4 + h.numel() * h.element_size() + w.numel() * w.element_size()
+    b = torch.zeros(vocab, dtype=dtype) if bias else None
+    given = [x for x in (h, w, t, b) if x is not None]
+    held = sum(x.numel() * x.element_size() for x in given)
+    m = measure_peak(lambda: ce.linear_cross_entropy_ref(h, w, t, bias=b, label_smoothing=0.1, chunk=chunk),
+                     device="cpu", existing=iter(given))
+    outputs = 4 + h.numel() * h.element_size() + w.numel() * w.element_size() + (b.numel() * b.element_size()
+                                                                                if bias else 0)
     assert m.peak_bytes - held - outputs == ce.workspace_bytes(n, hidden, vocab, chunk, h.element_size(),
-                                                               w.element_size(), triton=False)
+                                                               w.element_size(), triton=False, bias=bias)
 
 
 @pytest.mark.parametrize("bad,match", [
