@@ -3,10 +3,11 @@
 ``linear_cross_entropy(h, weight, target, bias=...)`` takes the last hidden states ``h`` (N, H), the head's
 weight (V, H), optionally its bias (V,), and the targets (N,) and returns ``(loss, dh, dweight, dbias)``:
 the cross-entropy of ``h @ weight.T + bias`` (in fp32, as ``F.cross_entropy(logits.float(), target)``) and
-its gradients for an incoming gradient of 1 (``dbias`` empty without a bias). The logits exist one chunk of ``chunk`` rows at a time, as one fp32 (chunk, V)
-buffer: the chunk's product is written into it, the row kernel turns it into the chunk's gradient in place
-(softmax minus the smoothed one-hot, times the reduction's scale) and writes each row's loss, and two
-matmuls take the chunk's ``dh`` rows and add its share of ``dweight``.
+its gradients for an incoming gradient of 1 (``dbias`` empty without a bias). The logits exist one chunk
+of ``chunk`` rows at a time, as one fp32 (chunk, V) buffer: the chunk's product is written into it, the row
+kernel turns it into the chunk's gradient in place (softmax minus the smoothed one-hot, times the
+reduction's scale) and writes each row's loss, and two matmuls take the chunk's ``dh`` rows and add its
+share of ``dweight`` (and a column sum its share of ``dbias``).
 
 Per row, with ``x`` the logits, ``t`` the target, ``eps`` the label smoothing and ``lse = log sum exp x``:
 
@@ -145,9 +146,9 @@ def _run(h, weight, bias, target, ignore_index, label_smoothing, reduction, chun
     return total / divisor, dh, dweight, dbias
 
 
-def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, bias: torch.Tensor | None = None,
-                             ignore_index: int = -100, label_smoothing: float = 0.0, reduction: int = MEAN,
-                             chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+                             bias: torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                             reduction: int = MEAN, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-torch reference of :func:`linear_cross_entropy` (any device)."""
     _check(h, weight, target, reduction, chunk, label_smoothing, bias)
     v = weight.shape[0]
@@ -172,9 +173,9 @@ def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, target: torc
     return _run(h, weight, bias, target, ignore_index, label_smoothing, reduction, chunk, rows)
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, bias: torch.Tensor | None = None,
-                         ignore_index: int = -100, label_smoothing: float = 0.0, reduction: int = MEAN,
-                         chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                         reduction: int = MEAN, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk loop with the Triton row kernel (GPU, or CPU under ``TRITON_INTERPRET=1``)."""
     require_triton(_WHERE, triton, "linear_cross_entropy_ref")
     _check(h, weight, target, reduction, chunk, label_smoothing, bias)

@@ -21,8 +21,8 @@ whose fp32 logits are no larger than the hidden states ``h`` (at least 16 rows, 
 loss's workspace then stays below an activation the step holds anyway, so it never sets the peak.
 
 A head with a bias (``addmm``) is fused too: the op also returns the bias's gradient, which replaces the
-backward's ``sum(dlogits, [0])``. A site the pass cannot fuse (logits read elsewhere, ``reduction="none"``, a loss not in
-fp32, weights by class) is left as it was, and the reason is logged (logger ``memfit.passes``) and kept in
+backward's ``sum(dlogits, [0])``. A site the pass cannot fuse (logits read elsewhere, ``reduction="none"``,
+a loss not in fp32, weights by class) is left as it was, and the reason is logged (logger ``memfit.passes``) and kept in
 ``graph.info["fused_cross_entropy"]["skipped"]``. Runs before ``remat`` and ``fused_update``.
 """
 
