@@ -39,6 +39,7 @@ except ImportError:  # no triton wheel on this platform; linear_cross_entropy_re
     tl = None
 
 _WHERE = "memfit.kernels.cross_entropy"
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # loss, dh, dweight, dbias
 MEAN, SUM = 1, 2  # torch's reduction enum (nll_loss_forward's argument)
 _BLOCK_V = 1024
 
@@ -148,7 +149,7 @@ def _run(h, weight, bias, target, ignore_index, label_smoothing, reduction, chun
 
 def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                              bias: torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
-                             reduction: int = MEAN, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                             reduction: int = MEAN, chunk: int = 1024) -> Outputs:
     """Plain-torch reference of :func:`linear_cross_entropy` (any device)."""
     _check(h, weight, target, reduction, chunk, label_smoothing, bias)
     v = weight.shape[0]
@@ -175,7 +176,7 @@ def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, target: torc
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                          bias: torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
-                         reduction: int = MEAN, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         reduction: int = MEAN, chunk: int = 1024) -> Outputs:
     """The chunk loop with the Triton row kernel (GPU, or CPU under ``TRITON_INTERPRET=1``)."""
     require_triton(_WHERE, triton, "linear_cross_entropy_ref")
     _check(h, weight, target, reduction, chunk, label_smoothing, bias)
