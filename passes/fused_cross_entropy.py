@@ -262,8 +262,8 @@ class FusedCrossEntropy(Pass):
         logits = s["n"] * s["vocab"] * 4
         return {"weight": _name(g, s["weight"]), "tokens": s["n"], "vocab": s["vocab"], "chunk": chunk,
                 "label_smoothing": s["eps"], "ignore_index": int(s["ignore_index"]),
-                "reduction": "mean" if s["reduction"] == 1 else "sum", "logits_bytes": logits, "bias": s["bias"] is not None,
-                "scaled": s["seed"] is not None}
+                "reduction": "mean" if s["reduction"] == 1 else "sum", "logits_bytes": logits,
+                "bias": s["bias"] is not None, "scaled": s["seed"] is not None}
 
 
 def _strip_views(n: fx.Node) -> fx.Node:
