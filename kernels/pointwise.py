@@ -121,7 +121,9 @@ OPS = {
     "fill.Scalar": lambda a, v: f"(tl.zeros([BLOCK], tl.float32) + {v})",
     "_to_copy.default": None,  # a dtype cast: handled by the generator (see _cast)
 }
-SUPPORTED = frozenset(OPS)
+# a program may end in one of these (its last step): sum or mean over some dimensions of the pointwise value
+REDUCTIONS = frozenset({"sum.dim_IntList", "mean.dim"})
+SUPPORTED = frozenset(OPS) | REDUCTIONS
 
 _TL = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
        torch.bool: "tl.int1", torch.int64: "tl.int64", torch.int32: "tl.int32"}
@@ -138,10 +140,42 @@ def _parse(program: str) -> list:
     except (ValueError, KeyError, TypeError) as e:
         raise KernelError(where_what_got(_WHERE, "a program {'steps': [[op, args, kwargs], ...]}", program[:80],
                                          "build programs with the fuse pass")) from e
-    for op, _, _ in steps:
+    for j, (op, _, _) in enumerate(steps):
         if op not in SUPPORTED:
             raise KernelError(where_what_got(_WHERE, f"ops in {sorted(SUPPORTED)}", op, "leave it unfused"))
+        if op in REDUCTIONS and j != len(steps) - 1:
+            raise KernelError(where_what_got(_WHERE, "a reduction only as the program's last step", f"{op} at {j}",
+                                             "end the group at the reduction"))
     return steps
+
+
+def _reduction(steps: list, rank: int) -> tuple[tuple[int, ...], bool] | None:
+    """(reduced dimensions of the space, keepdim) when the program ends in a reduction, else None."""
+    op, args, kwargs = steps[-1]
+    if op not in REDUCTIONS:
+        return None
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if not dims or kwargs.get("dtype") is not None:
+        raise KernelError(where_what_got(_WHERE, "a reduction over listed dimensions, in the input's dtype",
+                                         f"dims {dims}, kwargs {kwargs}", "leave it unfused"))
+    return tuple(sorted({d % rank for d in dims})), bool(keepdim)
+
+
+def _space(steps: list, inputs: list) -> tuple[tuple[int, ...], tuple[int, ...], bool] | None:
+    """(space shape, reduced dims, keepdim) of a reduction program: the shape its pointwise part runs over
+    (every input broadcasts to it)."""
+    if steps[-1][0] not in REDUCTIONS:
+        return None
+    space = tuple(torch.broadcast_shapes(*[tuple(x.shape) for x in inputs]))
+    dims, keepdim = _reduction(steps, len(space))
+    return space, dims, keepdim
+
+
+def _out_box(box: tuple, dims: tuple[int, ...], keepdim: bool) -> tuple:
+    if keepdim:
+        return tuple((0, 1) if d in dims else b for d, b in enumerate(box))
+    return tuple(b for d, b in enumerate(box) if d not in dims)
 
 
 def _decode(a, env_in, env_v):
@@ -192,16 +226,28 @@ def evaluate(program: str, inputs: list[torch.Tensor]) -> torch.Tensor:
     return vals[len(steps) - 1]
 
 
-def _chunks(shape: tuple[int, ...]):
-    """The output's chunks as per-dimension (start, stop) tuples: every index of the dimensions before the
-    split dimension ``j`` alone, ``j`` in runs of as many rows as fit ``CHUNK_ELEMENTS``. ``j`` is the first
-    dimension whose trailing block (the dimensions after it) holds at most ``CHUNK_ELEMENTS`` elements."""
+def _chunks(shape: tuple[int, ...], whole: tuple[int, ...] = ()):
+    """Chunks of ``shape`` as per-dimension (start, stop) tuples: the ``whole`` dimensions (a reduction's)
+    entire in every chunk; of the others, every index of those before the split dimension ``j`` alone and
+    ``j`` in runs of as many rows as fit ``CHUNK_ELEMENTS``. ``j`` is the first free dimension whose row
+    (the dimensions after it and the whole ones) holds at most ``CHUNK_ELEMENTS`` elements."""
     rank = len(shape)
-    j = next((k for k in range(rank) if math.prod(shape[k + 1:]) <= CHUNK_ELEMENTS), rank - 1)
-    rows = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[j + 1:])))
-    for lead in itertools.product(*[range(shape[k]) for k in range(j)]):
+    free = [k for k in range(rank) if k not in whole]
+    if not free:
+        yield tuple((0, n) for n in shape)
+        return
+
+    def row(j: int) -> int:
+        return math.prod(shape[k] for k in range(rank) if k > j or k in whole)
+
+    j = next((k for k in free if row(k) <= CHUNK_ELEMENTS), free[-1])
+    rows = max(1, CHUNK_ELEMENTS // max(1, row(j)))
+    lead = [k for k in free if k < j]
+    for index in itertools.product(*[range(shape[k]) for k in lead]):
+        at = dict(zip(lead, index, strict=True))
         for lo in range(0, shape[j], rows):
-            yield (*((i, i + 1) for i in lead), (lo, min(shape[j], lo + rows)))
+            yield tuple((at[d], at[d] + 1) if d in at else (lo, min(shape[j], lo + rows)) if d == j
+                        else (0, shape[d]) for d in range(rank))
 
 
 def _slice(x: torch.Tensor, rank: int, box: tuple) -> torch.Tensor:
@@ -223,12 +269,14 @@ def run_chunked(program: str, inputs: list[torch.Tensor], out: torch.Tensor | No
     meta = _out_meta(program, inputs)
     if out is None:
         out = _empty_out(meta, inputs[0].device)
-    if out.dim() == 0 or out.numel() == 0:
-        out.copy_(evaluate(program, inputs)) if out.numel() else None
+    if out.numel() == 0:
         return out
-    rank = out.dim()
-    for box in _chunks(tuple(out.shape)):
-        _slice(out, rank, box).copy_(evaluate(program, [_slice(x, rank, box) for x in inputs]))
+    red = _space(parse(program), inputs)
+    space, dims, keepdim = red if red else (tuple(out.shape), (), False)
+    for box in _chunks(space, dims):
+        part = evaluate(program, [_slice(x, len(space), box) for x in inputs])
+        _slice(out, out.dim(), _out_box(box, dims, keepdim) if red else box).copy_(part)
+        del part  # not alive while the next chunk is made
     return out
 
 
@@ -266,14 +314,15 @@ def chunked_workspace(program: str, shapes: list[tuple]) -> int:
 
     steps = parse(program)
     out_shape = _meta_cached(program, tuple(shapes))[0]
-    rank = len(out_shape)
     last = _last_uses(steps)
     with FakeTensorMode():
         ins = [torch.empty_strided(s[0], s[2], dtype=s[1]) if len(s) > 2 else torch.empty(s[0], dtype=s[1])
                for s in shapes]
-        if rank and math.prod(out_shape):
-            box = next(_chunks(out_shape))  # the first chunk is the largest
-            ins = [_slice(x, rank, box) for x in ins]
+        red = _space(steps, ins)
+        space, dims = (red[0], red[1]) if red else (out_shape, ())
+        if math.prod(out_shape):
+            box = next(_chunks(space, dims))  # the first chunk is the largest
+            ins = [_slice(x, len(space), box) for x in ins]
         vals, sizes, live, peak = {}, {}, 0, 0
         for j, (op, args, kwargs) in enumerate(steps):
             fn = _aten(op)
@@ -305,38 +354,61 @@ def _kind(dtype: torch.dtype) -> str:
     return "f" if dtype.is_floating_point else ("b" if dtype == torch.bool else "i")
 
 
-def generate_source(program: str, in_dtypes: tuple[torch.dtype, ...], out_dtype: torch.dtype, rank: int) -> str:
-    """The Triton source of ``program``'s kernel for inputs of these dtypes and an output of this rank."""
+def generate_source(program: str, in_dtypes: tuple[torch.dtype, ...], out_dtype: torch.dtype, rank: int,
+                    reduce: tuple[tuple[int, ...], bool] | None = None) -> str:
+    """The Triton source of ``program``'s kernel for inputs of these dtypes over a space of ``rank``
+    dimensions (the output's; a reduction's input when ``reduce`` gives its dimensions and mean-ness).
+
+    Pointwise: one program per ``BLOCK`` elements of the output, each decomposed into space indices. With a
+    reduction: one program per output element, its kept indices scalars, a loop over the reduced elements in
+    blocks of ``BLOCK`` (their indices vectors), the pointwise value summed in fp32 registers, divided by
+    their count for a mean."""
     steps = parse(program)
     if rank > _MAX_RANK:
         raise KernelError(where_what_got(_WHERE, f"outputs of rank <= {_MAX_RANK}", rank, "leave it unfused"))
     n_in = len(in_dtypes)
+    reduced, mean = reduce if reduce else ((), False)
+    kept = [k for k in range(rank) if k not in reduced]
     dims = [f"d{k}" for k in range(rank)]
     strides = [f"s{i}_{k}" for i in range(n_in) for k in range(rank)]
     out_strides = [f"so_{k}" for k in range(rank)]
     params = ["out_ptr", *[f"in{i}" for i in range(n_in)], "n_elements", *dims, *strides, *out_strides,
               "BLOCK: tl.constexpr"]
     lines = ["import triton", "import triton.language as tl", "", "", "@triton.jit",
-             f"def fused_kernel({', '.join(params)}):",
-             "    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
-             "    mask = offs < n_elements",
-             "    rem = offs"]
-    for k in reversed(range(rank)):
-        lines.append(f"    i{k} = rem % d{k}")
-        if k:
-            lines.append(f"    rem = rem // d{k}")
-    env_in, kinds_in = [], []
+             f"def fused_kernel({', '.join(params)}):"]
+    pad = "    "
+    if reduce:
+        # n_elements: the reduced count; one program per output element
+        lines += ["    rem = tl.program_id(0).to(tl.int64)"]
+        for k in reversed(kept):
+            lines += [f"    i{k} = rem % d{k}", f"    rem = rem // d{k}"]
+        lines += ["    acc = tl.zeros([BLOCK], tl.float32)",
+                  "    for start in range(0, n_elements, BLOCK):",
+                  "        r = start + tl.arange(0, BLOCK)",
+                  "        mask = r < n_elements",
+                  "        rem_r = r"]
+        for k in reversed(reduced):
+            lines += [f"        i{k} = rem_r % d{k}", f"        rem_r = rem_r // d{k}"]
+        pad = "        "
+    else:
+        lines += ["    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
+                  "    mask = offs < n_elements",
+                  "    rem = offs"]
+        for k in reversed(range(rank)):
+            lines.append(f"    i{k} = rem % d{k}")
+            if k:
+                lines.append(f"    rem = rem // d{k}")
+    env_in = []
     for i, dt in enumerate(in_dtypes):
         off = " + ".join(f"i{k} * s{i}_{k}" for k in range(rank)) or "0"
         load = f"tl.load(in{i} + ({off}), mask=mask"
         if _kind(dt) == "f":
-            lines.append(f"    x{i} = {load}, other=0.0).to(tl.float32)")
+            lines.append(f"{pad}x{i} = {load}, other=0.0).to(tl.float32)")
         elif _kind(dt) == "b":
-            lines.append(f"    x{i} = {load}, other=0) != 0")
+            lines.append(f"{pad}x{i} = {load}, other=0) != 0")
         else:
-            lines.append(f"    x{i} = {load}, other=0)")
+            lines.append(f"{pad}x{i} = {load}, other=0)")
         env_in.append(f"x{i}")
-        kinds_in.append(_kind(dt))
 
     def src(a):
         if isinstance(a, list) and len(a) == 2 and a[0] == "in":
@@ -347,25 +419,32 @@ def generate_source(program: str, in_dtypes: tuple[torch.dtype, ...], out_dtype:
             return a
         return _f(a)
 
-    for j, (op, args, kwargs) in enumerate(steps):
+    body = steps[:-1] if reduce else steps
+    for j, (op, args, kwargs) in enumerate(body):
         if op == "_to_copy.default":
             dtype = getattr(torch, kwargs["dtype"][1]) if "dtype" in kwargs else None
             expr = _cast(src(args[0]), dtype)
         else:
             expr = OPS[op](*[src(a) for a in args], **{k: (v if isinstance(v, str) else _lit(v))
                                                       for k, v in kwargs.items()})
-        lines.append(f"    v{j} = {expr}")
-    result = f"v{len(steps) - 1}"
-    lines.append(f"    out_off = {' + '.join(f'i{k} * so_{k}' for k in range(rank)) or '0'}")
+        lines.append(f"{pad}v{j} = {expr}")
+    if reduce:
+        value = src(steps[-1][1][0])
+        lines.append(f"        acc += tl.where(mask, {value} + tl.zeros([BLOCK], tl.float32), 0.0)")
+        lines.append("    r = tl.sum(acc, axis=0)" + (" / n_elements" if mean else ""))
+        lines.append(f"    out_off = {' + '.join(f'i{k} * so_{k}' for k in kept) or '0'}")
+        lines.append("    mask = True")
+    else:
+        lines.append(f"    r = v{len(steps) - 1}")
+        lines.append(f"    out_off = {' + '.join(f'i{k} * so_{k}' for k in range(rank)) or '0'}")
     if out_dtype == torch.bool:
-        lines.append(f"    tl.store(out_ptr + out_off, {result}.to(tl.int1), mask=mask)")
+        lines.append("    tl.store(out_ptr + out_off, r.to(tl.int1), mask=mask)")
     elif out_dtype == torch.bfloat16:
-        lines.append(f"    r = {result}")
         bits = _bf16_bits("r")
         lines.append(f"    tl.store(out_ptr + out_off, ({bits}).to(tl.uint16).to(tl.bfloat16, bitcast=True), "
                      "mask=mask)")
     else:
-        lines.append(f"    tl.store(out_ptr + out_off, {result}.to({_TL[out_dtype]}), mask=mask)")
+        lines.append(f"    tl.store(out_ptr + out_off, r.to({_TL[out_dtype]}), mask=mask)")
     return "\n".join(lines) + "\n"
 
 
@@ -417,17 +496,29 @@ def run_triton(program: str, inputs: list[torch.Tensor], out: torch.Tensor | Non
                                          sorted({str(x.device) for x in inputs}), "move them"))
     if out is None:
         out = _empty_out(meta, device)
-    rank = len(meta.shape)
-    source = generate_source(program, tuple(x.dtype for x in inputs), meta.dtype, rank)
+    steps = parse(program)
+    red = _space(steps, inputs)
+    space = red[0] if red else tuple(meta.shape)
+    rank = len(space)
+    mean = bool(red) and steps[-1][0] == "mean.dim"
+    source = generate_source(program, tuple(x.dtype for x in inputs), meta.dtype, rank,
+                             (red[1], mean) if red else None)
     kernel = _kernel(source)
     require_gpu_or_interpreter(_WHERE, kernel, device)
-    n = out.numel()
-    if n == 0:
+    if out.numel() == 0:
         return out
     strides = []
     for x in inputs:
-        b = x.expand(meta.shape) if rank else x.reshape(())
-        strides += list(b.stride()) if rank else []
-    grid = (triton.cdiv(n, _BLOCK),)
-    kernel[grid](out, *inputs, n, *meta.shape, *strides, *(out.stride() if rank else ()), BLOCK=_BLOCK)
+        strides += list(x.expand(space).stride()) if rank else []
+    if red:  # the output's strides per space dimension (0 on a reduced one, which it may not have)
+        dims, keepdim = red[1], red[2]
+        it = iter(out.stride())
+        out_strides = [0 if d in dims and not keepdim else next(it) for d in range(rank)]
+        out_strides = [0 if d in dims else st for d, st in enumerate(out_strides)]
+        n = math.prod(space[d] for d in dims)
+        grid = (out.numel(),)
+    else:
+        out_strides, n = list(out.stride()), out.numel()
+        grid = (triton.cdiv(n, _BLOCK),)
+    kernel[grid](out, *inputs, n, *space, *strides, *out_strides, BLOCK=_BLOCK)
     return out

@@ -7,8 +7,9 @@ and it sits on the same side (forward or backward) as the group's output. A grou
 nodes is replaced by ``memfit::fused(inputs, program)`` at its output's place: the program (JSON, see
 ``memfit.kernels.pointwise``) lists the ops, the inputs are what the group reads from outside (views
 included, read through their strides). A value read outside its group ends that group (it is its output),
-so no value is computed twice; views, reductions, matmuls, convolutions, attention and memfit's own ops are
-not fused (reductions end a group instead of joining it: ``ending in at most one reduction`` with none).
+so no value is computed twice. A sum or mean over listed dimensions may end a group (never sit inside one):
+its members then broadcast to the reduction's input, and the kernel reduces in registers. Views, other
+reductions, matmuls, convolutions, attention and memfit's own ops are not fused.
 
 Memory: a group's intermediates never exist; its inputs live until the fused op runs. The plan reads the
 op's declared workspace: 0 for the generated Triton kernel; on CPU the chunked evaluation's live
@@ -69,9 +70,25 @@ def _encodable(a) -> bool:
     return a is None or isinstance(a, (bool, int, float, str, torch.dtype))
 
 
+_REDUCTIONS = ("sum.dim_IntList", "mean.dim")
+
+
+def _reduction_root(n: fx.Node, names: frozenset[str]) -> bool:
+    """A sum or mean over listed dimensions, in its input's float dtype: it may end a group (never sit
+    inside one)."""
+    name = _op_name(n)
+    if name not in _REDUCTIONS or name not in names or n.kwargs:
+        return False
+    v, x = n.meta.get("val"), n.args[0]
+    dims = n.args[1] if len(n.args) > 1 else None
+    return (isinstance(v, torch.Tensor) and v.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor) and bool(dims)
+            and all(isinstance(d, int) for d in dims) and len(n.args) <= 3)
+
+
 def _fusible(n: fx.Node, names: frozenset[str]) -> bool:
     name = _op_name(n)
-    if name not in names:
+    if name not in names or name in _REDUCTIONS:
         return False
     v = n.meta.get("val")
     if not isinstance(v, torch.Tensor) or v.dtype not in _DTYPES:
@@ -105,17 +122,23 @@ class Fuse(Pass):
         order = {n: i for i, n in enumerate(nodes)}
         group_of: dict[fx.Node, fx.Node] = {}  # node -> its group's output (root)
         members: dict[fx.Node, list[fx.Node]] = {}
+        space: dict[fx.Node, tuple[int, ...]] = {}  # a group's shape: its output's, or its reduction's input's
         for n in reversed(nodes):
+            if _reduction_root(n, names):  # a reduction ends a group: it starts one, joins none
+                group_of[n], members[n] = n, [n]
+                space[n] = tuple(n.args[0].meta["val"].shape)
+                continue
             if not _fusible(n, names):
                 continue
             roots = {group_of.get(u) for u in n.users}
             root = roots.pop() if len(roots) == 1 else None
-            if root is not None and (root in forward) == (n in forward) and _broadcasts(n, root):
+            if root is not None and (root in forward) == (n in forward) and _broadcasts(n, space[root]):
                 group_of[n] = root
                 members[root].append(n)
             else:
                 group_of[n] = n
                 members[n] = [n]
+                space[n] = tuple(n.meta["val"].shape)
         compute = [n for n in nodes if n.op == "call_function" and n.target not in _FREE
                    and n.target is not operator.getitem and n.target not in _LIBRARY
                    and getattr(n.target, "namespace", None) != "memfit"]
@@ -147,6 +170,7 @@ class Fuse(Pass):
             if n in fused_names:
                 continue
             why = ("alone (a group of one)" if n in group_of else
+                   "a reduction the generator does not take" if _op_name(n) in _REDUCTIONS else
                    "not pointwise, or an op the generator does not know" if _op_name(n) not in names else
                    "a dtype or argument the generator does not take")
             key = f"{_op_name(n) or n.target}: {why}"
@@ -161,8 +185,8 @@ class Fuse(Pass):
         return PassResult(g, bool(groups), stats, meta_ok=True)
 
 
-def _broadcasts(n: fx.Node, root: fx.Node) -> bool:
-    a, b = tuple(n.meta["val"].shape), tuple(root.meta["val"].shape)
+def _broadcasts(n: fx.Node, b: tuple[int, ...]) -> bool:
+    a = tuple(n.meta["val"].shape)
     try:
         return tuple(torch.broadcast_shapes(a, b)) == b
     except RuntimeError:

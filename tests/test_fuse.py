@@ -99,6 +99,9 @@ def test_what_stays_on_aten_is_logged_with_the_reason(caplog):
     with caplog.at_level(logging.INFO, logger="memfit.passes"):
         t = memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, passes=[*BASE, "fuse"])
     left = t.graph.info["fuse"]["left_to_aten"]
-    assert any(k.startswith("sum.dim_IntList: not pointwise") for k in left)  # RMSNorm's reduction
+    assert any(k.startswith("cat.default: not pointwise") for k in left)  # rotary embeddings' concatenation
     assert sum(left.values()) + t.graph.info["fuse"]["nodes_fused"] == t.graph.info["fuse"]["compute_nodes"]
-    assert "left to ATen: " in caplog.text and "sum.dim_IntList" in caplog.text
+    assert "left to ATen: " in caplog.text and "cat.default" in caplog.text
+    # RMSNorm's mean of squares and the norm weights' gradient sums end fused groups
+    programs = [n.args[1] for n in t.graph.graph.nodes if n.target is torch.ops.memfit.fused.default]
+    assert any('"mean.dim"' in p for p in programs) and any('"sum.dim_IntList"' in p for p in programs)

@@ -46,7 +46,16 @@ PROGRAMS = {
     "ones-like": [["empty_like.default", [A], {}], ["fill.Scalar", [["v", 0], 1], {}],
                   ["sub.Tensor", [["v", 1], B], {}]],
     "compare-out": [["mul.Tensor", [A, B], {}], ["ge.Scalar", [["v", 0], 0.0], {}]],
+    # programs ending in a reduction: RMSNorm's mean of squares, a weight gradient's column sum, a full sum
+    "mean-last": [["mul.Tensor", [A, B], {}], ["pow.Tensor_Scalar", [["v", 0], 2], {}],
+                  ["mean.dim", [["v", 1], [-1], True], {}]],
+    "sum-first": [["mul.Tensor", [A, B], {}], ["sum.dim_IntList", [["v", 0], [0]], {}]],
+    "sum-all": [["silu.default", [A], {}], ["mul.Tensor", [["v", 0], B], {}],
+                ["sum.dim_IntList", [["v", 1], [0, 1]], {}]],
 }
+REDUCING = {"mean-last", "sum-first", "sum-all"}
+# a reduction sums in another order than ATen's: a few ulp of the sum's magnitude
+REDUCE_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
 # (a, b, mask) shapes: same shape; b broadcast from a row; a transposed (strided); 0-dim b; one element
 LAYOUTS = {
     "odd": lambda: (torch.randn(3, 5, 7), torch.randn(3, 5, 7), torch.rand(3, 5, 7) > 0.5),
@@ -77,10 +86,11 @@ def test_generated_kernel_and_chunked_match_the_unfused_ops(name, layout, dtype)
         mismatch = (got != want).float().mean()
         assert mismatch <= (0.02 if dtype == torch.bfloat16 else 0.0)  # a value at the threshold rounds either way
     else:
-        torch.testing.assert_close(got, want, **TOL[dtype])
+        torch.testing.assert_close(got, want, **(REDUCE_TOL if name in REDUCING else TOL)[dtype])
     chunked = pw.run_chunked(program, inputs)
     assert chunked.stride() == want.stride()
-    torch.testing.assert_close(chunked, want, **(CHUNKED_TOL if dtype == torch.float32 else TOL[dtype]))
+    torch.testing.assert_close(chunked, want, **(CHUNKED_TOL if dtype == torch.float32 and name not in REDUCING
+                                                  else (REDUCE_TOL if name in REDUCING else TOL)[dtype]))
 
 
 def test_chunks_cover_the_output_once_in_small_pieces(monkeypatch):
@@ -92,10 +102,15 @@ def test_chunks_cover_the_output_once_in_small_pieces(monkeypatch):
     assert len(boxes) == 3 * 4 and all(hi - lo == 1 for box in boxes for lo, hi in box[:-1])
 
 
+@pytest.mark.parametrize("reduce", [None, ("mean.dim", [-1], True), ("sum.dim_IntList", [0], False)],
+                         ids=["pointwise", "mean-last", "sum-first"])
 @pytest.mark.parametrize("shapes", [[(64, 300), (64, 300)], [(4, 64, 688), (688,)], [(5, 3), ()]],
                          ids=["rows", "broadcast", "small"])
-def test_chunked_workspace_is_what_it_holds(shapes):
-    program = json.dumps({"steps": PROGRAMS["mul-div"] + [["silu.default", [["v", 2]], {}]]})
+def test_chunked_workspace_is_what_it_holds(shapes, reduce):
+    steps = PROGRAMS["mul-div"] + [["silu.default", [["v", 2]], {}]]
+    if reduce:
+        steps = [*steps, [reduce[0], [["v", 3], reduce[1], reduce[2]], {}]]
+    program = json.dumps({"steps": steps})
     inputs = [torch.randn(s) + 2 for s in shapes]
     out = pw.run_chunked(program, inputs)
     m = measure_peak(lambda: pw.run_chunked(program, inputs, out=out), device="cpu", existing=iter([*inputs, out]))
@@ -108,6 +123,8 @@ def test_chunked_workspace_is_what_it_holds(shapes):
     ("not json", "a program"),
     (json.dumps({"steps": [["matmul.default", [A, B], {}]]}), "ops in"),
     (json.dumps({"steps": [["pow.Tensor_Scalar", [A, 7], {}]]}), "a power in"),
+    (json.dumps({"steps": [["sum.dim_IntList", [A, [0]], {}], ["neg.default", [["v", 0]], {}]]}),
+     "a reduction only as the program's last step"),
 ])
 def test_bad_program_is_a_kernel_error(program, match):
     with pytest.raises(KernelError, match=match):
