@@ -118,6 +118,12 @@ class Pass(abc.ABC):
                                          "override options() and from_options() together, or drop the pass "
                                          "from lever_passes"))
 
+    def refine(self, g: TrainGraph, peak_node: str) -> Pass | None:
+        """A lossless setting of this pass (the same numerics, FLOPs 0) that lowers the peak of ``g`` when the
+        peak is at ``peak_node``, one of this pass's ops; None when it has none. The planner asks the
+        pipeline's passes before any lossy lever and again while the peak stays at a node they refine."""
+        return None
+
     @abc.abstractmethod
     def run(self, g: TrainGraph) -> PassResult:
         """Rewrite ``g`` (in place or into a new TrainGraph) and say whether anything changed."""

@@ -18,7 +18,9 @@ embeddings: the embedding's gradient is added in the backward, as before).
 
 ``chunk`` (rows per chunk; 0: the rule) is the one setting. The rule takes the largest power of two of rows
 whose fp32 logits are no larger than the hidden states ``h`` (at least 16 rows, at most all): the fused
-loss's workspace then stays below an activation the step holds anyway, so it never sets the peak.
+loss's workspace then stays below an activation the step holds anyway. When a budget is missed with the
+step's peak at the fused op (a small hidden size under a large vocabulary), the planner asks ``refine``:
+a quarter of the chunk, down to one row, the same numbers (a lossless lever of FLOPs 0).
 
 A head with a bias (``addmm``) is fused too: the op also returns the bias's gradient, which replaces the
 backward's ``sum(dlogits, [0])``. A site the pass cannot fuse (logits read elsewhere, ``reduction="none"``,
@@ -38,7 +40,7 @@ from torch import fx
 
 from ..errors import ConfigError, where_what_got
 from ..graph import TrainGraph, detached
-from ..ops import op_call
+from ..ops import args_of, op_call
 from .base import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -93,6 +95,17 @@ class FusedCrossEntropy(Pass):
         if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 0:
             raise ConfigError(where_what_got(f"{_WHERE}.chunk", "a number of rows per chunk (0: the rule)",
                                              self.chunk, "e.g. chunk=1024, or leave it at 0"))
+
+    def refine(self, g: TrainGraph, peak_node: str) -> FusedCrossEntropy | None:
+        """When the step peaks at the fused op: a quarter of its chunk (at least one row), the same loss and
+        gradients; None when the peak is elsewhere or the chunk is one row already."""
+        node = next((n for n in g.graph.nodes if n.name == peak_node), None)
+        if node is None or node.target is not torch.ops.memfit.linear_cross_entropy.default:
+            return None
+        chunk = args_of(node).chunk
+        if chunk <= 1:
+            return None
+        return FusedCrossEntropy(chunk=max(1, chunk // 4))
 
     def run(self, g: TrainGraph) -> PassResult:
         fused, skipped = [], []

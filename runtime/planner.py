@@ -191,6 +191,7 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
                                          "register the pass or fix the name"))
 
     pipeline = [*head, *PIPELINES["lossless"]]
+    refined: dict[str, Pass] = {}  # pipeline passes at a lossless setting their refine() gave
 
     def passes(i: int, d: _Decision | None = None) -> list[Pass]:
         out = []
@@ -199,7 +200,7 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
                 cut = registered_passes()[name].cut(tuple(n for s in d.steps[:d.k] for n in s[i]), d.reserve[i])
                 out.append(make(cut))
             else:
-                out.append(make(name))
+                out.append(refined.get(name) or make(name))
         if d is not None:
             by_pass: dict[str, list[Option]] = {}
             for c, o in d.state.items():
@@ -211,8 +212,16 @@ def choose(base: TrainGraph | Blocks, budget_bytes: int | None, *, device: torch
 
     classes: dict[str, _Class] = {}
     g0, p0 = subject.run(lambda i: passes(i), budget_bytes, device, trials)
-    if budget_bytes is None or p0.peak_bytes <= budget_bytes:
-        return Choice(g0, p0, tuple(trials))
+    # lossless settings of the pipeline's own passes, asked while the peak sits at one of their ops
+    for _ in range(_ROUNDS):
+        if budget_bytes is None or p0.peak_bytes <= budget_bytes:
+            return Choice(g0, p0, tuple(trials))
+        better = {name: q for name in pipeline if name != RECOMPUTE_PASS
+                  for q in [(refined.get(name) or make(name)).refine(g0, p0.peak_node)] if q is not None}
+        if not better:
+            break
+        refined.update(better)
+        g0, p0 = subject.run(lambda i: passes(i), budget_bytes, device, trials)
     lossless_plan = p0
 
     # the table: every lever's options and the recomputation sequence, on the lossless graph(s)

@@ -142,3 +142,30 @@ def test_composes_with_a_projected_head():
     assert t.graph.updates["lm_head.weight"].target is torch.ops.memfit.lowrank_update.default
     assert got == pytest.approx(want, rel=1e-5)
     assert t.measure_step(*batches[0]).peak_bytes == t.plan.peak_bytes
+
+
+class _WideHead(nn.Module):
+    """A hidden size of 8 under 8192 classes: the fused loss's chunk, not the hidden states, sets the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(8192, 8)
+        self.head = nn.Linear(8, 8192, bias=False)
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
+def test_the_planner_shrinks_the_chunk_when_the_fused_loss_sets_the_peak():
+    torch.manual_seed(0)
+    x, y = _batch(8192, b=2, s=64)
+    free = memfit.optimize(_WideHead(), example_inputs=(x, y), loss_fn=lm_loss)
+    assert free.plan.peak_node.startswith("linear_cross_entropy")
+    chunk = free.graph.info["fused_cross_entropy"]["fused"][0]["chunk"]
+    budget = free.plan.peak_bytes - 256 * 1024
+    torch.manual_seed(0)
+    t = memfit.optimize(_WideHead(), example_inputs=(x, y), loss_fn=lm_loss, budget=budget, levers="lossless")
+    got = t.graph.info["fused_cross_entropy"]["fused"][0]["chunk"]
+    assert got < chunk and t.plan.peak_bytes <= budget
+    assert float(t.step(x, y)) == pytest.approx(float(free.step(x, y)), rel=1e-6)  # the same numbers
+    assert t.measure_step(x, y).peak_bytes == t.plan.peak_bytes
