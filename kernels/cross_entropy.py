@@ -19,8 +19,9 @@ the torch semantics of ``cross_entropy(..., ignore_index, label_smoothing)``; an
 as in torch.
 
 ``linear_cross_entropy`` runs the row kernel in Triton (GPU, or CPU under ``TRITON_INTERPRET=1``);
-``linear_cross_entropy_ref`` is the same chunk loop in plain torch (``log_softmax`` per chunk, so each
-row's loss is torch's to the bit; a second (chunk, V) buffer). The matmuls stay on torch (cuBLAS / MKL)
+``linear_cross_entropy_ref`` is the same chunk loop in plain torch: ``log_softmax`` and ATen's
+``_log_softmax_backward_data`` per chunk, so each row's loss and gradient are the unfused step's to the bit
+(without label smoothing), for two more (chunk, V) buffers. The matmuls stay on torch (cuBLAS / MKL)
 in both. ``workspace_bytes`` is what each holds beyond its outputs.
 """
 
@@ -157,19 +158,19 @@ def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, target: torc
 
     def rows(buf, t, scale):
         logp = torch.log_softmax(buf, 1)
-        del buf
         ignored = t == ignore_index
         safe = t.masked_fill(ignored, 0).unsqueeze(1)
         losses = -logp.gather(1, safe).squeeze(1)
         if label_smoothing:
             losses.mul_(keep_t).sub_(logp.sum(1), alpha=each)
         losses.masked_fill_(ignored, 0.0)
-        grad = logp.exp_()
+        # the loss's gradient for the log-probabilities, written over the logits (no longer needed), then
+        # ATen's own log-softmax backward: the unfused step's gradient to the bit (without smoothing)
+        gout = buf.zero_()
         if label_smoothing:
-            grad.sub_(each)
-        grad.scatter_add_(1, safe, torch.full_like(safe, -keep_t, dtype=torch.float32))
-        grad.mul_(scale.unsqueeze(1))
-        return losses, grad
+            gout.add_((scale * -each).unsqueeze(1))
+        gout.scatter_add_(1, safe, (scale * -keep_t).unsqueeze(1))
+        return losses, torch._log_softmax_backward_data(gout, logp, 1, torch.float32)
 
     return _run(h, weight, bias, target, ignore_index, label_smoothing, reduction, chunk, rows)
 
@@ -197,15 +198,15 @@ def workspace_bytes(n: int, hidden: int, vocab: int, chunk: int, h_size: int, w_
                     bias: bool = False) -> int:
     """Bytes either path holds beyond its outputs (loss, dh, dweight): the row scales and the loss's divisor
     (4n + 4) under the largest of the chunk's phases: the product in the weights' dtype beside its fp32 copy,
-    the rows' work, the gradient beside its cast to the weights' dtype. The reference's rows hold the logits,
-    ``log_softmax``'s output and 17 bytes a row (the ignored mask, the clamped targets, the gathered and
-    negated losses); the Triton rows work on the logits in place beside the row losses (4 a row). Measured
+    the rows' work, the gradient beside its cast to the weights' dtype. The reference's rows hold the logits
+    (then the loss's gradient in their place), ``log_softmax``'s output, ATen's backward's output and 13
+    bytes a row (the ignored mask, the clamped targets, the losses); the Triton rows work on the logits in place beside the row losses (4 a row). Measured
     on CPU for the reference; the Triton figure is the same accounting for its allocations."""
     c = min(chunk, n)
     cv = c * vocab
     logits = 4 * cv
     product = logits + cv * w_size if w_size != 4 or h_size != 4 else 0
-    rows = logits + 4 * c if triton else 2 * logits + 17 * c
+    rows = logits + 4 * c if triton else 3 * logits + 13 * c
     cast = logits + cv * w_size if w_size != 4 else 0
     # the bias's share of a chunk after the first: g.sum(0) beside the gradient (in the weights' dtype)
     column = (cv * w_size if w_size != 4 else logits) + vocab * w_size if bias and n > c else 0
