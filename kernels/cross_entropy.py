@@ -200,8 +200,9 @@ def workspace_bytes(n: int, hidden: int, vocab: int, chunk: int, h_size: int, w_
     (4n + 4) under the largest of the chunk's phases: the product in the weights' dtype beside its fp32 copy,
     the rows' work, the gradient beside its cast to the weights' dtype. The reference's rows hold the logits
     (then the loss's gradient in their place), ``log_softmax``'s output, ATen's backward's output and 13
-    bytes a row (the ignored mask, the clamped targets, the losses); the Triton rows work on the logits in place beside the row losses (4 a row). Measured
-    on CPU for the reference; the Triton figure is the same accounting for its allocations."""
+    bytes a row (the ignored mask, the clamped targets, the losses); the Triton rows work on the logits in
+    place beside the row losses (4 a row). Measured on CPU for the reference; the Triton figure is the same
+    accounting for its allocations."""
     c = min(chunk, n)
     cv = c * vocab
     logits = 4 * cv

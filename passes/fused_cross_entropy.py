@@ -19,9 +19,10 @@ embeddings: the embedding's gradient is added in the backward, as before).
 ``chunk`` (rows per chunk; 0: the rule) is the one setting. The rule takes the largest power of two of rows
 whose fp32 logits are no larger than the hidden states ``h`` or a quarter of the head's weight, whichever
 is larger (at least 16 rows, at most all): the fused loss's workspace then stays below what the step
-holds anyway (an activation, the head's gradient), and the chunk's matmuls are wide enough to run at speed. When a budget is missed with the
-step's peak at the fused op (a small hidden size under a large vocabulary), the planner asks ``refine``:
-a quarter of the chunk, down to one row, the same numbers (a lossless lever of FLOPs 0).
+holds anyway (an activation, the head's gradient), and the chunk's matmuls are wide enough to run at
+speed. When a budget is missed with the step's peak at the fused op (a small hidden size under a large
+vocabulary), the planner asks ``refine``: a quarter of the chunk, down to one row, the same numbers (a
+lossless lever of FLOPs 0).
 
 A head with a bias (``addmm``) is fused too: the op also returns the bias's gradient, which replaces the
 backward's ``sum(dlogits, [0])``. A site the pass cannot fuse (logits read elsewhere, ``reduction="none"``,
