@@ -578,7 +578,7 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
                 micro_steps: int = 1, budget_bytes: int | None = None,
                 device: torch.device | str = "cpu", levers: str = "lossy",
                 replicate: bool = False, lever_passes: Sequence[str] | None = None,
-                fuse: bool = False) -> tuple[TrainGraph, MemoryPlan]:
+                fuse: bool = False, group: tuple[str, int] | None = None) -> tuple[TrainGraph, MemoryPlan]:
     """Capture one training step and let the planner rewrite it to fit ``budget_bytes`` (fake tensors
     throughout: nothing of the model's size is allocated). Returns the graph and its plan.
 
@@ -601,19 +601,69 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
         base = capture(model, example_inputs, loss_fn)
     defaults = dict(optimizer=optimizer, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
                     frozen=tuple(frozen))
+    if group is not None:  # data parallel: the data_parallel pass's process group (name, size)
+        defaults.update(group=group[0], world=group[1])
 
     def make(spec):
         return make_pass(spec, **defaults)
 
-    if fuse and passes is not None and "fuse" not in [p if isinstance(p, str) else p[0] if isinstance(p, tuple)
-                                                      else p.name for p in passes]:
+    named = [p if isinstance(p, str) else p[0] if isinstance(p, tuple) else p.name for p in passes or ()]
+    if fuse and passes is not None and "fuse" not in named:
         passes = [*passes, "fuse"]
+    if group is not None and passes is not None and "data_parallel" not in named:
+        passes = [*passes, "data_parallel"]
     explicit = [make(s) for s in passes] if passes is not None else None
-    head = (("freeze",) if frozen else ()) + (("fuse",) if fuse else ())  # fuse runs last whatever its place
+    head = (("freeze",) if frozen else ()) + (("fuse",) if fuse else ()) + (("data_parallel",) if group else ())
     choice = choose(base, budget_bytes, device=device, make=make, head=head,
                     explicit=explicit, levers=levers, lever_passes=lever_passes)
     choice.graph.info["planner"] = {"trials": [t.__dict__ for t in choice.trials]}
     return choice.graph, choice.plan
+
+
+def _data_parallel_group(process_group: Any, model: nn.Module, batch: Sequence[Any], settings: dict
+                         ) -> tuple[str, int]:
+    """(name, size) of ``process_group`` after the ranks agreed on everything that shapes the step."""
+    import torch.distributed as dist
+
+    where = "memfit.optimize(process_group=)"
+    if not dist.is_available() or not dist.is_initialized():
+        raise ConfigError(where_what_got(where, "torch.distributed initialised on every rank", "not initialised",
+                                         "call torch.distributed.init_process_group first (torchrun sets it up)"))
+    pg = dist.group.WORLD if process_group == "world" else process_group
+    if not isinstance(pg, dist.ProcessGroup):
+        raise ConfigError(where_what_got(where, "a torch.distributed ProcessGroup or 'world'",
+                                         type(process_group).__name__, "pass dist.group.WORLD or a new_group()"))
+    if settings["micro_steps"] > 1 or settings["clip_grad_norm"] is not None:
+        raise ConfigError(where_what_got(where, "no micro_steps and no clip_grad_norm (not yet data parallel)",
+                                         f"micro_steps={settings['micro_steps']}, "
+                                         f"clip_grad_norm={settings['clip_grad_norm']}",
+                                         "drop them, or train on one process"))
+    flat, _ = flatten_batch(batch, where)
+    group = (pg.group_name, dist.get_world_size(pg))
+    _agree(group, "settings, parameters and batch", {
+        **settings, "parameters": tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad)
+                                        for n, p in model.named_parameters()),
+        "batch": tuple((tuple(t.shape), str(t.dtype)) for t in flat)})
+    return group
+
+
+def _agree(group: tuple[str, int], what: str, mine: dict) -> None:
+    """Every rank of ``group`` holds the same ``mine``; else a ConfigError naming the first rank and key that
+    differ from rank 0 (raised on every rank, so none waits on a collective the others never reach)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(group[0])
+    every: list = [None] * group[1]
+    dist.all_gather_object(every, mine, group=pg)
+    for rank, theirs in enumerate(every[1:], start=1):
+        diff = [k for k in every[0] if every[0][k] != theirs.get(k)]
+        if diff:
+            k = diff[0]
+            raise ConfigError(where_what_got(f"memfit.optimize(process_group=): {what}",
+                                             f"every rank as rank 0 ({k}={str(every[0][k])[:120]})",
+                                             f"rank {rank} with {k}={str(theirs.get(k))[:120]}",
+                                             "give every rank the same model, settings and batch shape"))
 
 
 def num_layers(model: nn.Module) -> int | None:
@@ -756,7 +806,7 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
              clip_grad_norm: float | None = None, clip: str = "global", micro_steps: int = 1,
              lr_schedule: Callable[[int], float] | None = None, levers: str = "lossy", nonfinite: str = "skip",
              transactional: bool = False, max_shapes: int = 8, lever_passes: Sequence[str] | None = None,
-             fuse: bool = False) -> Trainer:
+             fuse: bool = False, process_group: Any = None) -> Trainer:
     """Compile ``model``'s whole training step under ``budget`` and return a :class:`Trainer`.
 
     ``example_inputs`` is one batch: ``(inputs..., target)`` with ``loss_fn(output, target)``, or the
@@ -779,6 +829,10 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     pass of your own becomes a lever by declaring ``options`` and ``from_options`` and being named here.
     ``fuse=True`` adds the ``fuse`` pass after every other rewrite: each pointwise chain one generated Triton
     kernel on CUDA, a chunked evaluation on CPU, planned as such.
+    ``process_group`` (a ``torch.distributed`` ProcessGroup, or ``"world"``) trains data parallel: call
+    ``optimize`` on every rank with that rank's share of the batch; each gradient is averaged over the group
+    inside the step (the ``data_parallel`` pass) before its update. The ranks' settings, parameter shapes and
+    batch shapes are compared first: a rank that differs is named in a ConfigError on every rank.
     """
     optimizer = AdamW() if optimizer is None else optimizer
     if transactional and budget is not None:
@@ -803,10 +857,19 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         capture_inputs = (dict(zip(keys, micro, strict=True)),) if keys else tuple(micro)
     else:
         capture_inputs = tuple(example_inputs)
+    group = None
+    if process_group is not None:
+        group = _data_parallel_group(process_group, model, capture_inputs, dict(
+            passes=repr(passes), frozen=tuple(frozen), optimizer=repr(optimizer), clip_grad_norm=clip_grad_norm,
+            micro_steps=micro_steps, budget=budget_bytes, levers=levers, fuse=fuse,
+            lever_passes=tuple(lever_passes or ())))
     g, plan_ = build_graph(model, capture_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes,
                            frozen=frozen, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
                            budget_bytes=budget_bytes, device=device, levers=levers, lever_passes=lever_passes,
-                           fuse=fuse)
+                           fuse=fuse, group=group)
+    if group is not None:
+        _agree(group, "the compiled step", {"passes": tuple(g.applied),
+                                            "updates": tuple(sorted((f, str(n.target)) for f, n in g.updates.items()))})
     try:
         trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
                           lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device, plan=plan_,

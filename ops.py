@@ -683,6 +683,63 @@ def lsq_workspace(target, numel: int, groups: int, w_size: int, grad_size: int, 
     return sf + max(during, after) - out - groups * step_size
 
 
+# ---- data parallel (data_parallel) --------------------------------------------------------------------------
+
+# bytes each rank has sent into all-reduces since the last reset (what ``data_parallel`` communicates)
+COMMUNICATED = {"all_reduce_bytes": 0, "all_gather_bytes": 0, "calls": 0}
+
+
+@torch.library.custom_op(f"{_LIB}::all_reduce_mean", mutates_args=())
+def all_reduce_mean(grad: torch.Tensor, group: str, world: int) -> torch.Tensor:
+    """The mean of ``grad`` over the ranks of process group ``group`` (its name), as a new tensor: a copy
+    all-reduced by sum with ``torch.distributed`` and divided by ``world``."""
+    return run_all_reduce_mean(grad, group, world)
+
+
+@all_reduce_mean.register_fake
+def _(grad, group, world):
+    return torch.empty_like(grad)
+
+
+def run_all_reduce_mean(grad, group, world):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    out = grad.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_resolve_process_group(group))
+    COMMUNICATED["all_reduce_bytes"] += out.numel() * out.element_size()
+    COMMUNICATED["calls"] += 1
+    return out.div_(world)
+
+
+@torch.library.custom_op(f"{_LIB}::all_gather_cat", mutates_args=())
+def all_gather_cat(t: torch.Tensor, dim: int, scale: float, group: str, world: int) -> torch.Tensor:
+    """Every rank's ``t`` of process group ``group``, concatenated along ``dim`` in rank order and multiplied
+    by ``scale``: a gradient held as factors ``L @ R`` (tokens inner) averaged over ranks as
+    ``[L_1 .. L_W] @ [R_1; ..; R_W] / W`` without forming it."""
+    return run_all_gather_cat(t, dim, scale, group, world)
+
+
+@all_gather_cat.register_fake
+def _(t, dim, scale, group, world):
+    shape = list(t.shape)
+    shape[dim] *= world
+    return t.new_empty(shape)
+
+
+def run_all_gather_cat(t, dim, scale, group, world):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=_resolve_process_group(group))
+    COMMUNICATED["all_gather_bytes"] = COMMUNICATED.get("all_gather_bytes", 0) + t.numel() * t.element_size()
+    COMMUNICATED["calls"] += 1
+    out = torch.cat(parts, dim)
+    del parts
+    return out.mul_(scale) if scale != 1.0 else out
+
+
 # ---- fused pointwise programs (fuse) -----------------------------------------------------------------------
 
 @torch.library.custom_op(f"{_LIB}::fused", mutates_args=())
@@ -1140,6 +1197,9 @@ def _op_workspace(node, triton: bool) -> int:
         kept = a.exp_avg.meta["val"].numel()
         return sparse_adamw_workspace(grad.numel(), kept, param.element_size(), grad.element_size(),
                                       values=param.numel() == kept)
+    if target is ops.all_gather_cat.default:  # the gathered pieces, alive while they are concatenated
+        t = node.args[0].meta["val"]
+        return node.args[4] * t.numel() * t.element_size()
     if target is ops.fused.default:
         if triton:
             return 0

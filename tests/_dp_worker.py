@@ -1,0 +1,49 @@
+"""One rank of tests/test_data_parallel.py (run as a script with RANK, WORLD_SIZE, MASTER_ADDR/PORT set, as
+torchrun would): trains each configuration's share of the global batches data parallel and, on rank 0,
+saves the losses (averaged over the ranks) and the final weights."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+import memfit
+from memfit.models import build_llama, lm_loss
+
+
+def main(out: str, configs: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for name, (passes, steps, per_rank) in json.loads(configs).items():
+        torch.manual_seed(0)
+        model = build_llama("tiny-llama", num_hidden_layers=1)
+        gen = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, 256, (per_rank * world, 32), generator=gen) for _ in range(steps)]
+        mine = [b[rank * per_rank:(rank + 1) * per_rank] for b in batches]
+        passes = [p if isinstance(p, str) else tuple(p) for p in passes] if passes else None
+        memfit.ops.COMMUNICATED.update(all_reduce_bytes=0, all_gather_bytes=0, calls=0)
+        t = memfit.optimize(model, example_inputs=(mine[0], torch.roll(mine[0], -1, 1)), loss_fn=lm_loss,
+                            optimizer=memfit.AdamW(lr=1e-3), passes=passes, process_group="world")
+        losses = []
+        for x in mine:
+            loss = t.step(x, torch.roll(x, -1, 1)).detach().clone()
+            dist.all_reduce(loss)
+            losses.append(float(loss) / world)
+        sent = (memfit.ops.COMMUNICATED["all_reduce_bytes"] + memfit.ops.COMMUNICATED["all_gather_bytes"]) // steps
+        if rank == 0:  # the weights after the steps (before the measured one below)
+            torch.save({f: p.detach().clone() for f, p in model.named_parameters()}, f"{out}.{name}.pt")
+        results[name] = {"losses": losses, "bytes_per_step": sent, "declared": t.graph.info["data_parallel"],
+                         "peak": t.plan.peak_bytes, "measured": t.measure_step(mine[0], torch.roll(mine[0], -1, 1))
+                         .peak_bytes}
+    if rank == 0:
+        with open(f"{out}.json", "w") as fh:
+            json.dump(results, fh)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
