@@ -8,7 +8,7 @@ every rank makes the same update and the result is single-process training on th
 gradient is complete, in backward order. A gradient GaLore holds as factors ``L @ R`` (``lowrank``'s
 ``factored`` path: tokens inner) is never formed: the ranks' factors are all-gathered and concatenated
 (``memfit::all_gather_cat``), ``[L_1 .. L_W] @ [R_1; ..; R_W] / W`` being the mean gradient, which sends
-tokens x (m + n) values instead of m x n; the plan counts the reduced copy as one more gradient-sized value
+tokens x (m + n) values instead of m x n, when that is fewer (else the gradient is formed and all-reduced); the plan counts the reduced copy as one more gradient-sized value
 while it lives. ``graph.info["data_parallel"]`` counts the all-reduces and the bytes each rank sends per
 step.
 
@@ -63,6 +63,15 @@ class DataParallel(Pass):
                 raise ConfigError(where_what_got(_WHERE, "one micro-step per step", f"{micro} on {f}",
                                                  "drop micro_steps= with process_group="))
             right = a.as_dict().get("grad_right")
+            if right is not None:
+                (m, tokens), n = a.grad.meta["val"].shape, right.meta["val"].shape[1]
+                if tokens * (m + n) >= m * n:  # the factors outweigh the gradient: form it, all-reduce it
+                    with g.graph.inserting_before(upd):
+                        full = g.graph.call_function(torch.ops.aten.mm.default, (a.grad, right))
+                    full.meta["val"] = a.grad.meta["val"].new_empty((m, n))
+                    upd.args, upd.kwargs = replace_args(upd, grad=full, grad_right=None)
+                    a = args_of(upd)
+                    right = None
             if right is not None:  # a gradient held as factors L @ R (tokens inner): gather, never form it
                 with g.graph.inserting_before(upd):
                     left = op_call(g.graph, torch.ops.memfit.all_gather_cat.default, t=a.grad, dim=1,
