@@ -36,11 +36,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import memfit  # noqa: E402
-from memfit.models import build_llama, lm_loss  # noqa: E402
+from _common import mib, write_table
+from _pretrain import batches
 
-from _common import mib, write_table  # noqa: E402
-from _pretrain import batches  # noqa: E402
+import memfit
+from memfit.models import build_llama, lm_loss
 
 LOWRANK = {"memfit GaLore r=64": ("lowrank", {"rank": 64, "gap": 50}),
            "memfit APOLLO-Mini": ("lowrank", {"rule": "apollo", "rank": 1, "scale": 128.0, "scaling": "tensor",
@@ -138,8 +138,8 @@ def main(argv=None) -> None:
         r["peak"] = mib(r["peak_bytes"])
         r["predicted"] = mib(r["predicted_peak_bytes"]) if "predicted_peak_bytes" in r else "-"
         r["sent"] = mib(r["bytes_sent_per_step"])
-    header = (f"Data parallel on CPU: {args.world} ranks (gloo, loopback, 1 thread each), tiny-llama (4 layers), global "
-              f"batch {args.batch} x 128, {args.steps} AdamW steps (lr 1e-3) round-robin in each rank. Rank 0's "
+    header = (f"Data parallel on CPU: {args.world} ranks (gloo, loopback, 1 thread each), tiny-llama (4 layers), "
+              f"global batch {args.batch} x 128, {args.steps} AdamW steps (lr 1e-3) round-robin in each rank. Rank 0's "
               "figures; sent: bytes each rank contributes to its collectives per step.")
     print(write_table("data_parallel", rows, [
         ("method", "method"), ("peak", "measured peak per rank"), ("predicted", "predicted"),

@@ -5,12 +5,12 @@ op the pass inserts ``memfit::all_reduce_mean(grad, group, world)``, a ``torch.d
 (sum, then a division by the world size) of a copy of the gradient: the update steps the mean gradient, so
 every rank makes the same update and the result is single-process training on the concatenated batch
 (each rank's loss is the mean over its own equal share). One all-reduce per gradient, placed where the
-gradient is complete, in backward order. A gradient GaLore holds as factors ``L @ R`` (``lowrank``'s
-``factored`` path: tokens inner) is never formed: the ranks' factors are all-gathered and concatenated
-(``memfit::all_gather_cat``), ``[L_1 .. L_W] @ [R_1; ..; R_W] / W`` being the mean gradient, which sends
-tokens x (m + n) values instead of m x n, when that is fewer (else the gradient is formed and all-reduced); the plan counts the reduced copy as one more gradient-sized value
-while it lives. ``graph.info["data_parallel"]`` counts the all-reduces and the bytes each rank sends per
-step.
+gradient is complete, in backward order; the plan counts the reduced copy as one more gradient-sized value
+while it lives. A gradient GaLore holds as factors ``L @ R`` (``lowrank``'s ``factored`` path: tokens
+inner) is not formed when its factors are fewer bytes: the ranks' factors are all-gathered and concatenated
+(``memfit::all_gather_cat``), ``[L_1 .. L_W] @ [R_1; ..; R_W] / W`` being the mean gradient (tokens x
+(m + n) values sent instead of m x n); otherwise it is formed and all-reduced. ``graph.info["data_parallel"]``
+counts the all-reduces, the factor gathers and the bytes each rank sends per step.
 
 What it does not do (refused at ``memfit.optimize(process_group=...)``): gradient accumulation over
 micro-steps (each micro-step would communicate), gradient clipping (the norm must be of the reduced
