@@ -118,6 +118,7 @@ class Trainer:
         self.skipped_steps = 0
         self._loss_fn = loss_fn
         self._passes = graph.info.get("passes")
+        self._dp_group: tuple[str, int] | None = None  # (process group name, size) when data parallel
         flat, keys = flatten_batch(example, "memfit.optimize: example_inputs")
         self._keys = keys
         self._spec = [(tuple(t.shape), t.dtype, t.device) for t in flat]
@@ -312,12 +313,25 @@ class Trainer:
                                              f"{len(self._window[1])} of {self.micro_steps} micro-batches fed",
                                              "finish the window with accumulate() or call discard_window()"))
         micro = self._check_batch(batch)
+        if self._dp_group is not None:
+            self._broadcast_buffers()
         loss = None
         for i, mb in enumerate(micro):
             loss = self._micro(mb, None)
             if self._window is None and i < len(micro) - 1:
                 return loss  # a skipped (non-finite) micro-batch undid the window
         return loss
+
+    def _broadcast_buffers(self) -> None:
+        """Data parallel: every rank starts the step from the group's first rank's buffers (BatchNorm running
+        statistics), as PyTorch DDP does by default (``broadcast_buffers=True``); in place, nothing allocated."""
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        pg = _resolve_process_group(self._dp_group[0])
+        src = dist.get_global_rank(pg, 0)
+        for b in self.executor.buffers.values():
+            dist.broadcast(b, src=src, group=pg)
 
     def accumulate(self, *batch: Any, lr: float | None = None) -> torch.Tensor:
         """Feed one micro-batch of the current optimizer step (loops that hand micro-batches over one at a
@@ -326,6 +340,8 @@ class Trainer:
         ``lr`` overrides the learning rate of this step (read on the window's first call). A failure undoes
         the whole window, as ``step`` does."""
         (mb,) = self._check_batch(batch, split=False)
+        if self._dp_group is not None and self._window is None:
+            self._broadcast_buffers()
         return self._micro(mb, lr)
 
     def discard_window(self) -> None:
@@ -879,4 +895,5 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         if where is None:
             raise
         raise UnsupportedGraph(f"{e} [op called at {where}]", op=e.op, node=e.node) from e
+    trainer._dp_group = group
     return trainer

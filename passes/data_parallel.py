@@ -14,7 +14,8 @@ counts the all-reduces, the factor gathers and the bytes each rank sends per ste
 
 What it does not do (refused at ``memfit.optimize(process_group=...)``): gradient accumulation over
 micro-steps (each micro-step would communicate), gradient clipping (the norm must be of the reduced
-gradient), pruning masks (their events read the local gradient). BatchNorm running statistics stay per rank.
+gradient), pruning masks (their events read the local gradient). BatchNorm running statistics: the Trainer
+broadcasts every buffer from the group's first rank before each step, as PyTorch DDP does by default.
 
 Needs ``fused_update``. The ``group`` is the process group's name, ``world`` its size.
 """
