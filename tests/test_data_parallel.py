@@ -147,7 +147,7 @@ def test_batchnorm_buffers_follow_pytorch_ddp():
     procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
-    for r, log in enumerate(logs):
+    for log in logs:
         line = next((x for x in log.splitlines() if x.startswith("WORST")), None)
         assert line is not None, log[-2000:]
         assert float(line.split()[2]) <= 1e-5, line  # the ranks' statistics differ (by a batch) without it
