@@ -5,6 +5,7 @@ from . import passes as _passes  # noqa: F401  (registers the built-in passes)
 from .api import Trainer, optimize, parse_budget, plan, size_model
 from .errors import (
                      BudgetError,
+                     CollectiveError,
                      ConfigError,
                      KernelError,
                      MemfitError,
@@ -29,6 +30,7 @@ __all__ = [
                      "SGD",
                      "AdamW",
                      "BudgetError",
+                     "CollectiveError",
                      "ConfigError",
                      "KernelError",
                      "MemfitError",

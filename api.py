@@ -328,10 +328,13 @@ class Trainer:
         import torch.distributed as dist
         from torch.distributed.distributed_c10d import _resolve_process_group
 
+        from .ops import _collective
+
         pg = _resolve_process_group(self._dp_group[0])
         src = dist.get_global_rank(pg, 0)
-        for b in self.executor.buffers.values():
-            dist.broadcast(b, src=src, group=pg)
+        for name, b in self.executor.buffers.items():
+            _collective("broadcast (buffers, before the step)", f"the buffer {name}", self._dp_group[0],
+                        lambda b=b: dist.broadcast(b, src=src, group=pg))
 
     def accumulate(self, *batch: Any, lr: float | None = None) -> torch.Tensor:
         """Feed one micro-batch of the current optimizer step (loops that hand micro-batches over one at a

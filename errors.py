@@ -71,6 +71,15 @@ class StepError(MemfitError, RuntimeError):
         self.updated = updated
 
 
+class CollectiveError(MemfitError, RuntimeError):
+    """A collective inside the step failed or timed out (a rank stopped, or ranks diverged): ``node`` names
+    the op and the value it was communicating."""
+
+    def __init__(self, message: str, *, node: str = ""):
+        super().__init__(message)
+        self.node = node
+
+
 class KernelError(MemfitError, ValueError):
     """A kernel launcher was handed tensors it cannot run on."""
 

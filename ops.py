@@ -690,49 +690,68 @@ COMMUNICATED = {"all_reduce_bytes": 0, "all_gather_bytes": 0, "calls": 0}
 
 
 @torch.library.custom_op(f"{_LIB}::all_reduce_mean", mutates_args=())
-def all_reduce_mean(grad: torch.Tensor, group: str, world: int) -> torch.Tensor:
+def all_reduce_mean(grad: torch.Tensor, group: str, world: int, name: str = "") -> torch.Tensor:
     """The mean of ``grad`` over the ranks of process group ``group`` (its name), as a new tensor: a copy
-    all-reduced by sum with ``torch.distributed`` and divided by ``world``."""
-    return run_all_reduce_mean(grad, group, world)
+    all-reduced by sum with ``torch.distributed`` and divided by ``world``. ``name`` (the value's, for
+    errors: a parameter's gradient) is named when the collective fails or times out."""
+    return run_all_reduce_mean(grad, group, world, name)
 
 
 @all_reduce_mean.register_fake
-def _(grad, group, world):
+def _(grad, group, world, name=""):
     return torch.empty_like(grad)
 
 
-def run_all_reduce_mean(grad, group, world):
+def _collective(op: str, name: str, group: str, fn):
+    """Run ``fn`` (a torch.distributed call); its failure (a timeout, a rank gone) as a CollectiveError
+    naming the op and the value it waited on."""
+    from .errors import CollectiveError
+
+    try:
+        return fn()
+    except RuntimeError as e:  # gloo / NCCL report timeouts and closed peers as RuntimeError (DistError)
+        raise CollectiveError(where_what_got(
+            f"memfit::{op} of {name or 'a value'} (process group {group!r})",
+            "every rank of the group in this collective within the group's timeout",
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+            "check that every rank runs the same steps on the same batch shapes; raise the timeout with "
+            "torch.distributed.init_process_group(timeout=...)"), node=f"{op}:{name}") from e
+
+
+def run_all_reduce_mean(grad, group, world, name=""):
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     out = grad.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_resolve_process_group(group))
+    _collective("all_reduce_mean", name, group,
+                lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_resolve_process_group(group)))
     COMMUNICATED["all_reduce_bytes"] += out.numel() * out.element_size()
     COMMUNICATED["calls"] += 1
     return out.div_(world)
 
 
 @torch.library.custom_op(f"{_LIB}::all_gather_cat", mutates_args=())
-def all_gather_cat(t: torch.Tensor, dim: int, scale: float, group: str, world: int) -> torch.Tensor:
+def all_gather_cat(t: torch.Tensor, dim: int, scale: float, group: str, world: int, name: str = "") -> torch.Tensor:
     """Every rank's ``t`` of process group ``group``, concatenated along ``dim`` in rank order and multiplied
     by ``scale``: a gradient held as factors ``L @ R`` (tokens inner) averaged over ranks as
     ``[L_1 .. L_W] @ [R_1; ..; R_W] / W`` without forming it."""
-    return run_all_gather_cat(t, dim, scale, group, world)
+    return run_all_gather_cat(t, dim, scale, group, world, name)
 
 
 @all_gather_cat.register_fake
-def _(t, dim, scale, group, world):
+def _(t, dim, scale, group, world, name=""):
     shape = list(t.shape)
     shape[dim] *= world
     return t.new_empty(shape)
 
 
-def run_all_gather_cat(t, dim, scale, group, world):
+def run_all_gather_cat(t, dim, scale, group, world, name=""):
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous(), group=_resolve_process_group(group))
+    _collective("all_gather_cat", name, group,
+                lambda parts=parts: dist.all_gather(parts, t.contiguous(), group=_resolve_process_group(group)))
     COMMUNICATED["all_gather_bytes"] = COMMUNICATED.get("all_gather_bytes", 0) + t.numel() * t.element_size()
     COMMUNICATED["calls"] += 1
     out = torch.cat(parts, dim)

@@ -76,9 +76,10 @@ class DataParallel(Pass):
             if right is not None:  # a gradient held as factors L @ R (tokens inner): gather, never form it
                 with g.graph.inserting_before(upd):
                     left = op_call(g.graph, torch.ops.memfit.all_gather_cat.default, t=a.grad, dim=1,
-                                   scale=1.0 / self.world, group=self.group, world=self.world)
+                                   scale=1.0 / self.world, group=self.group, world=self.world,
+                                   name=f"the gradient of {f} (left factor)")
                     rows = op_call(g.graph, torch.ops.memfit.all_gather_cat.default, t=right, dim=0, scale=1.0,
-                                   group=self.group, world=self.world)
+                                   group=self.group, world=self.world, name=f"the gradient of {f} (right factor)")
                 for node, src, dim in ((left, a.grad, 1), (rows, right, 0)):
                     shape = list(src.meta["val"].shape)
                     shape[dim] *= self.world
@@ -89,7 +90,7 @@ class DataParallel(Pass):
                 continue
             with g.graph.inserting_before(upd):
                 mean = op_call(g.graph, torch.ops.memfit.all_reduce_mean.default, grad=a.grad, group=self.group,
-                               world=self.world)
+                               world=self.world, name=f"the gradient of {f}")
             mean.meta["val"] = a.grad.meta["val"]
             upd.args, upd.kwargs = replace_args(upd, grad=mean)
             val = a.grad.meta["val"]

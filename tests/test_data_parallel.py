@@ -151,3 +151,42 @@ def test_batchnorm_buffers_follow_pytorch_ddp():
         line = next((x for x in log.splitlines() if x.startswith("WORST")), None)
         assert line is not None, log[-2000:]
         assert float(line.split()[2]) <= 1e-5, line  # the ranks' statistics differ (by a batch) without it
+
+
+@pytest.mark.parametrize("model,first", [
+    ("build_llama('tiny-llama', num_hidden_layers=1); x = torch.randint(0, 256, (2, 16)); y = x; lf = lm_loss",
+     "broadcast (buffers, before the step) of the buffer "),
+    ("build_mlp(); x = torch.randn(4, 32); y = torch.randint(0, 10, (4,)); lf = F.cross_entropy",
+     "all_reduce_mean of the gradient of "),
+], ids=["buffers-first", "gradients-first"])
+def test_a_rank_that_stops_is_a_collective_error_naming_the_value(model, first):
+    """Rank 1 compiles the step and leaves; rank 0's step fails in its first collective (the buffers'
+    broadcast, then the gradients' all-reduces) with an error naming the op and the value it waited on, and
+    changes nothing."""
+    code = (
+        "import datetime, torch, torch.distributed as dist, torch.nn.functional as F, memfit\n"
+        "from memfit.models import build_llama, build_mlp, lm_loss\n"
+        "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=20))\n"
+        "r = dist.get_rank()\n"
+        "torch.manual_seed(0)\n"
+        f"m = {model}\n"
+        "t = memfit.optimize(m, example_inputs=(x, y), loss_fn=lf, process_group='world')\n"
+        "if r == 1:\n"
+        "    dist.destroy_process_group()\n"
+        "    raise SystemExit(0)\n"
+        "before = {k: v.clone() for k, v in m.state_dict().items()}\n"
+        "try:\n"
+        "    t.step(x, y)\n"
+        "    print('NO ERROR')\n"
+        "except memfit.CollectiveError as e:\n"
+        "    same = all(torch.equal(before[k], v) for k, v in m.state_dict().items())\n"
+        "    print('ERROR', e, '| unchanged', same)\n"
+    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    line = next((x for x in logs[0].splitlines() if x.startswith(("ERROR", "NO ERROR"))), logs[0][-2000:])
+    assert line.startswith(f"ERROR memfit::{first}"), line
+    assert "expected every rank of the group in this collective" in line and line.endswith("| unchanged True")
