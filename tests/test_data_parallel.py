@@ -47,6 +47,15 @@ def _launch(tmp_path, configs: dict, world: int = 2) -> dict:
     return json.loads(Path(f"{out}.json").read_text()), out, logs
 
 
+def _ranks(code: str, world: int = 2) -> list[str]:
+    """Run ``code`` (python -c) as ``world`` ranks, as torchrun would; their outputs."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "WORLD_SIZE": str(world),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    return [p.communicate(timeout=300)[0] for p in procs]
+
+
 def _single(passes, steps=STEPS):
     torch.manual_seed(0)
     model = build_llama("tiny-llama", num_hidden_layers=1)
@@ -101,11 +110,7 @@ def test_ranks_that_disagree_fail_fast_naming_the_rank():
         "except memfit.ConfigError as e:\n"
         "    print('ERROR', e)\n"
     )
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    logs = _ranks(code)
     for log in logs:
         assert "ERROR memfit.optimize(process_group=): settings, parameters and batch" in log, log[-2000:]
         assert "rank 1 with batch=" in log
@@ -142,11 +147,7 @@ def test_batchnorm_buffers_follow_pytorch_ddp():
         " ddp.module.state_dict().values()) if 'running' in n)\n"
         "print('WORST', r, worst)\n"
     )
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    logs = _ranks(code)
     for log in logs:
         line = next((x for x in log.splitlines() if x.startswith("WORST")), None)
         assert line is not None, log[-2000:]
@@ -182,11 +183,7 @@ def test_a_rank_that_stops_is_a_collective_error_naming_the_value(model, first):
         "    same = all(torch.equal(before[k], v) for k, v in m.state_dict().items())\n"
         "    print('ERROR', e, '| unchanged', same)\n"
     )
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    logs = _ranks(code)
     line = next((x for x in logs[0].splitlines() if x.startswith(("ERROR", "NO ERROR"))), logs[0][-2000:])
     assert line.startswith(f"ERROR memfit::{first}"), line
     assert "expected every rank of the group in this collective" in line and line.endswith("| unchanged True")
