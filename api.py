@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from .runtime.blocks import BASE_LAYERS, block_keys
 from .runtime.executor import NONFINITE_MODES, CompiledStep, Executor, StepGuard
 from .runtime.lower import lower
 from .runtime.memory import MemoryPlan, fit_size_model, fmt_bytes, plan_memory
-from .runtime.planner import Blocks, choose
+from .runtime.planner import Blocks, choose, run_passes
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -597,7 +598,8 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
                 micro_steps: int = 1, budget_bytes: int | None = None,
                 device: torch.device | str = "cpu", levers: str = "lossy",
                 replicate: bool = False, lever_passes: Sequence[str] | None = None,
-                fuse: bool = False, group: tuple[str, int] | None = None) -> tuple[TrainGraph, MemoryPlan]:
+                fuse: bool = False, group: tuple[str, int] | None = None, group_rank: int = 0,
+                shard: str = "none") -> tuple[TrainGraph, MemoryPlan]:
     """Capture one training step and let the planner rewrite it to fit ``budget_bytes`` (fake tensors
     throughout: nothing of the model's size is allocated). Returns the graph and its plan.
 
@@ -620,8 +622,8 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
         base = capture(model, example_inputs, loss_fn)
     defaults = dict(optimizer=optimizer, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
                     frozen=tuple(frozen))
-    if group is not None:  # data parallel: the data_parallel pass's process group (name, size)
-        defaults.update(group=group[0], world=group[1])
+    if group is not None:  # data parallel: the data_parallel pass's process group (name, size), this rank
+        defaults.update(group=group[0], world=group[1], group_rank=group_rank)
 
     def make(spec):
         return make_pass(spec, **defaults)
@@ -635,8 +637,19 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
     head = (("freeze",) if frozen else ()) + (("fuse",) if fuse else ()) + (("data_parallel",) if group else ())
     choice = choose(base, budget_bytes, device=device, make=make, head=head,
                     explicit=explicit, levers=levers, lever_passes=lever_passes)
-    choice.graph.info["planner"] = {"trials": [t.__dict__ for t in choice.trials]}
-    return choice.graph, choice.plan
+    graph, plan_ = choice.graph, choice.plan
+    if group is not None and shard != "none":
+        # The levers were chosen on the replicated data-parallel step, identically on every rank (their choices
+        # must agree: a weight's encoding is every rank's); each rank's own step then drops the state it does
+        # not own, and its plan is recomputed: never above the one the planner accepted.
+        if isinstance(base, Blocks):
+            raise ConfigError(where_what_got("memfit.build_graph(shard=)", "one captured step", "replicate=True",
+                                             "plan sharded steps on a full capture"))
+        chosen = [dataclasses.replace(p, shard=shard) if p.name == "data_parallel" else p
+                  for p in graph.info["passes"]]
+        graph, plan_, _ = run_passes(base, chosen, budget_bytes, device)
+    graph.info["planner"] = {"trials": [t.__dict__ for t in choice.trials]}
+    return graph, plan_
 
 
 def _data_parallel_group(process_group: Any, model: nn.Module, batch: Sequence[Any], settings: dict
@@ -825,7 +838,7 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
              clip_grad_norm: float | None = None, clip: str = "global", micro_steps: int = 1,
              lr_schedule: Callable[[int], float] | None = None, levers: str = "lossy", nonfinite: str = "skip",
              transactional: bool = False, max_shapes: int = 8, lever_passes: Sequence[str] | None = None,
-             fuse: bool = False, process_group: Any = None) -> Trainer:
+             fuse: bool = False, process_group: Any = None, shard: str = "none") -> Trainer:
     """Compile ``model``'s whole training step under ``budget`` and return a :class:`Trainer`.
 
     ``example_inputs`` is one batch: ``(inputs..., target)`` with ``loss_fn(output, target)``, or the
@@ -852,6 +865,10 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     ``optimize`` on every rank with that rank's share of the batch; each gradient is averaged over the group
     inside the step (the ``data_parallel`` pass) before its update. The ranks' settings, parameter shapes and
     batch shapes are compared first: a rank that differs is named in a ConfigError on every rank.
+    ``shard="state"`` (with ``process_group``) keeps each parameter's optimizer state on one rank, its owner
+    (ZeRO stages 1 and 2): gradients are reduced onto the owner, which updates and broadcasts the parameter;
+    each rank's plan counts its own share of the state. ``Trainer.state_dict`` then holds this rank's share:
+    save and load across ranks with ``memfit.save_checkpoint`` / ``memfit.load_checkpoint``.
     """
     optimizer = AdamW() if optimizer is None else optimizer
     if transactional and budget is not None:
@@ -876,19 +893,34 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
         capture_inputs = (dict(zip(keys, micro, strict=True)),) if keys else tuple(micro)
     else:
         capture_inputs = tuple(example_inputs)
-    group = None
+    group, group_rank = None, 0
+    from .passes.data_parallel import SHARDS
+
+    if shard not in SHARDS:
+        raise ConfigError(where_what_got("memfit.optimize(shard=)", f"one of {SHARDS}", repr(shard),
+                                         "'state' keeps each parameter's optimizer state on one rank"))
+    if shard != "none" and process_group is None:
+        raise ConfigError(where_what_got("memfit.optimize(shard=)", "a process_group to shard over",
+                                         f"shard={shard!r} without process_group",
+                                         "pass process_group=torch.distributed.group.WORLD (or 'world')"))
     if process_group is not None:
         group = _data_parallel_group(process_group, model, capture_inputs, dict(
             passes=repr(passes), frozen=tuple(frozen), optimizer=repr(optimizer), clip_grad_norm=clip_grad_norm,
             micro_steps=micro_steps, budget=budget_bytes, levers=levers, fuse=fuse,
-            lever_passes=tuple(lever_passes or ())))
+            lever_passes=tuple(lever_passes or ()), shard=shard))
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        group_rank = dist.get_rank(_resolve_process_group(group[0]))
     g, plan_ = build_graph(model, capture_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes,
                            frozen=frozen, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
                            budget_bytes=budget_bytes, device=device, levers=levers, lever_passes=lever_passes,
-                           fuse=fuse, group=group)
+                           fuse=fuse, group=group, group_rank=group_rank, shard=shard)
     if group is not None:
-        _agree(group, "the compiled step", {"passes": tuple(g.applied),
-                                            "updates": tuple(sorted((f, str(n.target)) for f, n in g.updates.items()))})
+        info = g.info.get("data_parallel", {})
+        updates = info.get("update_ops") or {f: str(n.target) for f, n in g.updates.items()}
+        _agree(group, "the compiled step", {"passes": tuple(g.applied), "updates": tuple(sorted(updates.items())),
+                                            "owners": tuple(sorted(info.get("owners", {}).items()))})
     try:
         trainer = Trainer(model, g, capture_inputs, micro_steps=micro_steps, optimizer=optimizer,
                           lr_schedule=lr_schedule, budget_bytes=budget_bytes, device=device, plan=plan_,

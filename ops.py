@@ -686,7 +686,7 @@ def lsq_workspace(target, numel: int, groups: int, w_size: int, grad_size: int, 
 # ---- data parallel (data_parallel) --------------------------------------------------------------------------
 
 # bytes each rank has sent into all-reduces since the last reset (what ``data_parallel`` communicates)
-COMMUNICATED = {"all_reduce_bytes": 0, "all_gather_bytes": 0, "calls": 0}
+COMMUNICATED = {"all_reduce_bytes": 0, "all_gather_bytes": 0, "reduce_bytes": 0, "broadcast_bytes": 0, "calls": 0}
 
 
 @torch.library.custom_op(f"{_LIB}::all_reduce_mean", mutates_args=())
@@ -752,11 +752,104 @@ def run_all_gather_cat(t, dim, scale, group, world, name=""):
     parts = [torch.empty_like(t) for _ in range(world)]
     _collective("all_gather_cat", name, group,
                 lambda parts=parts: dist.all_gather(parts, t.contiguous(), group=_resolve_process_group(group)))
-    COMMUNICATED["all_gather_bytes"] = COMMUNICATED.get("all_gather_bytes", 0) + t.numel() * t.element_size()
+    COMMUNICATED["all_gather_bytes"] += t.numel() * t.element_size()
     COMMUNICATED["calls"] += 1
     out = torch.cat(parts, dim)
     del parts
     return out.mul_(scale) if scale != 1.0 else out
+
+
+# ---- sharded optimizer state (data_parallel shard="state") ---------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::reduce_mean", mutates_args=())
+def reduce_mean(grad: torch.Tensor, dst: int, group: str, world: int, name: str = "") -> torch.Tensor:
+    """On the rank ``dst`` of process group ``group`` (its group rank) that owns a parameter: the mean of
+    ``grad`` over the group's ranks, as a new contiguous tensor (a copy reduced by sum with
+    ``torch.distributed.reduce`` onto this rank, divided by ``world``). The other ranks call
+    ``reduce_send_`` in the same place."""
+    return run_reduce_mean(grad, dst, group, world, name)
+
+
+@reduce_mean.register_fake
+def _(grad, dst, group, world, name=""):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _global_rank(group: str, rank: int) -> int:
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return dist.get_global_rank(_resolve_process_group(group), rank)
+
+
+def run_reduce_mean(grad, dst, group, world, name=""):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    out = grad.clone(memory_format=torch.contiguous_format)
+    _collective("reduce_mean", name, group, lambda: dist.reduce(out, dst=_global_rank(group, dst), op=dist.ReduceOp.SUM,
+                                                               group=_resolve_process_group(group)))
+    COMMUNICATED["reduce_bytes"] += out.numel() * out.element_size()
+    COMMUNICATED["calls"] += 1
+    return out.div_(world)
+
+
+@torch.library.custom_op(f"{_LIB}::reduce_send_", mutates_args=("grad",))
+def reduce_send_(grad: torch.Tensor, dst: int, group: str, world: int, name: str = "") -> None:
+    """This rank's part of ``reduce_mean`` onto rank ``dst`` (the parameter's owner): ``grad`` is sent and
+    may be overwritten (the collective's scratch; it is the gradient's last use), nothing is returned. A
+    gradient that is not contiguous is sent through a contiguous copy."""
+    run_reduce_send_(grad, dst, group, world, name)
+
+
+@reduce_send_.register_fake
+def _(grad, dst, group, world, name=""):
+    return None
+
+
+def run_reduce_send_(grad, dst, group, world, name=""):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    buf = grad if grad.is_contiguous() else grad.contiguous()
+    _collective("reduce_mean", name, group, lambda: dist.reduce(buf, dst=_global_rank(group, dst), op=dist.ReduceOp.SUM,
+                                                               group=_resolve_process_group(group)))
+    COMMUNICATED["reduce_bytes"] += buf.numel() * buf.element_size()
+    COMMUNICATED["calls"] += 1
+
+
+@torch.library.custom_op(f"{_LIB}::broadcast_", mutates_args=("t",))
+def broadcast_(t: torch.Tensor, src: int, group: str, name: str = "") -> None:
+    """``t`` (a parameter, in place) from group rank ``src`` (its owner, which just updated it) to every
+    rank of process group ``group``."""
+    run_broadcast_(t, src, group, name)
+
+
+@broadcast_.register_fake
+def _(t, src, group, name=""):
+    return None
+
+
+def run_broadcast_(t, src, group, name=""):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(group)
+    _collective("broadcast_", name, group, lambda: dist.broadcast(t, src=dist.get_global_rank(pg, src), group=pg))
+    if dist.get_rank(pg) == src:
+        COMMUNICATED["broadcast_bytes"] += t.numel() * t.element_size()
+    COMMUNICATED["calls"] += 1
+
+
+def communicated_bytes() -> int:
+    """Bytes this rank has put into memfit's collectives since ``COMMUNICATED`` was last reset: all-reduced and
+    reduced gradients, gathered factors, and the parameters it broadcast as their owner."""
+    return sum(v for k, v in COMMUNICATED.items() if k.endswith("_bytes"))
+
+
+def reset_communicated() -> None:
+    for k in list(COMMUNICATED):
+        COMMUNICATED[k] = 0
 
 
 # ---- fused pointwise programs (fuse) -----------------------------------------------------------------------
@@ -1216,6 +1309,9 @@ def _op_workspace(node, triton: bool) -> int:
         kept = a.exp_avg.meta["val"].numel()
         return sparse_adamw_workspace(grad.numel(), kept, param.element_size(), grad.element_size(),
                                       values=param.numel() == kept)
+    if target is ops.reduce_send_.default:  # a gradient that is not contiguous goes out through a copy
+        grad = node.args[0].meta["val"]
+        return 0 if grad.is_contiguous() else grad.numel() * grad.element_size()
     if target is ops.all_gather_cat.default:  # the gathered pieces, alive while they are concatenated
         t = node.args[0].meta["val"]
         return node.args[4] * t.numel() * t.element_size()

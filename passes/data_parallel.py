@@ -17,7 +17,21 @@ micro-steps (each micro-step would communicate), gradient clipping (the norm mus
 gradient), pruning masks (their events read the local gradient). BatchNorm running statistics: the Trainer
 broadcasts every buffer from the group's first rank before each step, as PyTorch DDP does by default.
 
-Needs ``fused_update``. The ``group`` is the process group's name, ``world`` its size.
+Sharded optimizer state (``shard="state"``, ZeRO stages 1 and 2): every parameter is owned by one rank
+(greedy by optimizer-state bytes, largest first, to the least-loaded rank; every rank computes the same
+table from the same step). A gradient is reduced onto its owner only (``memfit::reduce_mean`` there,
+``memfit::reduce_send_`` elsewhere: in place on the gradient, its last use); the owner runs the update op,
+with its state, unchanged; then every parameter tensor the update wrote is broadcast from the owner
+(``memfit::broadcast_``, in place). The other ranks hold neither the state nor the update: their state
+placeholders are gone from their step, so each rank's plan counts only its own shard. With the fused update
+a gradient already dies at its update, so sharding gradients (ZeRO-2) costs nothing more than sharding the
+state (ZeRO-1): the reduced gradient exists on the owner alone. Whole parameters are the unit, so the update
+(8-bit blocks, GaLore's SVD, APOLLO's projection, INT8 weights) is the one-process update bit for bit; the
+price is balance, bounded below by the largest parameter's state. ``group_rank`` is this rank's place in the
+group (``memfit plan --world-size`` plans any rank without a group).
+
+Needs ``fused_update``; runs after every lever (``last``), on the updates they chose. The ``group`` is the
+process group's name, ``world`` its size.
 """
 
 from __future__ import annotations
@@ -27,11 +41,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, where_what_got
-from ..graph import TrainGraph
+from ..graph import NAME_KEY, ROLE_KEY, TrainGraph, is_view_op
 from ..ops import args_of, op_call, replace_args
 from .base import Pass, PassResult, register_pass
 
 _WHERE = "passes['data_parallel']"
+SHARDS = ("none", "state")
 
 
 @register_pass("data_parallel")
@@ -39,15 +54,26 @@ _WHERE = "passes['data_parallel']"
 class DataParallel(Pass):
     group: str = ""
     world: int = 0
+    group_rank: int = 0
+    shard: str = "none"  # "none": every rank updates every parameter; "state": one owner per parameter
 
     requires = ("fused_update",)
     keeps_meta = True
+    last = True
 
     def __post_init__(self):
         if not self.group or isinstance(self.world, bool) or not isinstance(self.world, int) or self.world < 1:
             raise ConfigError(where_what_got(_WHERE, "a process group's name and its size >= 1",
                                              f"group={self.group!r}, world={self.world!r}",
                                              "pass process_group= to memfit.optimize"))
+        if self.shard not in SHARDS:
+            raise ConfigError(where_what_got(f"{_WHERE}.shard", f"one of {SHARDS}", repr(self.shard),
+                                             "'state' keeps each parameter's optimizer state on one rank"))
+        if isinstance(self.group_rank, bool) or not isinstance(self.group_rank, int) or \
+                not 0 <= self.group_rank < self.world:
+            raise ConfigError(where_what_got(f"{_WHERE}.group_rank", f"an int in [0, {self.world})",
+                                             repr(self.group_rank),
+                                             "the rank's place in its process group"))
 
     def run(self, g: TrainGraph) -> PassResult:
         if any(n.target is torch.ops.memfit.prune_mask.default for n in g.graph.nodes):
@@ -66,7 +92,7 @@ class DataParallel(Pass):
             right = a.as_dict().get("grad_right")
             if right is not None:
                 (m, tokens), n = a.grad.meta["val"].shape, right.meta["val"].shape[1]
-                if tokens * (m + n) >= m * n:  # the factors outweigh the gradient: form it, all-reduce it
+                if self.shard != "none" or tokens * (m + n) >= m * n:  # form it, all-reduce (reduce) it
                     with g.graph.inserting_before(upd):
                         full = g.graph.call_function(torch.ops.aten.mm.default, (a.grad, right))
                     full.meta["val"] = a.grad.meta["val"].new_empty((m, n))
@@ -88,14 +114,102 @@ class DataParallel(Pass):
                 gathered += 1
                 sent += sum(v.meta["val"].numel() * v.meta["val"].element_size() for v in (a.grad, right))
                 continue
+            val = a.grad.meta["val"]
+            sent += val.numel() * val.element_size()
+            if self.shard != "none":
+                continue
             with g.graph.inserting_before(upd):
                 mean = op_call(g.graph, torch.ops.memfit.all_reduce_mean.default, grad=a.grad, group=self.group,
                                world=self.world, name=f"the gradient of {f}")
             mean.meta["val"] = a.grad.meta["val"]
             upd.args, upd.kwargs = replace_args(upd, grad=mean)
-            val = a.grad.meta["val"]
-            sent += val.numel() * val.element_size()
-        stats = {"all_reduces": len(g.updates) - gathered, "factor_gathers": gathered, "bytes_per_step": sent,
-                 "world": self.world}
+        stats = {"all_reduces": 0 if self.shard != "none" else len(g.updates) - gathered,
+                 "factor_gathers": gathered, "bytes_per_step": sent, "world": self.world, "shard": self.shard}
+        if self.shard == "state":
+            stats.update(self._shard_state(g))
         g.info["data_parallel"] = stats
         return PassResult(g, bool(g.updates), stats, meta_ok=True)
+
+    def _shard_state(self, g: TrainGraph) -> dict:
+        """Each update runs on its parameter's owner only; the rest reduce onto it and receive the result."""
+        owners = owner_table(g, self.world)
+        kinds = {f: str(upd.target) for f, upd in g.updates.items()}  # every rank's, before its own are dropped
+        sent = 0
+        mine_state, all_state = 0, 0
+        for f, upd in list(g.updates.items()):
+            a = args_of(upd)
+            if a.grad is None:
+                continue
+            owner, state = owners[f], _state_of(upd)
+            state_bytes = sum(_nbytes(s) for s in state)
+            all_state += state_bytes
+            written = _written_params(upd)
+            if owner == self.group_rank:
+                mine_state += state_bytes
+                with g.graph.inserting_before(upd):
+                    mean = op_call(g.graph, torch.ops.memfit.reduce_mean.default, grad=a.grad, dst=owner,
+                                   group=self.group, world=self.world, name=f"the gradient of {f}")
+                mean.meta["val"] = a.grad.meta["val"].new_empty(a.grad.meta["val"].shape)
+                upd.args, upd.kwargs = replace_args(upd, grad=mean)
+                at = upd
+                sent += sum(_nbytes(p) for p in written)
+            else:
+                with g.graph.inserting_before(upd):
+                    op_call(g.graph, torch.ops.memfit.reduce_send_.default, grad=a.grad, dst=owner,
+                            group=self.group, world=self.world, name=f"the gradient of {f}")
+                at = upd.prev
+            for p in written:  # the owner's new values of every parameter tensor the update wrote
+                with g.graph.inserting_after(at):
+                    at = op_call(g.graph, torch.ops.memfit.broadcast_.default, t=p, src=owner, group=self.group,
+                                 name=f"the parameter {p.meta[NAME_KEY]}")
+            g.updates[f] = at  # what writes the parameter last: its broadcast (the update, on the owner, before it)
+            if owner != self.group_rank:
+                g.graph.erase_node(upd)
+                for s in state:
+                    if not s.users:
+                        g.remove_state(s.meta[NAME_KEY])
+        return {"owners": owners, "update_ops": kinds, "state_bytes_here": mine_state, "state_bytes_all": all_state,
+                "broadcast_bytes_per_step": sent}
+
+
+def _nbytes(n) -> int:
+    v = n.meta["val"]
+    return v.numel() * v.element_size()
+
+
+def _state_of(upd) -> list:
+    return [x for x in upd.all_input_nodes if x.meta.get(ROLE_KEY) == "state"]
+
+
+def _written_params(upd) -> list:
+    """The parameter placeholders an update op writes (its mutated arguments, through views)."""
+    out = []
+    for arg, val in zip(upd.target._schema.arguments, [*upd.args, *[upd.kwargs.get(a.name) for a in
+                                                                       upd.target._schema.arguments[len(upd.args):]]],
+                        strict=True):
+        if arg.alias_info is None or not arg.alias_info.is_write or val is None:
+            continue
+        while val.op != "placeholder" and is_view_op(val):
+            val = val.args[0]
+        if val.meta.get(ROLE_KEY) == "param" and val not in out:
+            out.append(val)
+    return out
+
+
+def owner_table(g: TrainGraph, world: int) -> dict[str, int]:
+    """Parameter FQN -> the rank that keeps its optimizer state: largest state first (then the parameter's
+    bytes, then its name), each to the rank holding the fewest state bytes so far (then the lowest rank).
+    Deterministic: every rank computes the same table from the same step."""
+    sizes = {}
+    for f, upd in g.updates.items():
+        if args_of(upd).grad is None:
+            continue
+        param = g.params.get(f)
+        sizes[f] = (sum(_nbytes(s) for s in _state_of(upd)), _nbytes(param) if param is not None else 0)
+    load = [0] * world
+    owners = {}
+    for f in sorted(sizes, key=lambda k: (-sizes[k][0], -sizes[k][1], k)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owners[f] = r
+        load[r] += sizes[f][0] or sizes[f][1]
+    return owners

@@ -18,27 +18,33 @@ def main(out: str, configs: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
-    for name, (passes, steps, per_rank) in json.loads(configs).items():
+    for name, (passes, steps, per_rank, *shard) in json.loads(configs).items():
         torch.manual_seed(0)
         model = build_llama("tiny-llama", num_hidden_layers=1)
         gen = torch.Generator().manual_seed(1)
         batches = [torch.randint(0, 256, (per_rank * world, 32), generator=gen) for _ in range(steps)]
         mine = [b[rank * per_rank:(rank + 1) * per_rank] for b in batches]
         passes = [p if isinstance(p, str) else tuple(p) for p in passes] if passes else None
-        memfit.ops.COMMUNICATED.update(all_reduce_bytes=0, all_gather_bytes=0, calls=0)
+        memfit.ops.reset_communicated()
         t = memfit.optimize(model, example_inputs=(mine[0], torch.roll(mine[0], -1, 1)), loss_fn=lm_loss,
-                            optimizer=memfit.AdamW(lr=1e-3), passes=passes, process_group="world")
+                            optimizer=memfit.AdamW(lr=1e-3), passes=passes, process_group="world",
+                            shard=shard[0] if shard else "none")
         losses = []
         for x in mine:
             loss = t.step(x, torch.roll(x, -1, 1)).detach().clone()
             dist.all_reduce(loss)
             losses.append(float(loss) / world)
-        sent = (memfit.ops.COMMUNICATED["all_reduce_bytes"] + memfit.ops.COMMUNICATED["all_gather_bytes"]) // steps
+        sent = memfit.ops.communicated_bytes() // steps
         if rank == 0:  # the weights after the steps (before the measured one below)
-            torch.save({f: p.detach().clone() for f, p in model.named_parameters()}, f"{out}.{name}.pt")
+            torch.save({f: p.detach().clone() for f, p in model.named_parameters()},
+                       f"{out}.{name.replace('/', '-')}.pt")
+        mem = {"peak": t.plan.peak_bytes, "state_bytes": sum(v.numel() * v.element_size()
+                                                             for v in t.executor.state.values()),
+               "measured": t.measure_step(mine[0], torch.roll(mine[0], -1, 1)).peak_bytes, "bytes_per_step": sent}
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mem)
         results[name] = {"losses": losses, "bytes_per_step": sent, "declared": t.graph.info["data_parallel"],
-                         "peak": t.plan.peak_bytes, "measured": t.measure_step(mine[0], torch.roll(mine[0], -1, 1))
-                         .peak_bytes}
+                         "peak": t.plan.peak_bytes, "measured": mem["measured"], "ranks": ranks}
     if rank == 0:
         with open(f"{out}.json", "w") as fh:
             json.dump(results, fh)

@@ -26,6 +26,9 @@ CONFIGS = {
                                                           "scaling": "tensor", "projector": "random"}]],
                     STEPS, PER_RANK),
 }
+# the same four with each parameter's optimizer state on one rank (ZeRO-1/2): gradients reduced onto the owner,
+# the parameter broadcast from it after its update
+SHARDED = {f"{name}/sharded": (*spec, "state") for name, spec in CONFIGS.items()}
 
 
 def _port() -> int:
@@ -68,8 +71,14 @@ def _single(passes, steps=STEPS):
     return losses, {f: p.detach() for f, p in model.named_parameters()}
 
 
-def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path):
-    results, out, _ = _launch(tmp_path, CONFIGS)
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Every configuration, plain and sharded, trained by two ranks in one launch."""
+    return _launch(tmp_path_factory.mktemp("dp"), {**CONFIGS, **SHARDED})
+
+
+def test_two_ranks_match_one_process_on_the_whole_batch(launched):
+    results, out, _ = launched
     for name, (passes, _, _) in CONFIGS.items():
         got = results[name]
         want_losses, want_params = _single(passes)
@@ -92,6 +101,37 @@ def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path):
         # worst step (the first, a subspace refresh), the one measured here is the 21st
         assert got["measured"] == got["peak"] if name == "adamw" else got["measured"] <= got["peak"]
     assert results["galore"]["declared"]["factor_gathers"] > 0  # the factored gradients: gathered, not formed
+
+
+def test_sharded_state_trains_as_replicated_and_each_rank_holds_its_share(launched):
+    """shard="state": the weights after 20 steps equal the replicated data-parallel run's bit for bit (the
+    same mean gradient, the same update op on the owner) for fp32 AdamW, 8-bit and APOLLO-Mini, and GaLore's
+    within its rounding (the replicated run gathers the gradient's factors); each rank holds only the state
+    of the parameters it owns, and its plan is its own."""
+    results, out, _ = launched
+    for name in CONFIGS:
+        plain, sharded = results[name], results[f"{name}/sharded"]
+        a, b = torch.load(f"{out}.{name}.pt"), torch.load(f"{out}.{name}-sharded.pt")
+        if plain["declared"]["factor_gathers"] == 0:  # the same reduced gradient, the same update: bit for bit
+            assert sharded["losses"] == plain["losses"], name
+            assert all(torch.equal(a[f], b[f]) for f in a), name
+        else:  # replicated GaLore steps gathered factors, the owner steps the formed gradient: rounding apart
+            rel = max(abs(x - y) / abs(y) for x, y in zip(sharded["losses"], plain["losses"], strict=True))
+            l2 = max(float((b[f] - a[f]).norm() / a[f].norm()) for f in a)
+            print(f"{name}/sharded vs replicated: loss rel diff {rel:.2e}, weight relative L2 {l2:.2e}")
+            assert rel <= 2e-4 and l2 <= 2e-2, (name, rel, l2)
+        ranks, declared = sharded["ranks"], sharded["declared"]
+        full = plain["ranks"][0]["state_bytes"]
+        # the ranks' shares partition the replicated state; the larger share is what balance allows
+        assert sum(r["state_bytes"] for r in ranks) == full == declared["state_bytes_all"], name
+        assert max(r["state_bytes"] for r in ranks) < full, name
+        assert set(declared["owners"].values()) == {0, 1}
+        for r, p in zip(ranks, plain["ranks"], strict=True):
+            assert r["peak"] < p["peak"], name  # each rank's plan drops the state it does not own
+            assert r["measured"] == r["peak"] if name == "adamw" else r["measured"] <= r["peak"], (name, r)
+        print(f"{name}/sharded: state per rank {[r['state_bytes'] for r in ranks]} of {full}; peak per rank "
+              f"{[r['measured'] for r in ranks]} vs replicated {[r['measured'] for r in plain['ranks']]}; "
+              f"sent per step {[r['bytes_per_step'] for r in ranks]}")
 
 
 def test_ranks_that_disagree_fail_fast_naming_the_rank():
