@@ -3,6 +3,7 @@
 from . import ops as _ops  # noqa: F401  (registers memfit:: ops)
 from . import passes as _passes  # noqa: F401  (registers the built-in passes)
 from .api import Trainer, optimize, parse_budget, plan, size_model
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import (
                      BudgetError,
                      CollectiveError,
@@ -49,6 +50,7 @@ __all__ = [
                      "Trainer",
                      "UnsupportedGraph",
                      "backend",
+                     "load_checkpoint",
                      "measure_peak",
                      "optimize",
                      "parse_budget",
@@ -57,6 +59,7 @@ __all__ = [
                      "prune_model",
                      "register_pass",
                      "registered_passes",
+                     "save_checkpoint",
                      "search_sparse_update",
                      "size_model",
 ]
