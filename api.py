@@ -29,13 +29,13 @@ from .errors import (
 from .frontends.export import capture, flatten_batch, locate_op_source
 from .graph import TrainGraph
 from .measure import PeakMeasurement, measure_peak
-from .passes.base import PIPELINES, Pass, make_pass
+from .passes.base import PIPELINES, SCHEDULE_PASS, Pass, Pipeline, make_pass
 from .passes.fused_update import SGD, AdamW
 from .runtime.blocks import BASE_LAYERS, block_keys
 from .runtime.executor import NONFINITE_MODES, CompiledStep, Executor, StepGuard
 from .runtime.lower import lower
 from .runtime.memory import MemoryPlan, fit_size_model, fmt_bytes, plan_memory
-from .runtime.planner import Blocks, choose, run_passes
+from .runtime.planner import Blocks, choose
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -599,7 +599,7 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
                 device: torch.device | str = "cpu", levers: str = "lossy",
                 replicate: bool = False, lever_passes: Sequence[str] | None = None,
                 fuse: bool = False, group: tuple[str, int] | None = None, group_rank: int = 0,
-                shard: str = "none") -> tuple[TrainGraph, MemoryPlan]:
+                shard: str = "none", ranks: Sequence[int] | None = None) -> tuple[TrainGraph, MemoryPlan]:
     """Capture one training step and let the planner rewrite it to fit ``budget_bytes`` (fake tensors
     throughout: nothing of the model's size is allocated). Returns the graph and its plan.
 
@@ -645,11 +645,37 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
         if isinstance(base, Blocks):
             raise ConfigError(where_what_got("memfit.build_graph(shard=)", "one captured step", "replicate=True",
                                              "plan sharded steps on a full capture"))
-        chosen = [dataclasses.replace(p, shard=shard) if p.name == "data_parallel" else p
-                  for p in graph.info["passes"]]
-        graph, plan_, _ = run_passes(base, chosen, budget_bytes, device)
+        graph, plan_ = _per_rank(base, graph.info["passes"], shard, [group_rank] if ranks is None else ranks,
+                                 budget_bytes, device)
     graph.info["planner"] = {"trials": [t.__dict__ for t in choice.trials]}
     return graph, plan_
+
+
+def _per_rank(base: TrainGraph, chosen: Sequence[Pass], shard: str, ranks: Sequence[int], budget_bytes: int | None,
+              device) -> tuple[TrainGraph, MemoryPlan]:
+    """The sharded step of each of ``ranks``: the chosen passes up to ``data_parallel`` run once, then
+    ``data_parallel`` (with ``shard``, as that rank) and the schedule per rank, each planned. Returns the graph
+    and plan of the rank with the highest peak (the first ``ranks`` entry on a tie), the plan's ``ranks``
+    listing every rank planned."""
+    prefix = [p for p in chosen if p.name not in ("data_parallel", SCHEDULE_PASS)]
+    dp = next(p for p in chosen if p.name == "data_parallel")
+    sched = next((p for p in chosen if p.name == SCHEDULE_PASS), None) or make_pass(SCHEDULE_PASS)
+    common = Pipeline(prefix)(base.clone())
+    best: tuple[TrainGraph, MemoryPlan] | None = None
+    rows = []
+    for r in ranks:
+        mine = dataclasses.replace(dp, shard=shard, group_rank=r)
+        g = Pipeline([mine, sched])(common.clone() if len(ranks) > 1 else common)
+        g.info["passes"] = [mine if p is dp else p for p in chosen]
+        p = plan_memory(g, budget_bytes, device)
+        info = g.info["data_parallel"]
+        rows.append({"rank": r, "peak_bytes": p.peak_bytes, "state_bytes": info["state_bytes_here"],
+                     "state_bytes_all": info["state_bytes_all"], "parameters_owned":
+                     sum(1 for o in info["owners"].values() if o == r)})
+        if best is None or p.peak_bytes > best[1].peak_bytes:
+            best = (g, p)
+    g, p = best
+    return g, dataclasses.replace(p, ranks=tuple(rows), world=dp.world, shard=shard)
 
 
 def _data_parallel_group(process_group: Any, model: nn.Module, batch: Sequence[Any], settings: dict
@@ -741,7 +767,8 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
          loss_fn: Callable | None = None, optimizer: AdamW | SGD | None = None,
          passes: Sequence[str | Pass | tuple[str, dict]] | None = None, frozen: Sequence[str] = (),
          device: torch.device | str | None = None, levers: str = "lossy",
-         replicate: bool | str = "auto", fuse: bool = False) -> MemoryPlan:
+         replicate: bool | str = "auto", fuse: bool = False, world_size: int = 1,
+         shard: str = "state") -> MemoryPlan:
     """The memory plan of one training step, without running it or allocating the model's tensors.
 
     ``model`` and ``example_inputs`` may live on the ``meta`` device (build the model under
@@ -755,10 +782,28 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     not fit the budget, plans the whole step before saying so (its search is per value, not per layer class:
     it may fit where the replicated one does not); ``False`` captures the whole step. ``fuse=True`` plans
     the step with its pointwise chains fused (the ``fuse`` pass, as ``optimize(fuse=True)`` runs it).
+
+    ``world_size=N`` plans one rank of N training data parallel (``optimize(process_group=...)``), each rank
+    with ``example_inputs`` as its share of the batch: with ``shard="state"`` (default) every rank is planned
+    with its own share of the optimizer state, the plan returned is the highest-peak rank's and its
+    ``ranks`` lists them all; ``shard="none"`` plans the replicated step (every rank alike). The whole step is
+    captured (no replication: the owner table is the full model's).
     """
     if not isinstance(example_inputs, (tuple, list)):
         raise ConfigError(where_what_got("memfit.plan(example_inputs=)", "a tuple (one batch)",
                                          type(example_inputs).__name__, "wrap it: example_inputs=(x, y)"))
+    from .passes.data_parallel import SHARDS
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(where_what_got("memfit.plan(world_size=)", "an int >= 1", repr(world_size), "e.g. 8"))
+    if shard not in SHARDS:
+        raise ConfigError(where_what_got("memfit.plan(shard=)", f"one of {SHARDS}", repr(shard), "pick one"))
+    if world_size > 1 and replicate is True:
+        raise ConfigError(where_what_got("memfit.plan(world_size=)", "replicate=False or 'auto'", "replicate=True",
+                                         "a sharded plan needs the whole step: drop replicate"))
+    dp = dict(group=("plan", world_size), shard=shard, ranks=range(world_size)) if world_size > 1 else {}
+    if dp:
+        replicate = False
     flat, _ = flatten_batch(example_inputs, "memfit.plan: example_inputs")
     dev = torch.device(device) if device is not None else _device_of(model, flat)
     if dev.type == "meta":
@@ -778,7 +823,7 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     try:
         _, p = build_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, passes=passes,
                            frozen=frozen, budget_bytes=budget_bytes, device=dev, levers=levers,
-                           replicate=bool(replicate), fuse=fuse)
+                           replicate=bool(replicate), fuse=fuse, **dp)
     except BudgetError:
         if not (auto and replicate):
             raise

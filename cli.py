@@ -139,7 +139,8 @@ def meta_model(spec: str, dtype: str = "fp32") -> nn.Module:
 
 def plan_on_meta(model: nn.Module, *, batch: int, seq: int, optimizer: str = "adamw",
                  budget: str | None = None, device: str = "cpu", levers: str = "lossy",
-                 replicate: bool | str = "auto", fuse: bool = False) -> MemoryPlan:
+                 replicate: bool | str = "auto", fuse: bool = False, world_size: int = 1,
+                 shard: str = "state") -> MemoryPlan:
     """``memfit.plan`` of one language-model step of ``model``: ``batch x seq`` int64 token ids (inputs and
     targets) on meta, ``models.lm_loss``, planned for the ``device`` runtime (``cuda``: Triton kernels, no
     CPU-reference workspaces). Raises BudgetError when nothing fits."""
@@ -153,7 +154,7 @@ def plan_on_meta(model: nn.Module, *, batch: int, seq: int, optimizer: str = "ad
     tokens = torch.zeros((batch, seq), dtype=torch.int64, device="meta")
     return memfit.plan(model, example_inputs=(tokens, tokens), loss_fn=models.lm_loss, budget=budget,
                        optimizer=_optimizer(optimizer), device=device, levers=levers, replicate=replicate,
-                       fuse=fuse)
+                       fuse=fuse, world_size=world_size, shard=shard)
 
 
 def _optimizer(name: str) -> AdamW | SGD:
@@ -240,6 +241,11 @@ def hand_check(model: nn.Module, plan: MemoryPlan, optimizer: str = "adamw") -> 
     param_bytes = sum(weight_of(f, p) for f, p in named.items())
     got_params = plan.persistent.get("parameters", 0)
     got_state = plan.persistent.get("optimizer state", 0) + plan.persistent.get("pass state", 0)
+    shard = ""
+    if plan.ranks:  # sharded state: the ranks' shares together are the model's state
+        mine = got_state
+        got_state = sum(r["state_bytes"] for r in plan.ranks)
+        shard = f" summed over the {plan.world} ranks' shares (this rank's: {fmt_bytes(mine)})"
 
     def verdict(want: int, got: int) -> str:
         return "matches" if want == got else f"MISMATCH: plan has {got:,} B, {got - want:+,} B"
@@ -248,7 +254,7 @@ def hand_check(model: nn.Module, plan: MemoryPlan, optimizer: str = "adamw") -> 
            "per parameter: " + ", ".join(f"{k} x {v}" for k, v in sorted(kinds.items())))
     line = (f"parameters: {count:,} ({trainable:,} trainable) x {per} = {fmt_bytes(param_bytes)} "
             f"[{verdict(param_bytes, got_params)}]; {optimizer} state: {how} = "
-            f"{fmt_bytes(state_bytes)} [{verdict(state_bytes, got_state)}]")
+            f"{fmt_bytes(state_bytes)} [{verdict(state_bytes, got_state)}]{shard}")
     return line, param_bytes == got_params and state_bytes == got_state
 
 
@@ -263,14 +269,14 @@ def _plan(args: argparse.Namespace) -> int:
     from memfit.runtime.blocks import BASE_LAYERS
 
     how = (f"; {BASE_LAYERS} and {BASE_LAYERS + 1} of them, replicated"
-           if layers and layers >= BASE_LAYERS + 2 and not args.full else "")
+           if layers and layers >= BASE_LAYERS + 2 and not args.full and args.world_size == 1 else "")
     print(f"capturing {args.model}{f' ({layers} layers{how})' if layers else ''}...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     over: BudgetError | None = None
     try:
         plan = plan_on_meta(model, batch=args.batch, seq=args.seq, optimizer=args.optimizer, budget=args.budget,
                             device=args.device, levers=args.levers, replicate=False if args.full else "auto",
-                            fuse=args.fuse)
+                            fuse=args.fuse, world_size=args.world_size, shard=args.shard)
     except BudgetError as e:  # the planner tried its levers; e.plan is the smallest peak it reached
         over, plan = e, e.plan
         if plan is None:
@@ -280,6 +286,8 @@ def _plan(args: argparse.Namespace) -> int:
     print(plan)
     print(hand_check(model, plan, args.optimizer)[0])
     title = f"{args.model}, {args.dtype}, {args.optimizer}, batch {args.batch} x seq {args.seq}"
+    if args.world_size > 1:
+        title += f", rank of {args.world_size}" + (" (state sharded)" if args.shard == "state" else "")
     try:
         print(f"picture: {plot_memory(plan, args.out, title=title)}")
     except MemfitError as e:  # matplotlib missing: the table and the exit code still stand
@@ -374,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plan", help="predict one training step's memory without allocating the model",
                        description="Predict one training step's memory (model on the meta device: nothing large "
                                    "is allocated); exit 0 if it fits --budget, 3 if not.")
-    p.add_argument("model", help="preset (tiny-llama, llama-60m, ..., llama-7b), a HF config.json (or its folder) "
-                                 "or module:factory")
+    p.add_argument("model", help="preset (tiny-llama, llama-60m, ..., llama-7b, llama-70b), a HF config.json "
+                                 "(or its folder) or module:factory")
     p.add_argument("--budget", type=_budget, default=None, help="e.g. 16GB, 512MiB, 80%% (of this machine's memory)")
     p.add_argument("--batch", type=_count, default=1, help="sequences per step")
     p.add_argument("--seq", type=_count, default=2048, help="tokens per sequence")
@@ -389,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
                         "optimizer state, also low-rank projection (default)")
     p.add_argument("--fuse", action="store_true",
                    help="plan with the step's pointwise chains fused (generated kernels; the fuse pass)")
+    p.add_argument("--world-size", type=_count, default=1,
+                   help="plan one rank of this many training data parallel, --batch sequences each (the whole "
+                        "step is captured)")
+    p.add_argument("--shard", choices=("state", "none"), default="state",
+                   help="with --world-size: each parameter's optimizer state on one rank (ZeRO-1/2, default) or "
+                        "replicated on every rank")
     p.add_argument("--full", action="store_true",
                    help="capture every layer (default: a model of identical layers is planned from captures of 1 "
                         "and 2 layers and extrapolated, exact and much faster)")

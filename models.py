@@ -25,7 +25,10 @@ LLAMA_PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "llama-350m": (1024, 2736, 16, 24, 32000),
     "llama-1b": (2048, 5461, 32, 24, 32000),
     "llama-7b": (4096, 11008, 32, 32, 32000),
+    "llama-70b": (8192, 28672, 64, 80, 32000),
 }
+# presets with grouped-query attention: key/value heads (the others have one per query head)
+LLAMA_KV_HEADS: dict[str, int] = {"llama-70b": 8}
 
 
 def _no_transformers(where: str, e: ImportError) -> ConfigError:
@@ -46,8 +49,8 @@ def llama_config(name: str = "tiny-llama", max_seq: int = 2048, **overrides: Any
                                          repr(name), "pick a preset or pass a transformers config"))
     hidden, inter, heads, layers, vocab = LLAMA_PRESETS[name]
     cfg = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
-               num_key_value_heads=heads, num_hidden_layers=layers, max_position_embeddings=max_seq,
-               attention_dropout=0.0, tie_word_embeddings=False)
+               num_key_value_heads=LLAMA_KV_HEADS.get(name, heads), num_hidden_layers=layers,
+               max_position_embeddings=max_seq, attention_dropout=0.0, tie_word_embeddings=False)
     cfg.update(overrides)
     return LlamaConfig(**cfg)
 

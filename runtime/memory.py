@@ -52,6 +52,12 @@ class MemoryPlan:
     state_choice: dict[str, str] = field(default_factory=dict)
     # what was fused: graph.info["fused_cross_entropy"] and graph.info["fuse"] of the planned graph
     fusion: dict[str, dict] = field(default_factory=dict, repr=False)
+    # data parallel: the process group's size, how state is sharded, and per rank planned (sharded state):
+    # {"rank", "peak_bytes", "state_bytes", "state_bytes_all", "parameters_owned"}; this plan is the
+    # highest-peak rank's
+    world: int = 1
+    shard: str = "none"
+    ranks: tuple[dict, ...] = field(default=(), repr=False)
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
         """Draw the memory timeline of one step to ``path`` (needs matplotlib: pip install memfit[plot])."""
@@ -85,11 +91,24 @@ class MemoryPlan:
         if self.largest_at_peak:
             lines.append("  largest live at the peak: " + self.describe_largest())
         lines += self.describe_fusion()
+        lines += self.describe_ranks()
         if self.by_layer:
             top = sorted(self.by_layer.items(), key=lambda kv: -kv[1])[:6]
             lines.append("  by layer at the peak: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in top)
                          + (f", ... ({len(self.by_layer)} layers)" if len(self.by_layer) > 6 else ""))
         return "\n".join(lines)
+
+    def describe_ranks(self) -> list[str]:
+        """Per-rank lines of a sharded data-parallel plan (none otherwise)."""
+        if not self.ranks:
+            return []
+        out = [f"  per rank (world size {self.world}, optimizer state sharded by parameter; this plan is rank "
+               f"{max(self.ranks, key=lambda r: r['peak_bytes'])['rank']}'s, the highest peak):"]
+        for r in self.ranks:
+            out.append(f"    rank {r['rank']}: peak {fmt_bytes(r['peak_bytes'])}, optimizer state "
+                       f"{fmt_bytes(r['state_bytes'])} of {fmt_bytes(r['state_bytes_all'])} "
+                       f"({r['parameters_owned']} parameters owned)")
+        return out
 
     def describe_fusion(self) -> list[str]:
         """What was fused, one line per pass that fused something (of the captured step when replicated)."""

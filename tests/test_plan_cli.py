@@ -47,6 +47,28 @@ def test_plan_fuse_prints_what_was_fused(tmp_path, capsys):
     assert "fuse" in out.splitlines()[0]  # the plan's passes
 
 
+def test_plan_world_size_prints_each_ranks_share(tmp_path, capsys):
+    """--world-size 4: every rank planned with its own share of the optimizer state; the shares partition
+    the model's state (the hand check), each rank's peak is below the one-process plan's."""
+    args = ["plan", "tiny-llama", "--batch", "2", "--seq", "64", "--out", str(tmp_path / "s.png")]
+    assert cli.main(args) == 0
+    one = capsys.readouterr().out
+    assert cli.main([*args, "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank (world size 4, optimizer state sharded by parameter" in out
+    rows = [x for x in out.splitlines() if x.strip().startswith("rank ")]
+    assert len(rows) == 4 and all("of 25.14 MiB" in x for x in rows), rows  # 2 x 4 B x 3,295,488
+    assert out.count("[matches]") == 2 and "summed over the 4 ranks' shares" in out
+
+    def peak(text):
+        line = next(x for x in text.splitlines() if "predicted peak" in x)
+        return memfit.parse_budget(line.split("predicted peak")[1].strip().replace(" ", ""))
+
+    assert peak(out) < peak(one) - 12 * 2**20  # three quarters of the state gone, less the reduced copy
+    assert cli.main([*args, "--world-size", "4", "--shard", "none"]) == 0  # replicated: no less than one process
+    assert peak(capsys.readouterr().out) >= peak(one)
+
+
 def test_plan_over_budget_exits_3_naming_the_largest_tensors(tmp_path, capsys):
     out = tmp_path / "over.png"
     rc = cli.main(["plan", "tiny-llama", "--budget", "1MB", "--batch", "1", "--seq", "16", "--out", str(out)])
