@@ -628,7 +628,8 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
     def make(spec):
         return make_pass(spec, **defaults)
 
-    named = [p if isinstance(p, str) else p[0] if isinstance(p, tuple) else p.name for p in passes or ()]
+    named = [p if isinstance(p, str) else p[0] if isinstance(p, (tuple, list)) else getattr(p, "name", None)
+             for p in passes or ()]
     if fuse and passes is not None and "fuse" not in named:
         passes = [*passes, "fuse"]
     if group is not None and passes is not None and "data_parallel" not in named:

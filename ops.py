@@ -686,7 +686,8 @@ def lsq_workspace(target, numel: int, groups: int, w_size: int, grad_size: int, 
 # ---- data parallel (data_parallel) --------------------------------------------------------------------------
 
 # bytes each rank has sent into all-reduces since the last reset (what ``data_parallel`` communicates)
-COMMUNICATED = {"all_reduce_bytes": 0, "all_gather_bytes": 0, "reduce_bytes": 0, "broadcast_bytes": 0, "calls": 0}
+COMMUNICATED = {"all_reduce_bytes": 0, "all_gather_bytes": 0, "reduce_bytes": 0, "broadcast_bytes": 0,
+                "projected_bytes": 0, "calls": 0}
 
 
 @torch.library.custom_op(f"{_LIB}::all_reduce_mean", mutates_args=())
@@ -757,6 +758,61 @@ def run_all_gather_cat(t, dim, scale, group, world, name=""):
     out = torch.cat(parts, dim)
     del parts
     return out.mul_(scale) if scale != 1.0 else out
+
+
+@torch.library.custom_op(f"{_LIB}::all_reduce_projected", mutates_args=())
+def all_reduce_projected(grad: torch.Tensor, grad_right: torch.Tensor | None, proj: torch.Tensor,
+                         sched: torch.Tensor, step: int, side: str, group: str, world: int,
+                         name: str = "") -> torch.Tensor:
+    """GaLore's mean gradient over the group's ranks, sent in its subspace: on a step where the subspace
+    refreshes (read from the update's schedule ``sched`` before the update runs: its first step, or ``step``
+    at or past the next refresh) the whole gradient is all-reduced (the SVD needs it); on the others each rank
+    projects its gradient with the stored projector ``proj`` (the same on every rank: computed from the same
+    reduced gradient), all-reduces the projection (rank x n instead of m x n) and returns it projected back,
+    ``P (P^T G_mean)``, whose projection the update takes: ``P^T P = I``, so it steps the mean projected
+    gradient. ``grad_right``: the gradient as factors ``grad @ grad_right``, projected without forming it."""
+    return run_all_reduce_projected(grad, grad_right, proj, sched, step, side, group, world, name)
+
+
+@all_reduce_projected.register_fake
+def _(grad, grad_right, proj, sched, step, side, group, world, name=""):
+    m = grad.shape[0]
+    n = grad_right.shape[1] if grad_right is not None else grad.shape[1]
+    return grad.new_empty((m, n), dtype=torch.float32)
+
+
+def projected_refresh(sched: torch.Tensor, step: int) -> bool:
+    """Whether the lowrank update with schedule ``sched`` refreshes its subspace at ``step``."""
+    return int(sched[_SCHED_COUNT]) == 0 or step >= float(sched[_SCHED_NEXT])
+
+
+def run_all_reduce_projected(grad, grad_right, proj, sched, step, side, group, world, name=""):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    G = (grad, grad_right) if grad_right is not None else grad
+    pg = _resolve_process_group(group)
+    if projected_refresh(sched, step):
+        out = pj.full(G)
+        _collective("all_reduce_projected (a refresh: the whole gradient)", name, group,
+                    lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=pg))
+        COMMUNICATED["all_reduce_bytes"] += out.numel() * out.element_size()
+        COMMUNICATED["calls"] += 1
+        return out.div_(world)
+    R = pj.project(G, proj, side)
+    _collective("all_reduce_projected", name, group, lambda: dist.all_reduce(R, op=dist.ReduceOp.SUM, group=pg))
+    COMMUNICATED["projected_bytes"] += R.numel() * R.element_size()
+    COMMUNICATED["calls"] += 1
+    return pj.project_back(R.div_(world), proj, side)
+
+
+def projected_workspace(m: int, n: int, rank: int, side: str, tokens: int) -> int:
+    """What ``all_reduce_projected`` (fp32 gradients only) holds beyond its (m, n) fp32 output: the projection
+    (rank x n or m x rank) while it is projected back, and from factors (``tokens`` inner) their partial
+    product with the projector (rank x tokens or tokens x rank) while the projection is made. A refresh
+    forms or copies the gradient into the output itself."""
+    low = 4 * rank * (n if side == "left" else m)
+    return low + 4 * rank * tokens
 
 
 # ---- sharded optimizer state (data_parallel shard="state") ---------------------------------------------------
@@ -1309,6 +1365,12 @@ def _op_workspace(node, triton: bool) -> int:
         kept = a.exp_avg.meta["val"].numel()
         return sparse_adamw_workspace(grad.numel(), kept, param.element_size(), grad.element_size(),
                                       values=param.numel() == kept)
+    if target is ops.all_reduce_projected.default:
+        a = args_of(node)
+        g, right = a.grad.meta["val"], a.grad_right.meta["val"] if a.grad_right is not None else None
+        m, n = g.shape[0], right.shape[1] if right is not None else g.shape[1]
+        rank = a.proj.meta["val"].shape[1]
+        return projected_workspace(m, n, rank, a.side, g.shape[1] if right is not None else 0)
     if target is ops.reduce_send_.default:  # a gradient that is not contiguous goes out through a copy
         grad = node.args[0].meta["val"]
         return 0 if grad.is_contiguous() else grad.numel() * grad.element_size()

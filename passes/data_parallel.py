@@ -12,6 +12,15 @@ inner) is not formed when its factors are fewer bytes: the ranks' factors are al
 (m + n) values sent instead of m x n); otherwise it is formed and all-reduced. ``graph.info["data_parallel"]``
 counts the all-reduces, the factor gathers and the bytes each rank sends per step.
 
+Projected communication (``projected=True``, the default): a GaLore update (a stored orthonormal projector,
+fp32 gradient) reads its gradient only as ``P^T G``, and every rank holds the same ``P`` (each refresh is the
+SVD of the same reduced gradient), so the mean of the ranks' projections is the projection of the mean:
+``memfit::all_reduce_projected`` all-reduces ``P^T G_i`` (rank x n, or m x rank) and hands the update
+``P (P^T G)`` (``P^T P = I``); on the steps where the subspace refreshes it all-reduces the whole gradient
+instead. ``bytes_per_step`` then counts the projections, ``extra_bytes_on_refresh`` what a refresh adds.
+APOLLO (it scales the full gradient) and Fira (it steps the residual outside the subspace) need the whole
+mean gradient: they are all-reduced as it.
+
 What it does not do (refused at ``memfit.optimize(process_group=...)``): gradient accumulation over
 micro-steps (each micro-step would communicate), gradient clipping (the norm must be of the reduced
 gradient), pruning masks (their events read the local gradient). BatchNorm running statistics: the Trainer
@@ -40,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import projection as pj
 from ..errors import ConfigError, where_what_got
 from ..graph import NAME_KEY, ROLE_KEY, TrainGraph, is_view_op
 from ..ops import args_of, op_call, replace_args
@@ -56,6 +66,7 @@ class DataParallel(Pass):
     world: int = 0
     group_rank: int = 0
     shard: str = "none"  # "none": every rank updates every parameter; "state": one owner per parameter
+    projected: bool = True  # GaLore's gradients all-reduced in their subspace between refreshes
 
     requires = ("fused_update",)
     keeps_meta = True
@@ -80,10 +91,26 @@ class DataParallel(Pass):
             raise ConfigError(where_what_got(_WHERE, "a step without pruning masks",
                                              "prune's mask op (its events read the local gradient)",
                                              "prune on one process, or drop prune"))
-        sent, gathered = 0, 0
+        sent, gathered, projected, refresh_bytes = 0, 0, 0, 0
         for f, upd in g.updates.items():
             a = args_of(upd)
             if a.grad is None:
+                continue
+            if self.shard == "none" and self.projected and _projectable(upd):
+                d = a.as_dict()
+                g_val, right = a.grad.meta["val"], a.grad_right
+                m, n = g_val.shape[0], right.meta["val"].shape[1] if right is not None else g_val.shape[1]
+                with g.graph.inserting_before(upd):
+                    mean = op_call(g.graph, torch.ops.memfit.all_reduce_projected.default, grad=a.grad,
+                                   grad_right=right, proj=a.proj, sched=a.sched, step=d["step"],
+                                   side=pj.side_of((m, n)), group=self.group, world=self.world,
+                                   name=f"the gradient of {f}")
+                mean.meta["val"] = g_val.new_empty((m, n))
+                upd.args, upd.kwargs = replace_args(upd, grad=mean, grad_right=None)
+                low = pj.low_shape((m, n), d["rank"])
+                projected += 1
+                sent += 4 * low[0] * low[1]
+                refresh_bytes += 4 * m * n - 4 * low[0] * low[1]
                 continue
             micro = a.as_dict().get("micro_steps", 1)
             if micro > 1:
@@ -123,8 +150,9 @@ class DataParallel(Pass):
                                world=self.world, name=f"the gradient of {f}")
             mean.meta["val"] = a.grad.meta["val"]
             upd.args, upd.kwargs = replace_args(upd, grad=mean)
-        stats = {"all_reduces": 0 if self.shard != "none" else len(g.updates) - gathered,
-                 "factor_gathers": gathered, "bytes_per_step": sent, "world": self.world, "shard": self.shard}
+        stats = {"all_reduces": 0 if self.shard != "none" else len(g.updates) - gathered - projected,
+                 "factor_gathers": gathered, "projected_all_reduces": projected, "bytes_per_step": sent,
+                 "extra_bytes_on_refresh": refresh_bytes, "world": self.world, "shard": self.shard}
         if self.shard == "state":
             stats.update(self._shard_state(g))
         g.info["data_parallel"] = stats
@@ -213,3 +241,16 @@ def owner_table(g: TrainGraph, world: int) -> dict[str, int]:
         owners[f] = r
         load[r] += sizes[f][0] or sizes[f][1]
     return owners
+
+
+def _projectable(upd) -> bool:
+    """A GaLore update (``rule="galore"``, a stored fp32 orthonormal projector: ``svd`` or ``randomized``,
+    one micro-step) of an fp32 gradient: it reads the gradient only through its projection ``P^T G``, so the
+    ranks may average that instead. APOLLO and Fira step the full gradient (scaled, or its residual): not."""
+    if upd.target is not torch.ops.memfit.lowrank_update.default:
+        return False
+    a = args_of(upd)
+    d = a.as_dict()
+    fp32 = all(x is None or x.meta["val"].dtype == torch.float32 for x in (a.grad, a.grad_right))
+    return (d["rule"] == "galore" and d["projector"] in ("svd", "randomized") and d["proj_bits"] == 32
+            and a.proj is not None and d.get("micro_steps", 1) <= 1 and fp32)

@@ -34,7 +34,8 @@ def main(out: str, configs: str) -> None:
             loss = t.step(x, torch.roll(x, -1, 1)).detach().clone()
             dist.all_reduce(loss)
             losses.append(float(loss) / world)
-        sent = memfit.ops.communicated_bytes() // steps
+        total = memfit.ops.communicated_bytes()
+        sent = total // steps
         if rank == 0:  # the weights after the steps (before the measured one below)
             torch.save({f: p.detach().clone() for f, p in model.named_parameters()},
                        f"{out}.{name.replace('/', '-')}.pt")
@@ -43,8 +44,9 @@ def main(out: str, configs: str) -> None:
                "measured": t.measure_step(mine[0], torch.roll(mine[0], -1, 1)).peak_bytes, "bytes_per_step": sent}
         ranks = [None] * world
         dist.all_gather_object(ranks, mem)
-        results[name] = {"losses": losses, "bytes_per_step": sent, "declared": t.graph.info["data_parallel"],
-                         "peak": t.plan.peak_bytes, "measured": mem["measured"], "ranks": ranks}
+        results[name] = {"losses": losses, "bytes_per_step": sent, "bytes_total": total,
+                         "declared": t.graph.info["data_parallel"], "peak": t.plan.peak_bytes,
+                         "measured": mem["measured"], "ranks": ranks}
     if rank == 0:
         with open(f"{out}.json", "w") as fh:
             json.dump(results, fh)
