@@ -692,11 +692,13 @@ def _data_parallel_group(process_group: Any, model: nn.Module, batch: Sequence[A
     if not isinstance(pg, dist.ProcessGroup):
         raise ConfigError(where_what_got(where, "a torch.distributed ProcessGroup or 'world'",
                                          type(process_group).__name__, "pass dist.group.WORLD or a new_group()"))
-    if settings["micro_steps"] > 1 or settings["clip_grad_norm"] is not None:
-        raise ConfigError(where_what_got(where, "no micro_steps and no clip_grad_norm (not yet data parallel)",
+    if settings.get("shard", "none") != "none" and (settings["micro_steps"] > 1
+                                                    or settings["clip_grad_norm"] is not None):
+        raise ConfigError(where_what_got(where, "no micro_steps and no clip_grad_norm with shard='state' (each "
+                                         "rank would hold every gradient)",
                                          f"micro_steps={settings['micro_steps']}, "
                                          f"clip_grad_norm={settings['clip_grad_norm']}",
-                                         "drop them, or train on one process"))
+                                         "drop them, or use shard='none'"))
     flat, _ = flatten_batch(batch, where)
     group = (pg.group_name, dist.get_world_size(pg))
     _agree(group, "settings, parameters and batch", {

@@ -760,6 +760,36 @@ def run_all_gather_cat(t, dim, scale, group, world, name=""):
     return out.mul_(scale) if scale != 1.0 else out
 
 
+@torch.library.custom_op(f"{_LIB}::all_reduce_accumulated", mutates_args=("grad_acc",))
+def all_reduce_accumulated(grad: torch.Tensor, grad_acc: torch.Tensor, micro_step: int, micro_steps: int,
+                           group: str, world: int, name: str = "") -> torch.Tensor:
+    """Gradient accumulation, data parallel, one collective per optimizer step: on every micro-step but the
+    last, ``grad`` unchanged (a copy; the update adds it to its accumulator ``grad_acc``); on the last, the
+    accumulator becomes the group's mean of (accumulator + ``grad``), all-reduced in place, and zeros are
+    returned, so the update's own ``grad_acc + grad`` is that mean exactly."""
+    return run_all_reduce_accumulated(grad, grad_acc, micro_step, micro_steps, group, world, name)
+
+
+@all_reduce_accumulated.register_fake
+def _(grad, grad_acc, micro_step, micro_steps, group, world, name=""):
+    return torch.empty_like(grad)
+
+
+def run_all_reduce_accumulated(grad, grad_acc, micro_step, micro_steps, group, world, name=""):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    if micro_step < micro_steps - 1:
+        return grad.clone()
+    grad_acc.add_(grad)
+    _collective("all_reduce_accumulated", name, group,
+                lambda: dist.all_reduce(grad_acc, op=dist.ReduceOp.SUM, group=_resolve_process_group(group)))
+    COMMUNICATED["all_reduce_bytes"] += grad_acc.numel() * grad_acc.element_size()
+    COMMUNICATED["calls"] += 1
+    grad_acc.div_(world)
+    return torch.zeros_like(grad)
+
+
 @torch.library.custom_op(f"{_LIB}::all_reduce_projected", mutates_args=())
 def all_reduce_projected(grad: torch.Tensor, grad_right: torch.Tensor | None, proj: torch.Tensor,
                          sched: torch.Tensor, step: int, side: str, group: str, world: int,

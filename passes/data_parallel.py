@@ -54,6 +54,7 @@ from ..errors import ConfigError, where_what_got
 from ..graph import NAME_KEY, ROLE_KEY, TrainGraph, is_view_op
 from ..ops import args_of, op_call, replace_args
 from .base import Pass, PassResult, register_pass
+from .fused_update import RAW_GRAD_KEY
 
 _WHERE = "passes['data_parallel']"
 SHARDS = ("none", "state")
@@ -91,6 +92,25 @@ class DataParallel(Pass):
             raise ConfigError(where_what_got(_WHERE, "a step without pruning masks",
                                              "prune's mask op (its events read the local gradient)",
                                              "prune on one process, or drop prune"))
+        raw = [n for n in g.graph.nodes if RAW_GRAD_KEY in n.meta]
+        if raw:  # clipping reads the gradients: reduce each where the backward completes it, before any reader
+            if self.shard != "none":
+                raise ConfigError(where_what_got(_WHERE, "no gradient clipping with shard='state'",
+                                                 "clip_grad_norm (its norm needs every reduced gradient)",
+                                                 "drop clip_grad_norm, or shard='none'"))
+            sent = 0
+            for n in raw:
+                with g.graph.inserting_after(n):
+                    mean = op_call(g.graph, torch.ops.memfit.all_reduce_mean.default, grad=n, group=self.group,
+                                   world=self.world, name=f"the gradient of {n.meta[RAW_GRAD_KEY]}")
+                mean.meta["val"] = n.meta["val"]
+                n.replace_all_uses_with(mean, delete_user_cb=lambda u, m=mean: u is not m)
+                sent += n.meta["val"].numel() * n.meta["val"].element_size()
+            stats = {"all_reduces": len(raw), "factor_gathers": 0, "projected_all_reduces": 0,
+                     "bytes_per_step": sent, "extra_bytes_on_refresh": 0, "world": self.world, "shard": self.shard,
+                     "reduced_before_clipping": True}
+            g.info["data_parallel"] = stats
+            return PassResult(g, True, stats, meta_ok=True)
         sent, gathered, projected, refresh_bytes = 0, 0, 0, 0
         for f, upd in g.updates.items():
             a = args_of(upd)
@@ -113,13 +133,14 @@ class DataParallel(Pass):
                 refresh_bytes += 4 * m * n - 4 * low[0] * low[1]
                 continue
             micro = a.as_dict().get("micro_steps", 1)
-            if micro > 1:
-                raise ConfigError(where_what_got(_WHERE, "one micro-step per step", f"{micro} on {f}",
-                                                 "drop micro_steps= with process_group="))
+            if micro > 1 and self.shard != "none":
+                raise ConfigError(where_what_got(_WHERE, "one micro-step per step with shard='state'",
+                                                 f"micro_steps={micro} (every rank would accumulate every gradient)",
+                                                 "drop micro_steps=, or shard='none'"))
             right = a.as_dict().get("grad_right")
             if right is not None:
                 (m, tokens), n = a.grad.meta["val"].shape, right.meta["val"].shape[1]
-                if self.shard != "none" or tokens * (m + n) >= m * n:  # form it, all-reduce (reduce) it
+                if self.shard != "none" or micro > 1 or tokens * (m + n) >= m * n:  # form it, reduce it
                     with g.graph.inserting_before(upd):
                         full = g.graph.call_function(torch.ops.aten.mm.default, (a.grad, right))
                     full.meta["val"] = a.grad.meta["val"].new_empty((m, n))
@@ -146,8 +167,15 @@ class DataParallel(Pass):
             if self.shard != "none":
                 continue
             with g.graph.inserting_before(upd):
-                mean = op_call(g.graph, torch.ops.memfit.all_reduce_mean.default, grad=a.grad, group=self.group,
-                               world=self.world, name=f"the gradient of {f}")
+                if micro > 1:  # accumulated locally; the sum all-reduced once, on the last micro-step
+                    mean = op_call(g.graph, torch.ops.memfit.all_reduce_accumulated.default, grad=a.grad,
+                                   grad_acc=a.grad_acc, micro_step=a.as_dict()["micro_step"], micro_steps=micro,
+                                   group=self.group, world=self.world, name=f"the gradient of {f}")
+                    acc = a.grad_acc.meta["val"]
+                    sent += acc.numel() * acc.element_size() - val.numel() * val.element_size()
+                else:
+                    mean = op_call(g.graph, torch.ops.memfit.all_reduce_mean.default, grad=a.grad,
+                                   group=self.group, world=self.world, name=f"the gradient of {f}")
             mean.meta["val"] = a.grad.meta["val"]
             upd.args, upd.kwargs = replace_args(upd, grad=mean)
         stats = {"all_reduces": 0 if self.shard != "none" else len(g.updates) - gathered - projected,

@@ -31,6 +31,8 @@ from ..graph import StateSpec, TrainGraph
 from ..ops import op_call
 from .base import MemoryEffect, Pass, PassResult, register_pass
 
+RAW_GRAD_KEY = "memfit.raw_grad_of"  # meta tag: the gradient as the backward made it, before clipping
+
 
 @dataclass(frozen=True)
 class AdamW:
@@ -184,6 +186,9 @@ class FusedUpdate(Pass):
         micro = g.add_hparam("micro_step", 0)
         order = {n: i for i, n in enumerate(g.graph.nodes)}
         grads = {f: g.grad_of[f] for f in fqns}
+        if self.clip_grad_norm is not None:  # data_parallel reduces these before the clip reads them
+            for f, gr in grads.items():
+                gr.meta[RAW_GRAD_KEY] = f
         coef = None
         if self.clip_grad_norm is not None and self.clip == "global":
             coef = self._global_clip_coef(g, list(grads.values()), order)

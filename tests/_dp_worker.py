@@ -18,7 +18,7 @@ def main(out: str, configs: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
-    for name, (passes, steps, per_rank, *shard) in json.loads(configs).items():
+    for name, (passes, steps, per_rank, *opts) in json.loads(configs).items():
         torch.manual_seed(0)
         model = build_llama("tiny-llama", num_hidden_layers=1)
         gen = torch.Generator().manual_seed(1)
@@ -28,7 +28,7 @@ def main(out: str, configs: str) -> None:
         memfit.ops.reset_communicated()
         t = memfit.optimize(model, example_inputs=(mine[0], torch.roll(mine[0], -1, 1)), loss_fn=lm_loss,
                             optimizer=memfit.AdamW(lr=1e-3), passes=passes, process_group="world",
-                            shard=shard[0] if shard else "none")
+                            **(opts[0] if opts else {}))
         losses = []
         for x in mine:
             loss = t.step(x, torch.roll(x, -1, 1)).detach().clone()

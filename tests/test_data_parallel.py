@@ -31,7 +31,12 @@ CONFIGS = {
 }
 # the same four with each parameter's optimizer state on one rank (ZeRO-1/2): gradients reduced onto the owner,
 # the parameter broadcast from it after its update
-SHARDED = {f"{name}/sharded": (*spec, "state") for name, spec in CONFIGS.items() if name != "galore-factors"}
+SHARDED = {f"{name}/sharded": (*spec, {"shard": "state"}) for name, spec in CONFIGS.items()
+           if name != "galore-factors"}
+# gradient accumulation (each rank's 4 sequences as 2 micro-batches: one all-reduce per step, on the last) and
+# global-norm clipping (the norm of the reduced gradients), against one process with the same settings
+OPTIONS = {"adamw/micro-steps": (None, STEPS, PER_RANK, {"micro_steps": 2}),
+           "adamw/clipped": (None, STEPS, PER_RANK, {"clip_grad_norm": 0.5})}
 
 
 def _port() -> int:
@@ -62,14 +67,14 @@ def _ranks(code: str, world: int = 2) -> list[str]:
     return [p.communicate(timeout=300)[0] for p in procs]
 
 
-def _single(passes, steps=STEPS):
+def _single(passes, steps=STEPS, **opts):
     torch.manual_seed(0)
     model = build_llama("tiny-llama", num_hidden_layers=1)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 256, (PER_RANK * 2, 32), generator=gen) for _ in range(steps)]
     passes = [p if isinstance(p, str) else tuple(p) for p in passes if p[0] != "data_parallel"] if passes else None
     t = memfit.optimize(model, example_inputs=(batches[0], torch.roll(batches[0], -1, 1)), loss_fn=lm_loss,
-                        optimizer=memfit.AdamW(lr=1e-3), passes=passes)
+                        optimizer=memfit.AdamW(lr=1e-3), passes=passes, **opts)
     losses = [float(t.step(x, torch.roll(x, -1, 1))) for x in batches]
     return losses, {f: p.detach() for f, p in model.named_parameters()}
 
@@ -77,7 +82,7 @@ def _single(passes, steps=STEPS):
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Every configuration, plain and sharded, trained by two ranks in one launch."""
-    return _launch(tmp_path_factory.mktemp("dp"), {**CONFIGS, **SHARDED})
+    return _launch(tmp_path_factory.mktemp("dp"), {**CONFIGS, **SHARDED, **OPTIONS})
 
 
 def test_two_ranks_match_one_process_on_the_whole_batch(launched):
@@ -119,6 +124,25 @@ def test_two_ranks_match_one_process_on_the_whole_batch(launched):
           f"{results['galore']['declared']['bytes_per_step']} B), APOLLO-Mini "
           f"{results['apollo-mini']['bytes_per_step']} B")
     assert results["galore"]["bytes_per_step"] < results["galore-factors"]["bytes_per_step"] < full
+
+
+def test_micro_steps_communicate_once_and_clipping_reads_the_reduced_norm(launched):
+    """2 ranks x 2 micro-batches of 2 sequences, and 2 ranks with clip_grad_norm=0.5, each against one process
+    on the whole batches with the same setting: losses within 1e-5, weights 1e-5 relative L2; accumulation
+    all-reduces each gradient once per step (the bytes of one all-reduce per gradient per step)."""
+    results, out, _ = launched
+    for name, (_, _, _, opts) in OPTIONS.items():
+        got = results[name]
+        want_losses, want_params = _single(None, **opts)
+        rel = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], want_losses, strict=True))
+        params = torch.load(f"{out}.{name.replace('/', '-')}.pt")
+        l2 = max(float((params[f] - p).norm() / p.norm()) for f, p in want_params.items())
+        print(f"{name}: loss rel diff {rel:.2e}, largest relative L2 {l2:.2e}, {got['bytes_per_step']} B per step")
+        assert rel <= 1e-5 and l2 <= 1e-5, (name, rel, l2)
+        assert got["bytes_total"] == STEPS * got["declared"]["bytes_per_step"] == STEPS * results["adamw"][
+            "bytes_per_step"], name
+    assert results["adamw/clipped"]["declared"]["reduced_before_clipping"]
+    assert results["adamw/clipped"]["losses"][5:] != results["adamw"]["losses"][5:]  # the clip did act
 
 
 def test_sharded_state_trains_as_replicated_and_each_rank_holds_its_share(launched):
