@@ -164,9 +164,51 @@ class Trainer:
             p = named[f]
             p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
 
+    def _release_sharded(self) -> None:
+        """``shard="params"``: free the model's storage of the parameters other ranks own (zero-stride views,
+        as released encoded weights) until ``gather_parameters`` fills them."""
+        owners = self.graph.info.get("data_parallel", {}).get("owners", {})
+        named = dict(self.model.named_parameters())
+        self._elsewhere = sorted(f for f in owners if f not in self.graph.params)
+        self._gathered = False
+        for f in self._elsewhere:
+            p = named[f]
+            p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+
+    def gather_parameters(self) -> None:
+        """``shard="params"``: every rank's model receives every trained weight from its owner (a collective:
+        call it on every rank, e.g. before ``export``, ``evaluate`` or saving the model). The copies are
+        released again by the next step."""
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        from .ops import _collective
+
+        info = self.graph.info.get("data_parallel", {})
+        if self._dp_group is None or info.get("shard") != "params":
+            return
+        pg = _resolve_process_group(self._dp_group[0])
+        named = dict(self.model.named_parameters())
+        for f, owner in sorted(info["owners"].items()):
+            t = self.executor.params[f] if f in self.executor.params else torch.empty(
+                named[f].shape, dtype=named[f].dtype, device=named[f].device)
+            _collective("broadcast (gather_parameters)", f"the parameter {f}", self._dp_group[0],
+                        lambda t=t, o=owner: dist.broadcast(t, src=dist.get_global_rank(pg, o), group=pg))
+            if f not in self.executor.params:
+                named[f].data = t
+        self._gathered = True
+
     def _get(self, name: str) -> torch.Tensor:
         ex = self.executor
-        return ex.params[name] if name in ex.params else ex.state[name]
+        if name in ex.params:
+            return ex.params[name]
+        if name in getattr(self, "_elsewhere", ()):
+            if not self._gathered:
+                raise ConfigError(where_what_got(f"Trainer weights: {name}", "a weight this rank holds",
+                                                 "a parameter another rank owns (shard='params')",
+                                                 "call trainer.gather_parameters() on every rank first"))
+            return dict(self.model.named_parameters())[name].data
+        return ex.state[name]
 
     def plain_weights(self, merge: bool = True) -> dict[str, torch.Tensor]:
         """The model weights the trained step holds, as plain tensors by FQN: encoded weights dequantized,
@@ -356,6 +398,8 @@ class Trainer:
 
     def _micro(self, mb: tuple[torch.Tensor, ...], lr: float | None) -> torch.Tensor:
         if self._window is None:
+            if getattr(self, "_gathered", False):  # the gathered copies go stale with this step: free them
+                self._release_sharded()
             self._check_model()
             step = self.step_count + 1
             resets = isinstance(self.optimizer, AdamW) and self.optimizer.resets_before(step)
@@ -405,6 +449,8 @@ class Trainer:
     def measure_step(self, *batch: Any) -> PeakMeasurement:
         """Run one step under memfit.measure_peak; records the measured peak in ``self.plan``."""
         micro = self._check_batch(batch)
+        if getattr(self, "_gathered", False):  # gathered weights are released before, not during, the step
+            self._release_sharded()
         flat = [t for mb in micro for t in mb]
         m = measure_peak(self.step, *batch, existing=iter([*self.executor.persistent_tensors(), *flat]),
                          device=self.device)
@@ -979,4 +1025,6 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
             raise
         raise UnsupportedGraph(f"{e} [op called at {where}]", op=e.op, node=e.node) from e
     trainer._dp_group = group
+    if shard == "params":
+        trainer._release_sharded()
     return trainer

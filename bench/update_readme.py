@@ -14,7 +14,7 @@ ORDER = ["architectures", "variable_shapes", "spam", "hf_trainer", "optimize_tim
          "optimizers", "planner_time", "planner_quality", "planner_measured", "llama7b_plan", "llama7b_10gib",
          "llama7b_weights", "quantized_training", "quantized_training_control", "qlora", "qat", "qat_w2",
          "pruning_oneshot", "pruning_training", "sparse_update", "sparse_update_search", "cross_entropy",
-         "cross_entropy_7b", "fusion", "data_parallel"]
+         "cross_entropy_7b", "fusion", "zero_plan", "data_parallel"]
 
 # results written by another bench script than their name
 SOURCES = {"llama7b_10gib": "llama7b_weights", "quantized_training_control": "quantized_training", "qat_w2": "qat",

@@ -21,10 +21,14 @@ instead. ``bytes_per_step`` then counts the projections, ``extra_bytes_on_refres
 APOLLO (it scales the full gradient) and Fira (it steps the residual outside the subspace) need the whole
 mean gradient: they are all-reduced as it.
 
-What it does not do (refused at ``memfit.optimize(process_group=...)``): gradient accumulation over
-micro-steps (each micro-step would communicate), gradient clipping (the norm must be of the reduced
-gradient), pruning masks (their events read the local gradient). BatchNorm running statistics: the Trainer
-broadcasts every buffer from the group's first rank before each step, as PyTorch DDP does by default.
+Gradient accumulation (``micro_steps``): ``memfit::all_reduce_accumulated`` passes each micro-step's
+gradient through and, on the last, all-reduces the update's accumulator in place (with that micro-step's
+gradient added) and hands the update zeros: one collective per gradient per optimizer step. Clipping
+(``clip_grad_norm``): fused_update tags the gradients it clips; each is all-reduced where the backward
+completes it, before the clip reads it, so the norm is the reduced gradients' (as clipping after DDP's
+backward). Pruning masks are refused (their events read the local gradient). BatchNorm running statistics:
+the Trainer broadcasts every buffer from the group's first rank before each step, as PyTorch DDP does by
+default.
 
 Sharded optimizer state (``shard="state"``, ZeRO stages 1 and 2): every parameter is owned by one rank
 (greedy by optimizer-state bytes, largest first, to the least-loaded rank; every rank computes the same
@@ -36,8 +40,9 @@ placeholders are gone from their step, so each rank's plan counts only its own s
 a gradient already dies at its update, so sharding gradients (ZeRO-2) costs nothing more than sharding the
 state (ZeRO-1): the reduced gradient exists on the owner alone. Whole parameters are the unit, so the update
 (8-bit blocks, GaLore's SVD, APOLLO's projection, INT8 weights) is the one-process update bit for bit; the
-price is balance, bounded below by the largest parameter's state. ``group_rank`` is this rank's place in the
-group (``memfit plan --world-size`` plans any rank without a group).
+price is balance, bounded below by the largest parameter's state. Micro-steps and clipping are refused
+with it (every rank would need every gradient). ``group_rank`` is this rank's place in the group
+(``memfit plan --world-size`` plans any rank without a group).
 
 Needs ``fused_update``; runs after every lever (``last``), on the updates they chose. The ``group`` is the
 process group's name, ``world`` its size.
@@ -57,7 +62,7 @@ from .base import Pass, PassResult, register_pass
 from .fused_update import RAW_GRAD_KEY
 
 _WHERE = "passes['data_parallel']"
-SHARDS = ("none", "state")
+SHARDS = ("none", "state", "params")
 
 
 @register_pass("data_parallel")
@@ -181,13 +186,16 @@ class DataParallel(Pass):
         stats = {"all_reduces": 0 if self.shard != "none" else len(g.updates) - gathered - projected,
                  "factor_gathers": gathered, "projected_all_reduces": projected, "bytes_per_step": sent,
                  "extra_bytes_on_refresh": refresh_bytes, "world": self.world, "shard": self.shard}
-        if self.shard == "state":
-            stats.update(self._shard_state(g))
+        if self.shard in ("state", "params"):
+            stats.update(self._shard_state(g, broadcast=self.shard == "state"))
+        if self.shard == "params":
+            stats.update(self._shard_params(g, stats["owners"]))
         g.info["data_parallel"] = stats
         return PassResult(g, bool(g.updates), stats, meta_ok=True)
 
-    def _shard_state(self, g: TrainGraph) -> dict:
-        """Each update runs on its parameter's owner only; the rest reduce onto it and receive the result."""
+    def _shard_state(self, g: TrainGraph, broadcast: bool = True) -> dict:
+        """Each update runs on its parameter's owner only; the rest reduce onto it and (``broadcast``) receive
+        the result."""
         owners = owner_table(g, self.world)
         kinds = {f: str(upd.target) for f, upd in g.updates.items()}  # every rank's, before its own are dropped
         sent = 0
@@ -200,6 +208,12 @@ class DataParallel(Pass):
             state_bytes = sum(_nbytes(s) for s in state)
             all_state += state_bytes
             written = _written_params(upd)
+            if not broadcast and written != [g.params.get(f)]:
+                raise ConfigError(where_what_got(f"{_WHERE}.shard", "updates that write their own parameter only "
+                                                 "for shard='params'", f"the update of {f} writes "
+                                                 f"{[w.meta[NAME_KEY] for w in written]}",
+                                                 "use shard='state' with encoded weights or channel subsets"))
+            written = written if broadcast else []
             if owner == self.group_rank:
                 mine_state += state_bytes
                 with g.graph.inserting_before(upd):
@@ -218,7 +232,7 @@ class DataParallel(Pass):
                 with g.graph.inserting_after(at):
                     at = op_call(g.graph, torch.ops.memfit.broadcast_.default, t=p, src=owner, group=self.group,
                                  name=f"the parameter {p.meta[NAME_KEY]}")
-            g.updates[f] = at  # what writes the parameter last: its broadcast (the update, on the owner, before it)
+            g.updates[f] = at  # what writes the parameter last: its broadcast, else the owner's update
             if owner != self.group_rank:
                 g.graph.erase_node(upd)
                 for s in state:
@@ -226,6 +240,46 @@ class DataParallel(Pass):
                         g.remove_state(s.meta[NAME_KEY])
         return {"owners": owners, "update_ops": kinds, "state_bytes_here": mine_state, "state_bytes_all": all_state,
                 "broadcast_bytes_per_step": sent}
+
+
+    def _shard_params(self, g: TrainGraph, owners: dict[str, int]) -> dict:
+        """FSDP-style: a parameter lives on its owner only. Every other rank receives it just before its first
+        read in the forward (``memfit::fetch_param``; the owner ``memfit::broadcast_``s it in the same place)
+        and again before its first read after the loss (the backward, recomputations included); each fetched
+        copy dies after its last reader. No broadcast follows the owner's update: the next step fetches."""
+        if g.tied:
+            raise ConfigError(where_what_got(f"{_WHERE}.shard", "a model without tied weights for shard='params'",
+                                             f"tied {sorted(g.tied)}", "use shard='state'"))
+        order = {n: i for i, n in enumerate(g.graph.nodes)}
+        at_loss = order[g.loss]
+        fetches, fetched = 0, 0
+        for f, owner in owners.items():
+            p, mine = g.params[f], owner == self.group_rank
+            readers = sorted((u for u in p.users if u is not g.updates.get(f)), key=order.__getitem__)
+            val = p.meta["val"]
+            for half in ([u for u in readers if order[u] < at_loss], [u for u in readers if order[u] > at_loss]):
+                if not half:
+                    continue
+                with g.graph.inserting_before(half[0]):
+                    if mine:
+                        op_call(g.graph, torch.ops.memfit.broadcast_.default, t=p, src=owner, group=self.group,
+                                name=f"the parameter {f}")
+                        continue
+                    new = op_call(g.graph, torch.ops.memfit.fetch_param.default, shape=list(val.shape),
+                                  dtype=val.dtype, device=val.device, src=owner, group=self.group,
+                                  name=f"the parameter {f}")
+                new.meta["val"] = val
+                for u in half:
+                    u.replace_input_with(p, new)
+                fetches += 1
+                fetched += _nbytes(p)
+            if not mine:  # neither the parameter nor its update is this rank's
+                g.updates.pop(f, None)
+                g.trainable = tuple(x for x in g.trainable if x != f)
+                del g.params[f]
+                g.graph.erase_node(p)
+        return {"fetches": fetches, "fetched_bytes_per_step": fetched,
+                "param_bytes_here": sum(_nbytes(g.params[f]) for f, o in owners.items() if o == self.group_rank)}
 
 
 def _nbytes(n) -> int:

@@ -36,6 +36,7 @@ def main(out: str, configs: str) -> None:
             losses.append(float(loss) / world)
         total = memfit.ops.communicated_bytes()
         sent = total // steps
+        t.gather_parameters()  # shard="params": every rank's model gets every weight (a no-op otherwise)
         if rank == 0:  # the weights after the steps (before the measured one below)
             torch.save({f: p.detach().clone() for f, p in model.named_parameters()},
                        f"{out}.{name.replace('/', '-')}.pt")

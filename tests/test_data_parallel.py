@@ -33,6 +33,9 @@ CONFIGS = {
 # the parameter broadcast from it after its update
 SHARDED = {f"{name}/sharded": (*spec, {"shard": "state"}) for name, spec in CONFIGS.items()
            if name != "galore-factors"}
+# parameters sharded too (FSDP-style): each fetched from its owner before its first read in the forward and
+# again in the backward (recomputations included)
+SHARDED["adamw/params-sharded"] = (None, STEPS, PER_RANK, {"shard": "params"})
 # gradient accumulation (each rank's 4 sequences as 2 micro-batches: one all-reduce per step, on the last) and
 # global-norm clipping (the norm of the reduced gradients), against one process with the same settings
 OPTIONS = {"adamw/micro-steps": (None, STEPS, PER_RANK, {"micro_steps": 2}),
@@ -126,6 +129,26 @@ def test_two_ranks_match_one_process_on_the_whole_batch(launched):
     assert results["galore"]["bytes_per_step"] < results["galore-factors"]["bytes_per_step"] < full
 
 
+def test_sharded_parameters_train_as_replicated_fetched_in_forward_and_backward(launched):
+    """shard="params" (FSDP-style, whole parameters): a rank keeps only the parameters it owns and fetches the
+    others from their owners just before their first read in the forward and again in the backward; 20 steps
+    equal the replicated run bit for bit, each rank's plan is exact and below the state-sharded one."""
+    results, out, _ = launched
+    got, plain, state = results["adamw/params-sharded"], results["adamw"], results["adamw/sharded"]
+    a, b = torch.load(f"{out}.adamw.pt"), torch.load(f"{out}.adamw-params-sharded.pt")
+    assert got["losses"] == plain["losses"] and all(torch.equal(a[f], b[f]) for f in a)
+    declared = got["declared"]
+    elsewhere = [sum(1 for o in declared["owners"].values() if o != r) for r in range(2)]
+    # every parameter another rank owns is fetched in the forward; those the backward reads, again there
+    assert min(elsewhere) < declared["fetches"] < 2 * max(elsewhere) + 1
+    for r, s in zip(got["ranks"], state["ranks"], strict=True):  # at a rank's peak some fetched copies may live
+        assert r["measured"] == r["peak"] <= s["peak"], (r, s)
+    assert max(r["peak"] for r in got["ranks"]) < max(s["peak"] for s in state["ranks"])
+    print(f"params sharded: peak per rank {[r['measured'] for r in got['ranks']]} vs state sharded "
+          f"{[r['measured'] for r in state['ranks']]} vs replicated {[r['measured'] for r in plain['ranks']]}; "
+          f"{declared['fetches']} fetches on rank 0")
+
+
 def test_micro_steps_communicate_once_and_clipping_reads_the_reduced_norm(launched):
     """2 ranks x 2 micro-batches of 2 sequences, and 2 ranks with clip_grad_norm=0.5, each against one process
     on the whole batches with the same setting: losses within 1e-5, weights 1e-5 relative L2; accumulation
@@ -151,7 +174,7 @@ def test_sharded_state_trains_as_replicated_and_each_rank_holds_its_share(launch
     within its rounding (the replicated run averages projections); each rank holds only the state
     of the parameters it owns, and its plan is its own."""
     results, out, _ = launched
-    for name in (n.removesuffix("/sharded") for n in SHARDED):
+    for name in (n.removesuffix("/sharded") for n in SHARDED if n.endswith("/sharded")):
         plain, sharded = results[name], results[f"{name}/sharded"]
         a, b = torch.load(f"{out}.{name}.pt"), torch.load(f"{out}.{name}-sharded.pt")
         if plain["declared"]["all_reduces"] == len(a):  # every gradient all-reduced whole: the same mean gradient
