@@ -717,6 +717,7 @@ def _per_rank(base: TrainGraph, chosen: Sequence[Pass], shard: str, ranks: Seque
         p = plan_memory(g, budget_bytes, device)
         info = g.info["data_parallel"]
         rows.append({"rank": r, "peak_bytes": p.peak_bytes, "state_bytes": info["state_bytes_here"],
+                     "param_bytes": p.persistent.get("parameters", 0),
                      "state_bytes_all": info["state_bytes_all"], "parameters_owned":
                      sum(1 for o in info["owners"].values() if o == r)})
         if best is None or p.peak_bytes > best[1].peak_bytes:

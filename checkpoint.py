@@ -4,15 +4,16 @@
 Trainer on one process). It writes into the directory ``path``:
 
 - ``rank{r}.pt`` from each rank ``r``: the optimizer state that rank holds (all of it when the state is
-  replicated, its own parameters' with ``shard="state"``) and its RNG state; rank 0's file also holds the
-  parameters and buffers (identical on every rank after a step);
+  replicated, its own parameters' with ``shard="state"`` or ``"params"``) and its RNG state; rank 0's file
+  also holds the buffers and the parameters (identical on every rank after a step), or with
+  ``shard="params"`` each rank's file the parameters it owns;
 - ``manifest.json`` from rank 0: the format, the world size, the step, the passes, and for every state
-  tensor the rank whose file holds it.
+  tensor and parameter the rank whose file holds it.
 
 Every rank waits (a barrier) until all files are written. ``load_checkpoint(trainer, path)`` rebuilds the
 state dict the trainer's own ``Trainer.state_dict`` would have, whatever the world size it was saved at:
-each state tensor is read from the file the manifest names (files opened memory-mapped, so a rank reads
-only the tensors it needs), the parameters and buffers from rank 0's, the RNG state from the same rank's
+each state tensor and parameter is read from the file the manifest names (files opened memory-mapped, so a
+rank reads only the tensors it needs), the buffers from rank 0's, the RNG state from the same rank's
 file when that rank existed, else rank 0's. Then ``Trainer.load_state_dict`` checks every name, shape and
 dtype before it copies anything: a checkpoint that does not match changes nothing. Same world size and
 passes: the resume is bit-identical. Another world size: the same weights and optimizer state, so the
@@ -50,10 +51,13 @@ def save_checkpoint(trainer, path: str | Path) -> Path:
     path = Path(path)
     rank, world, pg = _rank_world(trainer)
     sd = trainer.state_dict()
+    sharded_params = trainer.graph.info.get("data_parallel", {}).get("shard") == "params"
     mine = {"format": FORMAT, "rank": rank, "state": sd["state"], "rng": sd["rng"]}
+    if rank == 0 or sharded_params:  # replicated parameters once, from rank 0; sharded ones from each owner
+        mine["params"] = sd["params"]
     if rank == 0:
-        mine.update(params=sd["params"], buffers=sd["buffers"])
-    names = list(sd["state"])
+        mine["buffers"] = sd["buffers"]
+    names = (list(sd["state"]), list(mine.get("params", ())))
     if pg is not None:
         import torch.distributed as dist
 
@@ -64,13 +68,16 @@ def save_checkpoint(trainer, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     torch.save(mine, path / f"rank{rank}.pt")
     if rank == 0:
-        where = {}
-        for r, theirs in enumerate(every):
-            for name in theirs:
+        where, params = {}, {}
+        for r, (state, held) in enumerate(every):
+            for name in state:
                 where.setdefault(name, r)
+            for name in held:
+                params.setdefault(name, r)
         manifest = {"format": FORMAT, "world": world, "step": sd["step"], "skipped_steps": sd["skipped_steps"],
                     "passes": [p for p in sd["passes"] if p != "data_parallel"],
-                    "shard": trainer.graph.info.get("data_parallel", {}).get("shard", "none"), "state": where}
+                    "shard": trainer.graph.info.get("data_parallel", {}).get("shard", "none"), "state": where,
+                    "params": params}
         (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if pg is not None:
         import torch.distributed as dist
@@ -104,7 +111,8 @@ def load_checkpoint(trainer, path: str | Path) -> None:
         return files[r]
 
     mine = trainer.executor.state
-    missing = [k for k in mine if k not in manifest["state"]]
+    missing = [k for k in mine if k not in manifest["state"]] + [
+        k for k in trainer.executor.params if k not in manifest["params"]]
     if missing:
         raise ConfigError(where_what_got(where, "every optimizer state tensor this Trainer holds",
                                          f"{len(missing)} missing, e.g. {missing[:3]}",
@@ -117,7 +125,8 @@ def load_checkpoint(trainer, path: str | Path) -> None:
     root = read(0)
     sd = {"format": _state_format(), "step": manifest["step"],
           "skipped_steps": manifest["skipped_steps"], "passes": list(trainer.graph.applied),
-          "params": root["params"], "buffers": root["buffers"],
+          "params": {k: read(manifest["params"][k])["params"][k] for k in trainer.executor.params},
+          "buffers": root["buffers"],
           "state": {k: read(manifest["state"][k])["state"][k] for k in mine},
           "rng": read(rank if rank < manifest["world"] else 0)["rng"]}
     trainer.load_state_dict(sd)

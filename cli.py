@@ -246,6 +246,8 @@ def hand_check(model: nn.Module, plan: MemoryPlan, optimizer: str = "adamw") -> 
         mine = got_state
         got_state = sum(r["state_bytes"] for r in plan.ranks)
         shard = f" summed over the {plan.world} ranks' shares (this rank's: {fmt_bytes(mine)})"
+        if plan.shard == "params":  # the weights too are shares
+            got_params = sum(r["param_bytes"] for r in plan.ranks)
 
     def verdict(want: int, got: int) -> str:
         return "matches" if want == got else f"MISMATCH: plan has {got:,} B, {got - want:+,} B"
@@ -400,9 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=_count, default=1,
                    help="plan one rank of this many training data parallel, --batch sequences each (the whole "
                         "step is captured)")
-    p.add_argument("--shard", choices=("state", "none"), default="state",
-                   help="with --world-size: each parameter's optimizer state on one rank (ZeRO-1/2, default) or "
-                        "replicated on every rank")
+    p.add_argument("--shard", choices=("state", "params", "none"), default="state",
+                   help="with --world-size: each parameter's optimizer state on one rank (ZeRO-1/2, default), "
+                        "its weights too (FSDP-style, fetched for use), or all replicated")
     p.add_argument("--full", action="store_true",
                    help="capture every layer (default: a model of identical layers is planned from captures of 1 "
                         "and 2 layers and extrapolated, exact and much faster)")

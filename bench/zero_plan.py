@@ -6,7 +6,9 @@ the meta device: nothing allocated) is planned by the planner the users' doors r
 - **memfit, one process**: ``memfit plan MODEL --dtype bf16 --device cuda`` (the lossless pipeline);
 - **memfit, 8 ranks, state sharded**: ``memfit plan MODEL --world-size 8`` (``shard="state"``: each
   parameter's moments on one rank; every rank planned, whole step captured); the highest and lowest
-  rank's peak and the largest share of the state.
+  rank's peak and the largest share of the state;
+- **memfit, 8 ranks, weights and state sharded**: ``--shard params`` (FSDP-style by whole parameter: a
+  weight lives on its owner and is fetched just before use in the forward and again in the backward).
 
 Beside them, the per-device *model states* (weights, gradients, optimizer state; no activations) of the
 ZeRO paper's formula for mixed-precision Adam (Rajbhandari et al., 2020, section 5 and Figure 1: fp16
@@ -14,7 +16,8 @@ weights and gradients 2 + 2 bytes per parameter, K = 12 bytes of fp32 master wei
 devices): data parallel (2 + 2 + K)Ψ, P_os 4Ψ + KΨ/N_d, P_os+g 2Ψ + (2 + K)Ψ/N_d, P_os+g+p (4 + K)Ψ/N_d,
 evaluated for the same Ψ and N_d = 8. memfit keeps no fp32 master copy (K = 8: the two moments) and no
 gradient beyond the one being reduced (the fused update), so its model states per rank are 2Ψ + 8Ψ/N_d plus
-balance: the ``model states`` column of memfit's rows is its weights plus its largest state share.
+balance: the ``model states`` column of memfit's rows is its weights plus its largest state share (with
+``--shard params`` the largest share of weights and state together, i.e. (2 + 8)Ψ/N_d plus balance).
 
     python bench/zero_plan.py [--world 8] [--models llama-7b llama-70b]
 """
@@ -46,6 +49,9 @@ def rows_for(name: str, world: int) -> list[dict]:
     t1 = time.perf_counter()
     many = plan_on_meta(meta_model(name, "bf16"), batch=1, seq=2048, device="cuda", world_size=world)
     t2 = time.perf_counter()
+    fsdp = plan_on_meta(meta_model(name, "bf16"), batch=1, seq=2048, device="cuda", world_size=world,
+                        shard="params")
+    t3 = time.perf_counter()
     weights = one.persistent["parameters"]
     state_one = one.persistent.get("optimizer state", 0)
     shares = [r["state_bytes"] for r in many.ranks]
@@ -57,6 +63,11 @@ def rows_for(name: str, world: int) -> list[dict]:
         {"model": name, "method": "memfit, state sharded (ZeRO-1/2)", "world": world, "peak_bytes": max(peaks),
          "lowest_rank_peak_bytes": min(peaks), "model_state_bytes": weights + max(shares),
          "state_bytes": max(shares), "plan_seconds": round(t2 - t1, 1)},
+        {"model": name, "method": "memfit, weights and state sharded (FSDP-style)", "world": world,
+         "peak_bytes": max(r["peak_bytes"] for r in fsdp.ranks),
+         "lowest_rank_peak_bytes": min(r["peak_bytes"] for r in fsdp.ranks),
+         "model_state_bytes": max(r["param_bytes"] + r["state_bytes"] for r in fsdp.ranks),
+         "state_bytes": max(r["state_bytes"] for r in fsdp.ranks), "plan_seconds": round(t3 - t2, 1)},
     ]
     k = 12
     for stage, per_param in (("data parallel", 2 + 2 + k), ("P_os", 4 + k / world), ("P_os+g", 2 + (2 + k) / world),

@@ -102,7 +102,8 @@ class MemoryPlan:
         """Per-rank lines of a sharded data-parallel plan (none otherwise)."""
         if not self.ranks:
             return []
-        out = [f"  per rank (world size {self.world}, optimizer state sharded by parameter; this plan is rank "
+        what = "optimizer state and weights" if self.shard == "params" else "optimizer state"
+        out = [f"  per rank (world size {self.world}, {what} sharded by parameter; this plan is rank "
                f"{max(self.ranks, key=lambda r: r['peak_bytes'])['rank']}'s, the highest peak):"]
         for r in self.ranks:
             out.append(f"    rank {r['rank']}: peak {fmt_bytes(r['peak_bytes'])}, optimizer state "

@@ -299,7 +299,7 @@ _RESUME = (
     "from memfit.models import build_llama, lm_loss\n"
     "dist.init_process_group('gloo')\n"
     "r, ckpt = dist.get_rank(), sys.argv[1]\n"
-    "passes = ['remat', 'fused_update', ('lowrank', {'rank': 16, 'gap': 2})]\n"
+    "passes, shard = PASSES, SHARD\n"
     "gen = torch.Generator().manual_seed(1)\n"
     "batches = [torch.randint(0, 256, (8, 32), generator=gen) for _ in range(6)]\n"
     "mine = [b[4 * r:4 * r + 4] for b in batches]\n"
@@ -307,7 +307,7 @@ _RESUME = (
     "    torch.manual_seed(0)\n"
     "    m = build_llama('tiny-llama', num_hidden_layers=1)\n"
     "    return m, memfit.optimize(m, example_inputs=(mine[0], mine[0]), loss_fn=lm_loss, passes=passes,\n"
-    "                              process_group='world', shard='state')\n"
+    "                              process_group='world', shard=shard)\n"
     "def mean(loss):\n"
     "    loss = loss.detach().clone(); dist.all_reduce(loss); return float(loss) / 2\n"
     "m, t = trainer()\n"
@@ -318,17 +318,23 @@ _RESUME = (
     "m2, t2 = trainer()\n"
     "memfit.load_checkpoint(t2, ckpt)\n"
     "again = [mean(t2.step(x, torch.roll(x, -1, 1))) for x in mine[3:]]\n"
+    "t.gather_parameters(); t2.gather_parameters()\n"
     "same = all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))\n"
     "print('RESUME', r, first, again, same, sorted(t.executor.state) == sorted(t2.executor.state))\n"
 )
 
 
-def test_sharded_checkpoint_resumes_bit_identically_and_loads_on_one_process(tmp_path):
-    """Two ranks with sharded GaLore state save after 3 steps: resuming at world size 2 repeats the next 3
-    steps bit for bit (losses and weights); one process (no process group) loads the same checkpoint and
-    its next 3 steps on the whole batches give the same losses (to the reduction order)."""
+@pytest.mark.parametrize("passes,shard", [(["remat", "fused_update", ("lowrank", {"rank": 16, "gap": 2})], "state"),
+                                          (None, "params")], ids=["galore-state-sharded", "adamw-params-sharded"])
+def test_sharded_checkpoint_resumes_bit_identically_and_loads_on_one_process(tmp_path, passes, shard):
+    """Two ranks with sharded GaLore state (or sharded parameters) save after 3 steps: resuming at world
+    size 2 repeats the next 3 steps bit for bit (losses and weights); one process (no process group) loads
+    the same checkpoint and its next 3 steps on the whole batches give the same losses (to the reduction
+    order)."""
     ckpt = tmp_path / "ckpt"
-    logs = _ranks(_RESUME.replace("sys.argv[1]", repr(str(ckpt))))
+    code = _RESUME.replace("sys.argv[1]", repr(str(ckpt))).replace("PASSES", repr(passes)).replace(
+        "SHARD", repr(shard))
+    logs = _ranks(code)
     lines = [next((x for x in log.splitlines() if x.startswith("RESUME")), log[-3000:]) for log in logs]
     first = None
     for line in lines:
@@ -339,14 +345,14 @@ def test_sharded_checkpoint_resumes_bit_identically_and_loads_on_one_process(tmp
         again = [float(v) for v in b.split("]")[0].split(", ")]
         assert again == first and rest.endswith("] True True"), line
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert manifest["world"] == 2 and manifest["shard"] == "state" and set(manifest["state"].values()) == {0, 1}
+    assert manifest["world"] == 2 and manifest["shard"] == shard and set(manifest["state"].values()) == {0, 1}
+    assert set(manifest["params"].values()) == ({0, 1} if shard == "params" else {0})
     # world size 2 -> 1: the single process holds every parameter's state, read from both ranks' files
     torch.manual_seed(0)
     model = build_llama("tiny-llama", num_hidden_layers=1)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 256, (8, 32), generator=gen) for _ in range(6)]
-    t = memfit.optimize(model, example_inputs=(batches[0], batches[0]), loss_fn=lm_loss,
-                        passes=["remat", "fused_update", ("lowrank", {"rank": 16, "gap": 2})])
+    t = memfit.optimize(model, example_inputs=(batches[0], batches[0]), loss_fn=lm_loss, passes=passes)
     before = {k: v.clone() for k, v in t.state_dict()["state"].items()}
     with pytest.raises(memfit.ConfigError, match=r"rank1\.pt"):  # a rank's file missing: nothing loaded
         (ckpt / "rank1.pt").rename(ckpt / "moved.pt")

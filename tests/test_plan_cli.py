@@ -65,6 +65,10 @@ def test_plan_world_size_prints_each_ranks_share(tmp_path, capsys):
         return memfit.parse_budget(line.split("predicted peak")[1].strip().replace(" ", ""))
 
     assert peak(out) < peak(one) - 12 * 2**20  # three quarters of the state gone, less the reduced copy
+    assert cli.main([*args, "--world-size", "4", "--shard", "params"]) == 0  # the weights sharded too
+    fsdp = capsys.readouterr().out
+    assert "optimizer state and weights sharded by parameter" in fsdp and fsdp.count("[matches]") == 2, fsdp
+    assert peak(fsdp) < peak(out)
     assert cli.main([*args, "--world-size", "4", "--shard", "none"]) == 0  # replicated: no less than one process
     assert peak(capsys.readouterr().out) >= peak(one)
 
