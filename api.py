@@ -669,7 +669,7 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
     defaults = dict(optimizer=optimizer, clip_grad_norm=clip_grad_norm, clip=clip, micro_steps=micro_steps,
                     frozen=tuple(frozen))
     if group is not None:  # data parallel: the data_parallel pass's process group (name, size), this rank
-        defaults.update(group=group[0], world=group[1], group_rank=group_rank)
+        defaults.update(process_group=group[0], world=group[1], group_rank=group_rank)
 
     def make(spec):
         return make_pass(spec, **defaults)

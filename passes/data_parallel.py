@@ -44,7 +44,7 @@ price is balance, bounded below by the largest parameter's state. Micro-steps an
 with it (every rank would need every gradient). ``group_rank`` is this rank's place in the group
 (``memfit plan --world-size`` plans any rank without a group).
 
-Needs ``fused_update``; runs after every lever (``last``), on the updates they chose. The ``group`` is the
+Needs ``fused_update``; runs after every lever (``last``), on the updates they chose. ``process_group`` is the
 process group's name, ``world`` its size.
 """
 
@@ -68,7 +68,7 @@ SHARDS = ("none", "state", "params")
 @register_pass("data_parallel")
 @dataclass(frozen=True)
 class DataParallel(Pass):
-    group: str = ""
+    process_group: str = ""  # the torch.distributed group's name (not "group": quantize_weights has one)
     world: int = 0
     group_rank: int = 0
     shard: str = "none"  # "none": every rank updates every parameter; "state": one owner per parameter
@@ -79,9 +79,9 @@ class DataParallel(Pass):
     last = True
 
     def __post_init__(self):
-        if not self.group or isinstance(self.world, bool) or not isinstance(self.world, int) or self.world < 1:
+        if not self.process_group or isinstance(self.world, bool) or not isinstance(self.world, int) or self.world < 1:
             raise ConfigError(where_what_got(_WHERE, "a process group's name and its size >= 1",
-                                             f"group={self.group!r}, world={self.world!r}",
+                                             f"process_group={self.process_group!r}, world={self.world!r}",
                                              "pass process_group= to memfit.optimize"))
         if self.shard not in SHARDS:
             raise ConfigError(where_what_got(f"{_WHERE}.shard", f"one of {SHARDS}", repr(self.shard),
@@ -106,7 +106,7 @@ class DataParallel(Pass):
             sent = 0
             for n in raw:
                 with g.graph.inserting_after(n):
-                    mean = op_call(g.graph, torch.ops.memfit.all_reduce_mean.default, grad=n, group=self.group,
+                    mean = op_call(g.graph, torch.ops.memfit.all_reduce_mean.default, grad=n, group=self.process_group,
                                    world=self.world, name=f"the gradient of {n.meta[RAW_GRAD_KEY]}")
                 mean.meta["val"] = n.meta["val"]
                 n.replace_all_uses_with(mean, delete_user_cb=lambda u, m=mean: u is not m)
@@ -128,7 +128,7 @@ class DataParallel(Pass):
                 with g.graph.inserting_before(upd):
                     mean = op_call(g.graph, torch.ops.memfit.all_reduce_projected.default, grad=a.grad,
                                    grad_right=right, proj=a.proj, sched=a.sched, step=d["step"],
-                                   side=pj.side_of((m, n)), group=self.group, world=self.world,
+                                   side=pj.side_of((m, n)), group=self.process_group, world=self.world,
                                    name=f"the gradient of {f}")
                 mean.meta["val"] = g_val.new_empty((m, n))
                 upd.args, upd.kwargs = replace_args(upd, grad=mean, grad_right=None)
@@ -155,10 +155,11 @@ class DataParallel(Pass):
             if right is not None:  # a gradient held as factors L @ R (tokens inner): gather, never form it
                 with g.graph.inserting_before(upd):
                     left = op_call(g.graph, torch.ops.memfit.all_gather_cat.default, t=a.grad, dim=1,
-                                   scale=1.0 / self.world, group=self.group, world=self.world,
+                                   scale=1.0 / self.world, group=self.process_group, world=self.world,
                                    name=f"the gradient of {f} (left factor)")
                     rows = op_call(g.graph, torch.ops.memfit.all_gather_cat.default, t=right, dim=0, scale=1.0,
-                                   group=self.group, world=self.world, name=f"the gradient of {f} (right factor)")
+                                   group=self.process_group, world=self.world,
+                                   name=f"the gradient of {f} (right factor)")
                 for node, src, dim in ((left, a.grad, 1), (rows, right, 0)):
                     shape = list(src.meta["val"].shape)
                     shape[dim] *= self.world
@@ -175,12 +176,12 @@ class DataParallel(Pass):
                 if micro > 1:  # accumulated locally; the sum all-reduced once, on the last micro-step
                     mean = op_call(g.graph, torch.ops.memfit.all_reduce_accumulated.default, grad=a.grad,
                                    grad_acc=a.grad_acc, micro_step=a.as_dict()["micro_step"], micro_steps=micro,
-                                   group=self.group, world=self.world, name=f"the gradient of {f}")
+                                   group=self.process_group, world=self.world, name=f"the gradient of {f}")
                     acc = a.grad_acc.meta["val"]
                     sent += acc.numel() * acc.element_size() - val.numel() * val.element_size()
                 else:
                     mean = op_call(g.graph, torch.ops.memfit.all_reduce_mean.default, grad=a.grad,
-                                   group=self.group, world=self.world, name=f"the gradient of {f}")
+                                   group=self.process_group, world=self.world, name=f"the gradient of {f}")
             mean.meta["val"] = a.grad.meta["val"]
             upd.args, upd.kwargs = replace_args(upd, grad=mean)
         stats = {"all_reduces": 0 if self.shard != "none" else len(g.updates) - gathered - projected,
@@ -204,10 +205,10 @@ class DataParallel(Pass):
             a = args_of(upd)
             if a.grad is None:
                 continue
-            owner, state = owners[f], _state_of(upd)
+            owner, state = owners[f], _state_of(g, upd)
             state_bytes = sum(_nbytes(s) for s in state)
             all_state += state_bytes
-            written = _written_params(upd)
+            written = _written_params(g, upd)
             if not broadcast and written != [g.params.get(f)]:
                 raise ConfigError(where_what_got(f"{_WHERE}.shard", "updates that write their own parameter only "
                                                  "for shard='params'", f"the update of {f} writes "
@@ -218,7 +219,7 @@ class DataParallel(Pass):
                 mine_state += state_bytes
                 with g.graph.inserting_before(upd):
                     mean = op_call(g.graph, torch.ops.memfit.reduce_mean.default, grad=a.grad, dst=owner,
-                                   group=self.group, world=self.world, name=f"the gradient of {f}")
+                                   group=self.process_group, world=self.world, name=f"the gradient of {f}")
                 mean.meta["val"] = a.grad.meta["val"].new_empty(a.grad.meta["val"].shape)
                 upd.args, upd.kwargs = replace_args(upd, grad=mean)
                 at = upd
@@ -226,11 +227,11 @@ class DataParallel(Pass):
             else:
                 with g.graph.inserting_before(upd):
                     op_call(g.graph, torch.ops.memfit.reduce_send_.default, grad=a.grad, dst=owner,
-                            group=self.group, world=self.world, name=f"the gradient of {f}")
+                            group=self.process_group, world=self.world, name=f"the gradient of {f}")
                 at = upd.prev
             for p in written:  # the owner's new values of every parameter tensor the update wrote
                 with g.graph.inserting_after(at):
-                    at = op_call(g.graph, torch.ops.memfit.broadcast_.default, t=p, src=owner, group=self.group,
+                    at = op_call(g.graph, torch.ops.memfit.broadcast_.default, t=p, src=owner, group=self.process_group,
                                  name=f"the parameter {p.meta[NAME_KEY]}")
             g.updates[f] = at  # what writes the parameter last: its broadcast, else the owner's update
             if owner != self.group_rank:
@@ -257,18 +258,27 @@ class DataParallel(Pass):
             p, mine = g.params[f], owner == self.group_rank
             readers = sorted((u for u in p.users if u is not g.updates.get(f)), key=order.__getitem__)
             val = p.meta["val"]
-            for half in ([u for u in readers if order[u] < at_loss], [u for u in readers if order[u] > at_loss]):
+            early = [u for u in readers if order[u] < at_loss]
+            # views made in the forward and read after the loss (t(W) for the input's gradient): the backward
+            # reads a copy of the view made on the backward's fetch, so the forward's copy dies in the forward
+            late_views = [v for v in _view_tree([u for u in early if u.args and u.args[0] is p], order, at_loss)
+                          if any(order[w] > at_loss for w in v.users)]
+            late = sorted({*(u for u in readers if order[u] > at_loss),
+                           *(w for v in late_views for w in v.users if order[w] > at_loss)}, key=order.__getitem__)
+            for half in (early, late):
                 if not half:
                     continue
                 with g.graph.inserting_before(half[0]):
                     if mine:
-                        op_call(g.graph, torch.ops.memfit.broadcast_.default, t=p, src=owner, group=self.group,
+                        op_call(g.graph, torch.ops.memfit.broadcast_.default, t=p, src=owner, group=self.process_group,
                                 name=f"the parameter {f}")
                         continue
                     new = op_call(g.graph, torch.ops.memfit.fetch_param.default, shape=list(val.shape),
-                                  dtype=val.dtype, device=val.device, src=owner, group=self.group,
+                                  dtype=val.dtype, device=val.device, src=owner, group=self.process_group,
                                   name=f"the parameter {f}")
                 new.meta["val"] = val
+                if half is late and late_views:
+                    _rebuild_views(g, new, late_views, order, at_loss)
                 for u in half:
                     u.replace_input_with(p, new)
                 fetches += 1
@@ -282,17 +292,61 @@ class DataParallel(Pass):
                 "param_bytes_here": sum(_nbytes(g.params[f]) for f, o in owners.items() if o == self.group_rank)}
 
 
+def _view_tree(roots, order: dict, at_loss: int) -> list:
+    """``roots`` that are view ops and the views of them made before the loss, transitively (parents first)."""
+    out, stack = [], [r for r in roots if is_view_op(r)]
+    while stack:
+        v = stack.pop(0)
+        out.append(v)
+        stack.extend(u for u in v.users if is_view_op(u) and u.args and u.args[0] is v and order[u] < at_loss)
+    return out
+
+
+def _rebuild_views(g: TrainGraph, src, views: list, order: dict, at_loss: int) -> None:
+    """For each view (of the parameter, or of such a view) read after the loss: a copy of its chain from ``src``, placed
+    before its first late reader, which the late readers then read instead."""
+    copies, tree = {}, set(views)
+
+    def copy_of(v):
+        if v in copies:
+            return copies[v]
+        parent = v.args[0]  # the parameter (or the forward's fetch of it by now), or a view in the tree
+        base = copy_of(parent) if parent in tree else src
+        first = min((w for w in v.users if order[w] > at_loss), key=order.__getitem__, default=None)
+        anchor = first if first is not None and order[first] > order.get(base, -1) else base.next
+        with g.graph.inserting_before(anchor):
+            c = g.graph.node_copy(v, lambda n: base if n is parent else n)
+        c.meta = dict(v.meta)
+        order[c] = order[anchor] - 0.5
+        copies[v] = c
+        return c
+
+    for v in views:
+        late = [w for w in v.users if order[w] > at_loss]
+        c = copy_of(v)
+        for w in late:
+            w.replace_input_with(v, c)
+
+
 def _nbytes(n) -> int:
     v = n.meta["val"]
     return v.numel() * v.element_size()
 
 
-def _state_of(upd) -> list:
-    return [x for x in upd.all_input_nodes if x.meta.get(ROLE_KEY) == "state"]
+def _is_weight(g: TrainGraph, n) -> bool:
+    """A parameter placeholder, or state that is part of a weight (INT8 weights' scales, kind "weight")."""
+    role = n.meta.get(ROLE_KEY)
+    return role == "param" or (role == "state" and g.state_specs[n.meta[NAME_KEY]].kind == "weight")
 
 
-def _written_params(upd) -> list:
-    """The parameter placeholders an update op writes (its mutated arguments, through views)."""
+def _state_of(g: TrainGraph, upd) -> list:
+    """The optimizer state an update op reads (its moments, projector, schedule, accumulator): not weights."""
+    return [x for x in upd.all_input_nodes if x.meta.get(ROLE_KEY) == "state" and not _is_weight(g, x)]
+
+
+def _written_params(g: TrainGraph, upd) -> list:
+    """The weight placeholders an update op writes (its mutated arguments, through views): the parameter, or
+    an INT8 weight's codes and scales."""
     out = []
     for arg, val in zip(upd.target._schema.arguments, [*upd.args, *[upd.kwargs.get(a.name) for a in
                                                                        upd.target._schema.arguments[len(upd.args):]]],
@@ -301,7 +355,7 @@ def _written_params(upd) -> list:
             continue
         while val.op != "placeholder" and is_view_op(val):
             val = val.args[0]
-        if val.meta.get(ROLE_KEY) == "param" and val not in out:
+        if val.op == "placeholder" and _is_weight(g, val) and val not in out:
             out.append(val)
     return out
 
@@ -315,7 +369,7 @@ def owner_table(g: TrainGraph, world: int) -> dict[str, int]:
         if args_of(upd).grad is None:
             continue
         param = g.params.get(f)
-        sizes[f] = (sum(_nbytes(s) for s in _state_of(upd)), _nbytes(param) if param is not None else 0)
+        sizes[f] = (sum(_nbytes(s) for s in _state_of(g, upd)), _nbytes(param) if param is not None else 0)
     load = [0] * world
     owners = {}
     for f in sorted(sizes, key=lambda k: (-sizes[k][0], -sizes[k][1], k)):

@@ -19,6 +19,7 @@ def main(out: str, configs: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for name, (passes, steps, per_rank, *opts) in json.loads(configs).items():
+        print(f"config {name}", flush=True)
         torch.manual_seed(0)
         model = build_llama("tiny-llama", num_hidden_layers=1)
         gen = torch.Generator().manual_seed(1)
@@ -38,8 +39,9 @@ def main(out: str, configs: str) -> None:
         sent = total // steps
         t.gather_parameters()  # shard="params": every rank's model gets every weight (a no-op otherwise)
         if rank == 0:  # the weights after the steps (before the measured one below)
-            torch.save({f: p.detach().clone() for f, p in model.named_parameters()},
-                       f"{out}.{name.replace('/', '-')}.pt")
+            weights = {f: p.detach().clone() for f, p in model.named_parameters()}
+            weights.update({f: w.detach().clone() for f, w in t.plain_weights().items()})  # INT8/NF4 held
+            torch.save(weights, f"{out}.{name.replace('/', '-')}.pt")
         mem = {"peak": t.plan.peak_bytes, "state_bytes": sum(v.numel() * v.element_size()
                                                              for v in t.executor.state.values()),
                "measured": t.measure_step(mine[0], torch.roll(mine[0], -1, 1)).peak_bytes, "bytes_per_step": sent}
