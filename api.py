@@ -752,6 +752,14 @@ def _data_parallel_group(process_group: Any, model: nn.Module, batch: Sequence[A
         **settings, "parameters": tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad)
                                         for n, p in model.named_parameters()),
         "batch": tuple((tuple(t.shape), str(t.dtype)) for t in flat)})
+    # as DDP at construction: every rank starts from the group's first rank's weights and buffers
+    from .ops import _collective
+
+    src = dist.get_global_rank(pg, 0)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            _collective("broadcast (weights, at optimize)", name, group[0],
+                        lambda t=t: dist.broadcast(t.data, src=src, group=pg))
     return group
 
 
@@ -957,7 +965,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     ``fuse=True`` adds the ``fuse`` pass after every other rewrite: each pointwise chain one generated Triton
     kernel on CUDA, a chunked evaluation on CPU, planned as such.
     ``process_group`` (a ``torch.distributed`` ProcessGroup, or ``"world"``) trains data parallel: call
-    ``optimize`` on every rank with that rank's share of the batch; each gradient is averaged over the group
+    ``optimize`` on every rank with that rank's share of the batch; every rank starts from the first rank's
+    weights and buffers (broadcast, as DDP does at construction); each gradient is averaged over the group
     inside the step (the ``data_parallel`` pass) before its update. The ranks' settings, parameter shapes and
     batch shapes are compared first: a rank that differs is named in a ConfigError on every rank.
     ``shard="state"`` (with ``process_group``) keeps each parameter's optimizer state on one rank, its owner

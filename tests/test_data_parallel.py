@@ -238,6 +238,29 @@ def test_ranks_that_disagree_fail_fast_naming_the_rank():
         assert "rank 1 with batch=" in log
 
 
+def test_every_rank_starts_from_the_first_ranks_weights():
+    """Ranks whose models were initialised with different seeds: optimize() broadcasts rank 0's weights (as
+    DDP does at construction), so the ranks train one model."""
+    code = (
+        "import torch, torch.distributed as dist, memfit\n"
+        "from memfit.models import build_llama, lm_loss\n"
+        "dist.init_process_group('gloo')\n"
+        "r = dist.get_rank()\n"
+        "torch.manual_seed(r)\n"
+        "m = build_llama('tiny-llama', num_hidden_layers=1, seed=r)\n"
+        "x = torch.randint(0, 256, (2, 16))\n"
+        "before = float(sum(p.double().sum() for p in m.parameters()))\n"
+        "t = memfit.optimize(m, example_inputs=(x, x), loss_fn=lm_loss, process_group='world')\n"
+        "t.step(x, x)\n"
+        "sums = [None, None]\n"
+        "dist.all_gather_object(sums, [float(p.double().sum()) for p in m.parameters()])\n"
+        "print('SUMS', r, before, sums[0] == sums[1])\n"
+    )
+    lines = [next((x for x in log.splitlines() if x.startswith("SUMS")), log[-2000:]) for log in _ranks(code)]
+    assert all(line.startswith("SUMS") and line.endswith("True") for line in lines), lines
+    assert lines[0].split()[2] != lines[1].split()[2]  # they did start apart
+
+
 def test_process_group_without_torch_distributed_is_a_config_error():
     x = torch.randint(0, 256, (2, 16))
     with pytest.raises(memfit.ConfigError, match=r"torch\.distributed initialised on every rank"):
