@@ -703,13 +703,31 @@ def _(grad, group, world, name=""):
     return torch.empty_like(grad)
 
 
-def _collective(op: str, name: str, group: str, fn):
+def _settle(*tensors: torch.Tensor) -> None:
+    """Wait (at most about 10 ms) until the process group's worker thread has dropped its references to
+    ``tensors``: gloo marks a collective complete before its thread lets go of the buffers, so a tensor freed
+    right after would otherwise live on for a moment, beyond where the plan frees it."""
+    import time
+
+    for t in tensors:
+        count = getattr(t, "_use_count", None)
+        if count is None:
+            return
+        deadline, calm = time.perf_counter() + 0.01, 0
+        while calm < 3 and time.perf_counter() < deadline:  # three looks in a row with ours the only reference
+            calm = calm + 1 if count() == 1 else 0
+            time.sleep(0)
+
+
+def _collective(op: str, name: str, group: str, fn, *settle: torch.Tensor):
     """Run ``fn`` (a torch.distributed call); its failure (a timeout, a rank gone) as a CollectiveError
-    naming the op and the value it waited on."""
+    naming the op and the value it waited on. ``settle``: tensors the call used, waited for (``_settle``)."""
     from .errors import CollectiveError
 
     try:
-        return fn()
+        out = fn()
+        _settle(*settle)
+        return out
     except RuntimeError as e:  # gloo / NCCL report timeouts and closed peers as RuntimeError (DistError)
         raise CollectiveError(where_what_got(
             f"memfit::{op} of {name or 'a value'} (process group {group!r})",
@@ -725,7 +743,7 @@ def run_all_reduce_mean(grad, group, world, name=""):
 
     out = grad.clone()
     _collective("all_reduce_mean", name, group,
-                lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_resolve_process_group(group)))
+                lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_resolve_process_group(group)), out)
     COMMUNICATED["all_reduce_bytes"] += out.numel() * out.element_size()
     COMMUNICATED["calls"] += 1
     return out.div_(world)
@@ -752,7 +770,7 @@ def run_all_gather_cat(t, dim, scale, group, world, name=""):
 
     parts = [torch.empty_like(t) for _ in range(world)]
     _collective("all_gather_cat", name, group,
-                lambda parts=parts: dist.all_gather(parts, t.contiguous(), group=_resolve_process_group(group)))
+                lambda parts=parts: dist.all_gather(parts, t.contiguous(), group=_resolve_process_group(group)), *parts)
     COMMUNICATED["all_gather_bytes"] += t.numel() * t.element_size()
     COMMUNICATED["calls"] += 1
     out = torch.cat(parts, dim)
@@ -825,12 +843,12 @@ def run_all_reduce_projected(grad, grad_right, proj, sched, step, side, group, w
     if projected_refresh(sched, step):
         out = pj.full(G)
         _collective("all_reduce_projected (a refresh: the whole gradient)", name, group,
-                    lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=pg))
+                    lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=pg), out)
         COMMUNICATED["all_reduce_bytes"] += out.numel() * out.element_size()
         COMMUNICATED["calls"] += 1
         return out.div_(world)
     R = pj.project(G, proj, side)
-    _collective("all_reduce_projected", name, group, lambda: dist.all_reduce(R, op=dist.ReduceOp.SUM, group=pg))
+    _collective("all_reduce_projected", name, group, lambda: dist.all_reduce(R, op=dist.ReduceOp.SUM, group=pg), R)
     COMMUNICATED["projected_bytes"] += R.numel() * R.element_size()
     COMMUNICATED["calls"] += 1
     return pj.project_back(R.div_(world), proj, side)
@@ -874,7 +892,7 @@ def run_reduce_mean(grad, dst, group, world, name=""):
 
     out = grad.clone(memory_format=torch.contiguous_format)
     _collective("reduce_mean", name, group, lambda: dist.reduce(out, dst=_global_rank(group, dst), op=dist.ReduceOp.SUM,
-                                                               group=_resolve_process_group(group)))
+                                                               group=_resolve_process_group(group)), out)
     COMMUNICATED["reduce_bytes"] += out.numel() * out.element_size()
     COMMUNICATED["calls"] += 1
     return out.div_(world)
@@ -899,7 +917,7 @@ def run_reduce_send_(grad, dst, group, world, name=""):
 
     buf = grad if grad.is_contiguous() else grad.contiguous()
     _collective("reduce_mean", name, group, lambda: dist.reduce(buf, dst=_global_rank(group, dst), op=dist.ReduceOp.SUM,
-                                                               group=_resolve_process_group(group)))
+                                                               group=_resolve_process_group(group)), buf)
     COMMUNICATED["reduce_bytes"] += buf.numel() * buf.element_size()
     COMMUNICATED["calls"] += 1
 
@@ -957,7 +975,8 @@ def run_fetch_param(shape, dtype, device, src, group, name=""):
 
     out = torch.empty(shape, dtype=dtype, device=device)
     pg = _resolve_process_group(group)
-    _collective("fetch_param", name, group, lambda: dist.broadcast(out, src=dist.get_global_rank(pg, src), group=pg))
+    _collective("fetch_param", name, group, lambda: dist.broadcast(out, src=dist.get_global_rank(pg, src), group=pg),
+                out)
     COMMUNICATED["calls"] += 1
     return out
 
