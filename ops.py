@@ -703,19 +703,17 @@ def _(grad, group, world, name=""):
     return torch.empty_like(grad)
 
 
-def _settle(*tensors: torch.Tensor) -> None:
+def _settle(tensors, before: list[int]) -> None:
     """Wait (at most about 10 ms) until the process group's worker thread has dropped its references to
-    ``tensors``: gloo marks a collective complete before its thread lets go of the buffers, so a tensor freed
-    right after would otherwise live on for a moment, beyond where the plan frees it."""
+    ``tensors`` (back to the counts ``before`` the collective): gloo marks a collective complete before its
+    thread lets go of the buffers, so a tensor freed right after would otherwise live on for a moment,
+    beyond where the plan frees it."""
     import time
 
-    for t in tensors:
-        count = getattr(t, "_use_count", None)
-        if count is None:
-            return
+    for t, base in zip(tensors, before, strict=True):
         deadline, calm = time.perf_counter() + 0.01, 0
-        while calm < 3 and time.perf_counter() < deadline:  # three looks in a row with ours the only reference
-            calm = calm + 1 if count() == 1 else 0
+        while calm < 3 and time.perf_counter() < deadline:  # three looks in a row at the count from before
+            calm = calm + 1 if t._use_count() <= base else 0
             time.sleep(0)
 
 
@@ -724,9 +722,11 @@ def _collective(op: str, name: str, group: str, fn, *settle: torch.Tensor):
     naming the op and the value it waited on. ``settle``: tensors the call used, waited for (``_settle``)."""
     from .errors import CollectiveError
 
+    settle = settle if all(hasattr(t, "_use_count") for t in settle) else ()
+    before = [t._use_count() for t in settle]
     try:
         out = fn()
-        _settle(*settle)
+        _settle(settle, before)
         return out
     except RuntimeError as e:  # gloo / NCCL report timeouts and closed peers as RuntimeError (DistError)
         raise CollectiveError(where_what_got(
