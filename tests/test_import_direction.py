@@ -27,8 +27,8 @@ triton; ``passes/`` never imports triton or the runtime. The rules as the code k
   captures and lowers the result, as ``api`` does for ``optimize``). Never kernels.
 * ``measure``, ``models``, ``data``: only ``errors`` (leaf utilities).
 * ``__init__``, ``api``, ``cli``, ``integrations`` (the transformers.Trainer door), ``zoo`` (the test matrix,
-  which drives both doors) and ``search`` (the sparse-update scheme search): free to import any layer. Nothing
-  else imports them.
+  which drives both doors), ``search`` (the sparse-update scheme search) and ``checkpoint`` (a Trainer's state
+  saved and loaded across ranks): free to import any layer. Nothing else imports them.
 """
 
 from __future__ import annotations
@@ -69,8 +69,10 @@ ALLOWED: dict[str, object] = {
     "integrations": ANY,  # transformers.Trainer door
     "zoo": ANY,  # the architecture matrix: builds models and drives both doors
     "search": ANY,  # the sparse-update scheme search: fine-tunes and plans (a user-facing function)
+    "checkpoint": ANY,  # save_checkpoint / load_checkpoint: a Trainer's state across ranks (user-facing)
 }
-DOORS = {"", "api", "cli", "integrations", "integrations.hf", "zoo", "search"}  # "" is the package itself (__init__.py)
+# "" is the package itself (__init__.py)
+DOORS = {"", "api", "cli", "integrations", "integrations.hf", "zoo", "search", "checkpoint"}
 
 
 def _package_files() -> list[Path]:
