@@ -88,8 +88,21 @@ def _single(passes, steps=STEPS, **opts):
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """Every configuration, plain and sharded, trained by two ranks in one launch."""
-    return _launch(tmp_path_factory.mktemp("dp"), {**CONFIGS, **SHARDED, **OPTIONS, **COMPOSED})
+    """Every configuration, plain and sharded, trained by two ranks in one launch: once per test session,
+    pytest-xdist's workers sharing it through a directory and a lock beside their own temporary ones."""
+    from filelock import FileLock
+
+    configs = {**CONFIGS, **SHARDED, **OPTIONS, **COMPOSED}
+    base = tmp_path_factory.getbasetemp()  # under xdist: this session's directory holds each worker's
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "memfit-data-parallel"
+    with FileLock(f"{root}.lock"):
+        if (root / "dp.json").exists() and json.loads((root / "configs.json").read_text()) == json.loads(
+                json.dumps(configs)):
+            return json.loads((root / "dp.json").read_text()), str(root / "dp"), []
+        root.mkdir(exist_ok=True)
+        got = _launch(root, configs)
+        (root / "configs.json").write_text(json.dumps(configs))
+        return got
 
 
 def test_two_ranks_match_one_process_on_the_whole_batch(launched):
