@@ -741,8 +741,8 @@ def _data_parallel_group(process_group: Any, model: nn.Module, batch: Sequence[A
                                          type(process_group).__name__, "pass dist.group.WORLD or a new_group()"))
     if settings.get("shard", "none") != "none" and (settings["micro_steps"] > 1
                                                     or settings["clip_grad_norm"] is not None):
-        raise ConfigError(where_what_got(where, "no micro_steps and no clip_grad_norm with shard='state' (each "
-                                         "rank would hold every gradient)",
+        raise ConfigError(where_what_got(where, "no micro_steps and no clip_grad_norm with shard='state' or "
+                                         "'params' (each rank would hold every gradient)",
                                          f"micro_steps={settings['micro_steps']}, "
                                          f"clip_grad_norm={settings['clip_grad_norm']}",
                                          "drop them, or use shard='none'"))

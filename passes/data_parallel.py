@@ -100,7 +100,8 @@ class DataParallel(Pass):
         raw = [n for n in g.graph.nodes if RAW_GRAD_KEY in n.meta]
         if raw:  # clipping reads the gradients: reduce each where the backward completes it, before any reader
             if self.shard != "none":
-                raise ConfigError(where_what_got(_WHERE, "no gradient clipping with shard='state'",
+                raise ConfigError(where_what_got(_WHERE, "no gradient clipping in a sharded step "
+                                                 "(shard='state' or 'params')",
                                                  "clip_grad_norm (its norm needs every reduced gradient)",
                                                  "drop clip_grad_norm, or shard='none'"))
             sent = 0
@@ -139,7 +140,8 @@ class DataParallel(Pass):
                 continue
             micro = a.as_dict().get("micro_steps", 1)
             if micro > 1 and self.shard != "none":
-                raise ConfigError(where_what_got(_WHERE, "one micro-step per step with shard='state'",
+                raise ConfigError(where_what_got(_WHERE, "one micro-step per step in a sharded step "
+                                                 "(shard='state' or 'params')",
                                                  f"micro_steps={micro} (every rank would accumulate every gradient)",
                                                  "drop micro_steps=, or shard='none'"))
             right = a.as_dict().get("grad_right")

@@ -53,7 +53,7 @@ class MemoryPlan:
     # what was fused: graph.info["fused_cross_entropy"] and graph.info["fuse"] of the planned graph
     fusion: dict[str, dict] = field(default_factory=dict, repr=False)
     # data parallel: the process group's size, how state is sharded, and per rank planned (sharded state):
-    # {"rank", "peak_bytes", "state_bytes", "state_bytes_all", "parameters_owned"}; this plan is the
+    # {"rank", "peak_bytes", "state_bytes", "state_bytes_all", "param_bytes", "parameters_owned"}; this plan is the
     # highest-peak rank's
     world: int = 1
     shard: str = "none"

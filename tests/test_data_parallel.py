@@ -468,3 +468,24 @@ def test_compile_door_under_ddp_and_fsdp2_matches_the_default_backend(wrapper):
         _, _, rel, graphs, _, _ = line.split(" ", 5)
         print(wrapper, line)
         assert float(rel) <= 1e-5 and int(graphs) >= 1, line
+
+
+def test_shard_without_a_process_group_or_unknown_is_a_config_error():
+    """shard= needs a process group to shard over; an unknown value names the choices; nothing is built."""
+    x = torch.randint(0, 256, (2, 16))
+    model = build_llama("tiny-llama", num_hidden_layers=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(memfit.ConfigError, match=r"shard=.*expected a process_group to shard over"):
+        memfit.optimize(model, example_inputs=(x, x), loss_fn=lm_loss, shard="state")
+    with pytest.raises(memfit.ConfigError, match=r"expected one of \('none', 'state', 'params'\), got 'zero3'"):
+        memfit.optimize(model, example_inputs=(x, x), loss_fn=lm_loss, process_group="world", shard="zero3")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sharded_weights_refuse_encoded_weights_in_the_plan():
+    """shard='params' with INT8 weights (the update writes codes and scales, not one parameter): a ConfigError
+    naming what the update writes and what to use instead, from memfit.plan without any process group."""
+    x = torch.randint(0, 256, (2, 16))
+    with pytest.raises(memfit.ConfigError, match=r"updates that write their own parameter only.*use shard='state'"):
+        memfit.plan(build_llama("tiny-llama", num_hidden_layers=1), example_inputs=(x, x), loss_fn=lm_loss,
+                    passes=["remat", "fused_update", "quantize_weights"], world_size=2, shard="params")
