@@ -682,6 +682,15 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
         passes = [*passes, "data_parallel"]
     explicit = [make(s) for s in passes] if passes is not None else None
     head = (("freeze",) if frozen else ()) + (("fuse",) if fuse else ()) + (("data_parallel",) if group else ())
+    if group is not None and shard == "auto":
+        if isinstance(base, Blocks):
+            raise ConfigError(where_what_got("memfit.build_graph(shard='auto')", "one captured step", "replicate=True",
+                                             "plan sharded steps on a full capture"))
+        graph, plan_, choice = _auto_shard(base, budget_bytes, device, group[1], ranks, dict(
+            device=device, make=make, head=head, explicit=explicit, lever_passes=lever_passes), levers,
+            keep=None if ranks is not None else group_rank)
+        graph.info["planner"] = {"trials": [t.__dict__ for t in choice.trials]}
+        return graph, plan_
     choice = choose(base, budget_bytes, device=device, make=make, head=head,
                     explicit=explicit, levers=levers, lever_passes=lever_passes)
     graph, plan_ = choice.graph, choice.plan
@@ -699,11 +708,11 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any], *, loss_fn: Cal
 
 
 def _per_rank(base: TrainGraph, chosen: Sequence[Pass], shard: str, ranks: Sequence[int], budget_bytes: int | None,
-              device) -> tuple[TrainGraph, MemoryPlan]:
+              device, keep: int | None = None) -> tuple[TrainGraph, MemoryPlan]:
     """The sharded step of each of ``ranks``: the chosen passes up to ``data_parallel`` run once, then
     ``data_parallel`` (with ``shard``, as that rank) and the schedule per rank, each planned. Returns the graph
-    and plan of the rank with the highest peak (the first ``ranks`` entry on a tie), the plan's ``ranks``
-    listing every rank planned."""
+    and plan of the rank with the highest peak (the first ``ranks`` entry on a tie), or of rank ``keep``, the
+    plan's ``ranks`` listing every rank planned."""
     prefix = [p for p in chosen if p.name not in ("data_parallel", SCHEDULE_PASS)]
     dp = next(p for p in chosen if p.name == "data_parallel")
     sched = next((p for p in chosen if p.name == SCHEDULE_PASS), None) or make_pass(SCHEDULE_PASS)
@@ -722,8 +731,76 @@ def _per_rank(base: TrainGraph, chosen: Sequence[Pass], shard: str, ranks: Seque
                      sum(1 for o in info["owners"].values() if o == r)})
         if best is None or p.peak_bytes > best[1].peak_bytes:
             best = (g, p)
-    g, p = best
+        if r == keep:
+            kept = (g, p)
+    g, p = best if keep is None else kept
     return g, dataclasses.replace(p, ranks=tuple(rows), world=dp.world, shard=shard)
+
+
+def _auto_shard(base: TrainGraph, budget_bytes: int | None, device, world: int, ranks: Sequence[int] | None,
+                common: dict, levers: str, keep: int | None = None):
+    """``shard="auto"``: sharding as a lossless lever, taken before any lossy one. The replicated step with the
+    lossless passes (or ``passes=``) when it fits; else the first of ``shard="state"``, ``"params"`` whose every
+    rank fits with them (sharding costs communication, never numerics); else the levers of ``levers`` chosen
+    on the replicated step against the budget plus what the most-saving sharding saved there, then every rank
+    planned sharded (``"state"`` when the levers' encoded weights refuse ``"params"``), the saving lowered by
+    twice any miss and the choice made again, the last time with no saving (it then fits if the replicated
+    step does). Every rank is
+    planned (their choice must agree), so this costs ``world`` plans per try. Returns (graph, plan, choice): rank
+    ``keep``'s graph and plan when given, else the highest-peak rank's."""
+    from .passes.data_parallel import SHARDS
+    from .runtime.planner import _budget_error
+
+    ranks = range(world) if ranks is None else ranks
+    free = choose(base, None, levers="lossless" if common["explicit"] is None else levers, **common)
+    if budget_bytes is None or free.plan.peak_bytes <= budget_bytes:
+        return free.graph, free.plan, free
+    best = None  # (plan, graph, shard) with the lowest peak
+    for shard in SHARDS[1:]:
+        try:
+            g, p = _per_rank(base, free.graph.info["passes"], shard, ranks, budget_bytes, device, keep)
+        except ConfigError:  # refused for this step (tied weights, micro-steps, clipping): the next level
+            continue
+        if _top(p) <= budget_bytes:
+            return g, p, free
+        if best is None or _top(p) < _top(best[0]):
+            best = (p, g, shard)
+    if best is None or common["explicit"] is not None:
+        if best is None:  # nothing can be sharded: the replicated choice as without shard=
+            choice = choose(base, budget_bytes, levers=levers, **common)
+            return choice.graph, choice.plan, choice
+        raise _budget_error(best[0], budget_bytes, f"with the passes given, sharded ({best[2]!r})")
+    shard, saved = best[2], free.plan.peak_bytes - _top(best[0])
+    last = best[0]
+    for attempt in range(4):  # the saving lowered by twice each miss; the last try counts none (as replicated)
+        saved = saved if attempt < 3 else 0
+        try:
+            choice = choose(base, budget_bytes + saved, levers=levers, **common)
+        except BudgetError:
+            if saved == 0:
+                break
+            saved = saved // 2
+            continue
+        got = None
+        for level in (shard, *(x for x in SHARDS[1:][::-1] if x != shard)):  # encoded weights: state only
+            try:
+                got = _per_rank(base, choice.graph.info["passes"], level, ranks, budget_bytes, device, keep)
+                break
+            except ConfigError:
+                continue
+        if got is None:
+            break
+        g, p = got
+        if _top(p) <= budget_bytes:
+            return g, p, choice
+        last = p if _top(p) < _top(last) else last
+        saved = max(saved - 2 * (_top(p) - budget_bytes), 0)
+    raise _budget_error(last, budget_bytes, f"with levers up to {levers!r}, sharded ({shard!r}) over {world} ranks")
+
+
+def _top(p: MemoryPlan) -> int:
+    """The highest peak over the ranks a plan lists (its own peak when it lists none)."""
+    return max((r["peak_bytes"] for r in p.ranks), default=p.peak_bytes) if p.ranks else p.peak_bytes
 
 
 def _data_parallel_group(process_group: Any, model: nn.Module, batch: Sequence[Any], settings: dict
@@ -739,7 +816,7 @@ def _data_parallel_group(process_group: Any, model: nn.Module, batch: Sequence[A
     if not isinstance(pg, dist.ProcessGroup):
         raise ConfigError(where_what_got(where, "a torch.distributed ProcessGroup or 'world'",
                                          type(process_group).__name__, "pass dist.group.WORLD or a new_group()"))
-    if settings.get("shard", "none") != "none" and (settings["micro_steps"] > 1
+    if settings.get("shard", "none") not in ("none", "auto") and (settings["micro_steps"] > 1
                                                     or settings["clip_grad_norm"] is not None):
         raise ConfigError(where_what_got(where, "no micro_steps and no clip_grad_norm with shard='state' or "
                                          "'params' (each rank would hold every gradient)",
@@ -844,7 +921,8 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
     ``world_size=N`` plans one rank of N training data parallel (``optimize(process_group=...)``), each rank
     with ``example_inputs`` as its share of the batch: with ``shard="state"`` (default) every rank is planned
     with its own share of the optimizer state, the plan returned is the highest-peak rank's and its
-    ``ranks`` lists them all; ``shard="none"`` plans the replicated step (every rank alike). The whole step is
+    ``ranks`` lists them all; ``shard="none"`` plans the replicated step (every rank alike); ``shard="auto"`` the
+    least sharding that fits ``budget`` (see ``optimize``). The whole step is
     captured (no replication: the owner table is the full model's).
     """
     if not isinstance(example_inputs, (tuple, list)):
@@ -854,8 +932,9 @@ def plan(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | float
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(where_what_got("memfit.plan(world_size=)", "an int >= 1", repr(world_size), "e.g. 8"))
-    if shard not in SHARDS:
-        raise ConfigError(where_what_got("memfit.plan(shard=)", f"one of {SHARDS}", repr(shard), "pick one"))
+    if shard not in (*SHARDS, "auto"):
+        raise ConfigError(where_what_got("memfit.plan(shard=)", f"one of {(*SHARDS, 'auto')}", repr(shard),
+                                         "pick one"))
     if world_size > 1 and replicate is True:
         raise ConfigError(where_what_got("memfit.plan(world_size=)", "replicate=False or 'auto'", "replicate=True",
                                          "a sharded plan needs the whole step: drop replicate"))
@@ -973,6 +1052,12 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     (ZeRO stages 1 and 2): gradients are reduced onto the owner, which updates and broadcasts the parameter;
     each rank's plan counts its own share of the state. ``Trainer.state_dict`` then holds this rank's share:
     save and load across ranks with ``memfit.save_checkpoint`` / ``memfit.load_checkpoint``.
+    ``shard="params"`` keeps each parameter itself on its owner only, sent to the other ranks just before each
+    read (FSDP style). ``shard="auto"`` lets the planner choose with ``budget``: sharding is lossless, so it is
+    tried before any lossy lever, least first: the replicated step if it fits, else ``"state"``, else
+    ``"params"``, and only then the levers of ``levers`` (chosen for the sharded step). Gradients are
+    all-reduced in buckets that overlap the backward (``passes=[..., ("data_parallel", {"bucket_bytes":
+    n})]`` sets their size; 0 reduces each gradient alone).
     """
     optimizer = AdamW() if optimizer is None else optimizer
     if transactional and budget is not None:
@@ -1000,8 +1085,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
     group, group_rank = None, 0
     from .passes.data_parallel import SHARDS
 
-    if shard not in SHARDS:
-        raise ConfigError(where_what_got("memfit.optimize(shard=)", f"one of {SHARDS}", repr(shard),
+    if shard not in (*SHARDS, "auto"):
+        raise ConfigError(where_what_got("memfit.optimize(shard=)", f"one of {(*SHARDS, 'auto')}", repr(shard),
                                          "'state' keeps each parameter's optimizer state on one rank"))
     if shard != "none" and process_group is None:
         raise ConfigError(where_what_got("memfit.optimize(shard=)", "a process_group to shard over",
@@ -1035,6 +1120,6 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
             raise
         raise UnsupportedGraph(f"{e} [op called at {where}]", op=e.op, node=e.node) from e
     trainer._dp_group = group
-    if shard == "params":
+    if g.info.get("data_parallel", {}).get("shard") == "params":  # asked for, or chosen by shard="auto"
         trainer._release_sharded()
     return trainer

@@ -289,7 +289,8 @@ def _plan(args: argparse.Namespace) -> int:
     print(hand_check(model, plan, args.optimizer)[0])
     title = f"{args.model}, {args.dtype}, {args.optimizer}, batch {args.batch} x seq {args.seq}"
     if args.world_size > 1:
-        title += f", rank of {args.world_size}" + (" (state sharded)" if args.shard == "state" else "")
+        title += f", rank of {args.world_size}" + {"state": " (state sharded)", "params": " (weights sharded)"
+                                                   }.get(plan.shard, "")
     try:
         print(f"picture: {plot_memory(plan, args.out, title=title)}")
     except MemfitError as e:  # matplotlib missing: the table and the exit code still stand
@@ -402,9 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=_count, default=1,
                    help="plan one rank of this many training data parallel, --batch sequences each (the whole "
                         "step is captured)")
-    p.add_argument("--shard", choices=("state", "params", "none"), default="state",
+    p.add_argument("--shard", choices=("state", "params", "none", "auto"), default="state",
                    help="with --world-size: each parameter's optimizer state on one rank (ZeRO-1/2, default), "
-                        "its weights too (FSDP-style, fetched for use), or all replicated")
+                        "its weights too (FSDP-style, fetched for use), all replicated, or the least sharding "
+                        "that fits --budget (auto)")
     p.add_argument("--full", action="store_true",
                    help="capture every layer (default: a model of identical layers is planned from captures of 1 "
                         "and 2 layers and extrapolated, exact and much faster)")

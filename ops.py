@@ -945,6 +945,65 @@ def run_broadcast_(t, src, group, name=""):
     COMMUNICATED["calls"] += 1
 
 
+# ---- bucketed, overlapped all-reduce (data_parallel bucket_bytes > 0) --------------------------------------
+
+_PENDING: dict[int, tuple] = {}  # a started bucket's data_ptr -> (its async work, its name, the group's name)
+
+
+@torch.library.custom_op(f"{_LIB}::all_reduce_start", mutates_args=())
+def all_reduce_start(grads: list[torch.Tensor], group: str, world: int, name: str = "") -> torch.Tensor:
+    """A bucket: ``grads`` (one dtype) copied one after another into a new flat tensor, whose all-reduce (sum)
+    over process group ``group`` is started and left running (``async_op``) while the step goes on; the
+    bucket is returned at once and must not be read before ``all_reduce_wait`` on it. Reading each gradient
+    back is a view of the bucket (``reduced = bucket[offset:offset + numel].view(shape)``)."""
+    return run_all_reduce_start(grads, group, world, name)
+
+
+@all_reduce_start.register_fake
+def _(grads, group, world, name=""):
+    return grads[0].new_empty((sum(g.numel() for g in grads),))
+
+
+def run_all_reduce_start(grads, group, world, name=""):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    flat = grads[0].new_empty((sum(g.numel() for g in grads),))
+    at = 0
+    for g in grads:
+        flat[at:at + g.numel()].view(g.shape).copy_(g)
+        at += g.numel()
+    work = _collective("all_reduce_start", name, group,
+                       lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=_resolve_process_group(group),
+                                               async_op=True))
+    _PENDING[flat.data_ptr()] = (work, name, group)
+    COMMUNICATED["all_reduce_bytes"] += flat.numel() * flat.element_size()
+    COMMUNICATED["calls"] += 1
+    return flat
+
+
+@torch.library.custom_op(f"{_LIB}::all_reduce_wait", mutates_args=("bucket",))
+def all_reduce_wait(bucket: torch.Tensor, world: int) -> None:
+    """The end of ``all_reduce_start``'s all-reduce of ``bucket``: waits for it, then divides by ``world``
+    in place, so the bucket holds the mean of every rank's gradients."""
+    run_all_reduce_wait(bucket, world)
+
+
+@all_reduce_wait.register_fake
+def _(bucket, world):
+    return None
+
+
+def run_all_reduce_wait(bucket, world):
+    pending = _PENDING.pop(bucket.data_ptr(), None)
+    if pending is None:
+        raise RuntimeError("memfit::all_reduce_wait: no all-reduce was started on this bucket "
+                           "(all_reduce_start must run first, on the same step)")
+    work, name, group = pending
+    _collective("all_reduce_wait", name, group, work.wait)  # the bucket lives on (its views are read): no settle
+    bucket.div_(world)
+
+
 def communicated_bytes() -> int:
     """Bytes this rank has put into memfit's collectives since ``COMMUNICATED`` was last reset: all-reduced and
     reduced gradients, gathered factors, and the parameters it broadcast as their owner."""
@@ -984,7 +1043,7 @@ def run_fetch_param(shape, dtype, device, src, group, name=""):
 # Every rank must issue the collectives in the same order: to fx they have side effects, so dead-code
 # elimination keeps them and the schedule (``sink``) never moves them.
 for _op in (all_reduce_mean, all_gather_cat, all_reduce_accumulated, all_reduce_projected, reduce_mean, reduce_send_,
-            broadcast_, fetch_param):
+            broadcast_, fetch_param, all_reduce_start, all_reduce_wait):
     torch.fx.node.has_side_effect(_op._opoverload)
 
 

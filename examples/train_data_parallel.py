@@ -2,7 +2,8 @@
 
 Launch one process per device with torchrun (gloo on CPU, NCCL on GPUs); every rank trains on its own
 share of each global batch. ``--shard state`` keeps each parameter's optimizer state on one rank,
-``--shard params`` its weights too; the checkpoint written with ``--save`` loads at any world size.
+``--shard params`` its weights too, ``--shard auto --budget 20MB`` lets the planner pick the least sharding
+that fits (before any lossy lever); the checkpoint written with ``--save`` loads at any world size.
 
     torchrun --nproc-per-node 2 examples/train_data_parallel.py --steps 100 --shard state --save ckpt
     torchrun --nproc-per-node 4 examples/train_data_parallel.py --steps 200 --resume ckpt
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--batch", type=int, default=8, help="sequences per step, over all ranks")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--shard", choices=("none", "state", "params"), default="state")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: tiny-llama's)")
+    ap.add_argument("--shard", choices=("none", "state", "params", "auto"), default="state")
+    ap.add_argument("--budget", default=None, help="per-rank memory budget, e.g. 20MB (with --shard auto)")
     ap.add_argument("--save", default=None, help="write a checkpoint directory here at the end")
     ap.add_argument("--resume", default=None, help="continue from a checkpoint directory (any world size)")
     args = ap.parse_args(argv)
@@ -44,10 +47,11 @@ def main(argv: list[str] | None = None) -> float:
         x, y = next(batches)
         return x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
 
-    model = models.build_llama("tiny-llama", seed=0).to(device)
+    layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
+    model = models.build_llama("tiny-llama", seed=0, **layers).to(device)
     trainer = memfit.optimize(model, example_inputs=mine(), loss_fn=models.lm_loss,
                               optimizer=memfit.AdamW(lr=args.lr, weight_decay=0.1), process_group="world",
-                              shard=args.shard)
+                              shard=args.shard, budget=args.budget)
     if args.resume:
         memfit.load_checkpoint(trainer, args.resume)
         for _ in range(trainer.step_count):  # the data stream resumes where it stopped

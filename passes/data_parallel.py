@@ -1,16 +1,26 @@
 """data_parallel: the step's gradients averaged over the ranks of a process group, inside the graph.
 
-Every rank runs the same compiled step on its own part of the global batch. Before each parameter's update
-op the pass inserts ``memfit::all_reduce_mean(grad, group, world)``, a ``torch.distributed`` all-reduce
-(sum, then a division by the world size) of a copy of the gradient: the update steps the mean gradient, so
-every rank makes the same update and the result is single-process training on the concatenated batch
-(each rank's loss is the mean over its own equal share). One all-reduce per gradient, placed where the
-gradient is complete, in backward order; the plan counts the reduced copy as one more gradient-sized value
-while it lives. A gradient GaLore holds as factors ``L @ R`` (``lowrank``'s ``factored`` path: tokens
-inner) is not formed when its factors are fewer bytes: the ranks' factors are all-gathered and concatenated
+Every rank runs the same compiled step on its own part of the global batch. Each parameter's update op
+steps the mean of the ranks' gradients, averaged by ``torch.distributed`` all-reduces (sum, then a division by
+the world size), so every rank makes the same update and the result is single-process training on the
+concatenated batch (each rank's loss is the mean over its own equal share).
+
+Buckets, overlapped (``bucket_bytes``, by default an eighth of the gradients' bytes within [64 KiB, 25 MiB]):
+gradients are packed in the order the backward completes them into buckets (one dtype each).
+``memfit::all_reduce_start`` copies a bucket's gradients into one flat tensor, where they die, and starts its
+all-reduce asynchronously; the backward runs on, and only when the next bucket starts does
+``memfit::all_reduce_wait`` finish this one, its updates then running on views of it (the last bucket is
+waited on at once). So communication overlaps the backward as in DDP, at the price the plan counts: a
+bucket lives from its start until its last update, about two buckets more than one gradient at a time.
+``bucket_bytes=0`` all-reduces each gradient alone and synchronously (``memfit::all_reduce_mean``) where the
+backward completes it. Updates that something reads after (none in a plain step) are not bucketed.
+
+A gradient GaLore holds as factors ``L @ R`` (``lowrank``'s ``factored`` path: tokens inner) is not formed
+when its factors are fewer bytes: the ranks' factors are all-gathered and concatenated
 (``memfit::all_gather_cat``), ``[L_1 .. L_W] @ [R_1; ..; R_W] / W`` being the mean gradient (tokens x
-(m + n) values sent instead of m x n); otherwise it is formed and all-reduced. ``graph.info["data_parallel"]``
-counts the all-reduces, the factor gathers and the bytes each rank sends per step.
+(m + n) values sent instead of m x n); otherwise it is formed and all-reduced (bucketed).
+``graph.info["data_parallel"]`` counts the all-reduces, buckets, factor gathers and the bytes each rank sends
+per step.
 
 Projected communication (``projected=True``, the default): a GaLore update (a stored orthonormal projector,
 fp32 gradient) reads its gradient only as ``P^T G``, and every rank holds the same ``P`` (each refresh is the
@@ -56,7 +66,7 @@ import torch
 
 from .. import projection as pj
 from ..errors import ConfigError, where_what_got
-from ..graph import NAME_KEY, ROLE_KEY, TrainGraph, is_view_op
+from ..graph import NAME_KEY, ROLE_KEY, TrainGraph, aliases, is_view_op, storage_root
 from ..ops import args_of, op_call, replace_args
 from .base import Pass, PassResult, register_pass
 from .fused_update import RAW_GRAD_KEY
@@ -73,6 +83,7 @@ class DataParallel(Pass):
     group_rank: int = 0
     shard: str = "none"  # "none": every rank updates every parameter; "state": one owner per parameter
     projected: bool = True  # GaLore's gradients all-reduced in their subspace between refreshes
+    bucket_bytes: int = -1  # gradients per all-reduce bucket: -1 the rule (bucket_cap), 0 one synchronous each
 
     requires = ("fused_update",)
     keeps_meta = True
@@ -86,6 +97,10 @@ class DataParallel(Pass):
         if self.shard not in SHARDS:
             raise ConfigError(where_what_got(f"{_WHERE}.shard", f"one of {SHARDS}", repr(self.shard),
                                              "'state' keeps each parameter's optimizer state on one rank"))
+        if isinstance(self.bucket_bytes, bool) or not isinstance(self.bucket_bytes, int) or self.bucket_bytes < -1:
+            raise ConfigError(where_what_got(f"{_WHERE}.bucket_bytes", "an int: bytes per bucket, 0 for none, "
+                                             "-1 for the default rule", repr(self.bucket_bytes),
+                                             "e.g. bucket_bytes=25 * 2**20 (DDP's bucket_cap_mb=25)"))
         if isinstance(self.group_rank, bool) or not isinstance(self.group_rank, int) or \
                 not 0 <= self.group_rank < self.world:
             raise ConfigError(where_what_got(f"{_WHERE}.group_rank", f"an int in [0, {self.world})",
@@ -118,6 +133,8 @@ class DataParallel(Pass):
             g.info["data_parallel"] = stats
             return PassResult(g, True, stats, meta_ok=True)
         sent, gathered, projected, refresh_bytes = 0, 0, 0, 0
+        plain = []  # (fqn, update) whose whole gradient is all-reduced: bucketed after the loop
+        order = {n: i for i, n in enumerate(g.graph.nodes)}
         for f, upd in g.updates.items():
             a = args_of(upd)
             if a.grad is None:
@@ -174,6 +191,9 @@ class DataParallel(Pass):
             sent += val.numel() * val.element_size()
             if self.shard != "none":
                 continue
+            if micro == 1 and self.bucket_bytes != 0 and _movable(upd, order):
+                plain.append((f, upd))
+                continue
             with g.graph.inserting_before(upd):
                 if micro > 1:  # accumulated locally; the sum all-reduced once, on the last micro-step
                     mean = op_call(g.graph, torch.ops.memfit.all_reduce_accumulated.default, grad=a.grad,
@@ -186,7 +206,9 @@ class DataParallel(Pass):
                                    group=self.process_group, world=self.world, name=f"the gradient of {f}")
             mean.meta["val"] = a.grad.meta["val"]
             upd.args, upd.kwargs = replace_args(upd, grad=mean)
-        stats = {"all_reduces": 0 if self.shard != "none" else len(g.updates) - gathered - projected,
+        buckets = self._bucket(g, plain) if plain else []
+        stats = {"all_reduces": 0 if self.shard != "none" else len(g.updates) - gathered - projected - len(plain),
+                 "buckets": len(buckets), "bucketed": len(plain), "bucket_cap": self.bucket_cap(g),
                  "factor_gathers": gathered, "projected_all_reduces": projected, "bytes_per_step": sent,
                  "extra_bytes_on_refresh": refresh_bytes, "world": self.world, "shard": self.shard}
         if self.shard in ("state", "params"):
@@ -195,6 +217,70 @@ class DataParallel(Pass):
             stats.update(self._shard_params(g, stats["owners"]))
         g.info["data_parallel"] = stats
         return PassResult(g, bool(g.updates), stats, meta_ok=True)
+
+    def bucket_cap(self, g: TrainGraph) -> int:
+        """Bytes per bucket: ``bucket_bytes`` when given, else an eighth of the gradients' bytes (overlap for
+        all but the last eighth, at most about two buckets more alive than unbucketed), between 64 KiB and
+        DDP's 25 MiB."""
+        if self.bucket_bytes >= 0:
+            return self.bucket_bytes
+        total = sum(_nbytes(args_of(u).grad) for u in g.updates.values() if args_of(u).grad is not None)
+        return min(max(total // 8, 64 << 10), 25 << 20)
+
+    def _bucket(self, g: TrainGraph, plain: list) -> list[list[str]]:
+        """All-reduce the gradients of ``plain`` (fqn, update) in buckets, overlapped with the backward.
+
+        Gradients are taken in the order the backward completes them and packed into buckets of at most
+        ``bucket_cap`` bytes (one dtype each). Each bucket's ``memfit::all_reduce_start`` copies its gradients
+        into one flat tensor (the gradients die there) and starts the all-reduce; the backward runs on until
+        the next bucket starts, and only then does ``memfit::all_reduce_wait`` finish this one and its updates
+        run, each reading its gradient as a view of the bucket. The last bucket is waited on at once. ``plain``
+        holds only updates nothing reads after (``_movable``): they may run later."""
+        cap = self.bucket_cap(g)
+        order = {n: i for i, n in enumerate(g.graph.nodes)}
+        items = sorted(plain, key=lambda fu: order[args_of(fu[1]).grad])
+        groups, cur, size = [], [], 0
+        for f, upd in items:
+            grad = args_of(upd).grad
+            b, kind = _nbytes(grad), (grad.meta["val"].dtype, grad.meta["val"].device)
+            if cur and (size + b > cap or kind != cur[-1][2]):
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append((f, upd, kind))
+            size += b
+        groups.append(cur)
+        starts = []
+        for grp in groups:
+            grads = [args_of(u).grad for _, u, _ in grp]
+            last = max(grads, key=order.__getitem__)
+            names = [f for f, _, _ in grp]
+            label = f"the gradient of {names[0]}" if len(names) == 1 else \
+                f"a bucket of {len(names)} gradients ({names[0]} .. {names[-1]})"
+            with g.graph.inserting_after(last):
+                start = op_call(g.graph, torch.ops.memfit.all_reduce_start.default, grads=grads,
+                                group=self.process_group, world=self.world, name=label)
+            start.meta["val"] = grads[0].meta["val"].new_empty((sum(x.meta["val"].numel() for x in grads),))
+            starts.append(start)
+        for k, (grp, start) in enumerate(zip(groups, starts, strict=True)):
+            anchor = starts[k + 1] if k + 1 < len(starts) else start  # wait after the next bucket has started
+            with g.graph.inserting_after(anchor):
+                wait = op_call(g.graph, torch.ops.memfit.all_reduce_wait.default, bucket=start, world=self.world)
+            wait.meta["val"] = None
+            at, off = wait, 0
+            for _, upd, _ in grp:
+                grad = args_of(upd).grad
+                val = grad.meta["val"]
+                with g.graph.inserting_after(at):
+                    piece = g.graph.call_function(torch.ops.aten.slice.Tensor, (start, 0, off, off + val.numel()))
+                with g.graph.inserting_after(piece):
+                    view = g.graph.call_function(torch.ops.aten.view.default, (piece, list(val.shape)))
+                piece.meta["val"] = start.meta["val"][off:off + val.numel()]
+                view.meta["val"] = piece.meta["val"].view(val.shape)
+                off += val.numel()
+                upd.args, upd.kwargs = replace_args(upd, grad=view)
+                view.append(upd)
+                at = upd
+        return [[f for f, _, _ in grp] for grp in groups]
 
     def _shard_state(self, g: TrainGraph, broadcast: bool = True) -> dict:
         """Each update runs on its parameter's owner only; the rest reduce onto it and (``broadcast``) receive
@@ -328,6 +414,31 @@ def _rebuild_views(g: TrainGraph, src, views: list, order: dict, at_loss: int) -
         c = copy_of(v)
         for w in late:
             w.replace_input_with(v, c)
+
+
+def _movable(upd, order: dict) -> bool:
+    """Whether ``upd`` may run anywhere later in the step: nothing reads its output, nor anything it writes
+    (through any view) after it (``order``: the graph's node positions; nodes added since count as after)."""
+    if upd.users:
+        return False
+    return not any(order.get(u, len(order)) > order[upd] for x in _written_nodes(upd) for a in _aliases_of(x)
+                   for u in a.users if u is not upd)
+
+
+def _written_nodes(upd) -> list:
+    """The nodes an op mutates (its written arguments, as passed: views included)."""
+    out = []
+    for arg, val in zip(upd.target._schema.arguments, [*upd.args, *[upd.kwargs.get(a.name) for a in
+                                                                       upd.target._schema.arguments[len(upd.args):]]],
+                        strict=True):
+        if arg.alias_info is not None and arg.alias_info.is_write and val is not None:
+            out.append(val)
+    return out
+
+
+def _aliases_of(n) -> list:
+    """Every node sharing ``n``'s storage: its root and all views of the root."""
+    return aliases(storage_root(n))
 
 
 def _nbytes(n) -> int:
