@@ -9,7 +9,9 @@ MASTER_ADDR/PORT) on the tiny LLaMA (4 layers), each rank training on its share 
   of its share of the parameters, parameters broadcast after the step);
 - **PyTorch FSDP2 + torch AdamW** (``fully_shard`` per layer and whole: parameters, gradients and state
   sharded, parameters all-gathered for use);
-- **memfit AdamW** (``memfit.optimize(process_group=...)``: one all-reduce per gradient inside the step);
+- **memfit AdamW** (``memfit.optimize(process_group=...)``: the gradients all-reduced inside the step in
+  buckets whose all-reduce overlaps the rest of the backward), and the same with one synchronous all-reduce
+  per gradient (``bucket_bytes=0``);
 - **memfit AdamW, state sharded** (``shard="state"``: each gradient reduced onto its parameter's owner,
   which alone holds the state, updates and broadcasts the parameter: ZeRO-1/2);
 - **memfit AdamW, parameters sharded** (``shard="params"``: FSDP-style by whole parameter, each fetched from
@@ -104,7 +106,10 @@ def rank_main(args) -> None:
         methods[name] = torch_step(m, opts[name])
         modules[name] = m
     trainers = {}
-    for name, extra, shard in [("memfit AdamW", None, "none"), ("memfit AdamW, state sharded", None, "state"),
+    for name, extra, shard in [("memfit AdamW", None, "none"),
+                               ("memfit AdamW, one all-reduce per gradient", [("data_parallel", {"bucket_bytes": 0})],
+                                "none"),
+                               ("memfit AdamW, state sharded", None, "state"),
                                ("memfit AdamW, parameters sharded", None, "params"),
                                *((n, e, "none") for n, e in LOWRANK.items())]:
         passes = None if extra is None else ["fused_cross_entropy", "remat", "fused_update", *extra]
