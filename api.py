@@ -120,6 +120,7 @@ class Trainer:
         self._loss_fn = loss_fn
         self._passes = graph.info.get("passes")
         self._dp_group: tuple[str, int] | None = None  # (process group name, size) when data parallel
+        self._dp_flag: torch.Tensor | None = None  # data parallel: the ranks' "a loss is non-finite" flag
         flat, keys = flatten_batch(example, "memfit.optimize: example_inputs")
         self._keys = keys
         self._spec = [(tuple(t.shape), t.dtype, t.device) for t in flat]
@@ -379,6 +380,23 @@ class Trainer:
             _collective("broadcast (buffers, before the step)", f"the buffer {name}", self._dp_group[0],
                         lambda b=b: dist.broadcast(b, src=src, group=pg))
 
+    def _any_rank_nonfinite(self, here: bool) -> bool:
+        """Data parallel: whether any rank's loss is non-finite (``here``: this rank's), from one 1-element
+        all-reduce (max) of a flag allocated with the Trainer, so every rank skips or raises together, where
+        a rank leaving alone would leave the others waiting in the backward's collectives."""
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        from .ops import _collective
+
+        if self._dp_flag is None:
+            self._dp_flag = torch.zeros(1, device=self.device)
+        flag, pg = self._dp_flag, _resolve_process_group(self._dp_group[0])
+        flag.fill_(1.0 if here else 0.0)
+        _collective("all_reduce (is a loss non-finite?)", "the loss", self._dp_group[0],
+                    lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg))
+        return bool(flag.item() > 0)
+
     def accumulate(self, *batch: Any, lr: float | None = None) -> torch.Tensor:
         """Feed one micro-batch of the current optimizer step (loops that hand micro-batches over one at a
         time, such as ``transformers.Trainer``'s gradient accumulation). The ``micro_steps``-th call of a
@@ -404,7 +422,8 @@ class Trainer:
             step = self.step_count + 1
             resets = isinstance(self.optimizer, AdamW) and self.optimizer.resets_before(step)
             guard = StepGuard(self.executor, nonfinite=self.nonfinite, transactional=self.transactional,
-                              reset_moments=resets, buffers=self._all_mutated_buffers)
+                              reset_moments=resets, buffers=self._all_mutated_buffers,
+                              agree=self._any_rank_nonfinite if self._dp_group is not None else None)
             self._window = (guard, [], self._lr_at(step) if lr is None else float(lr))
         guard, losses, step_lr = self._window
         step = self.step_count + 1
@@ -1120,6 +1139,8 @@ def optimize(model: nn.Module, *, example_inputs: Sequence[Any], budget: int | f
             raise
         raise UnsupportedGraph(f"{e} [op called at {where}]", op=e.op, node=e.node) from e
     trainer._dp_group = group
+    if group is not None:
+        trainer._dp_flag = torch.zeros(1, device=device)  # allocated now: no step allocates it
     if g.info.get("data_parallel", {}).get("shard") == "params":  # asked for, or chosen by shard="auto"
         trainer._release_sharded()
     return trainer

@@ -14,7 +14,9 @@ step (all its micro-batches):
   the start of every step), the buffers the step writes (BatchNorm statistics, snapshotted), the RNG
   state and the step count;
 * ``nonfinite="raise" | "skip"`` checks the loss right after the forward (before any update) and each
-  gradient right before its update op; a non-finite one stops the step there;
+  gradient right before its update op; a non-finite one stops the step there. Data parallel, the ranks
+  agree on the loss first (``agree``: one 1-element all-reduce), so all of them stop together and none
+  waits in a collective the others left; gradients need no such vote (each update reads the reduced one);
 * ``transactional=True`` also copies what each update op is about to change (a journal), so a failure
   after updates began (a kernel error, an interrupt, a non-finite gradient deep in the backward) is
   undone exactly too, at the cost of up to one copy of the parameters and optimizer state;
@@ -26,7 +28,7 @@ step (all its micro-batches):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -113,8 +115,9 @@ class StepGuard:
     """Watches one optimizer step's update ops; undoes the step when it fails (see the module doc)."""
 
     def __init__(self, executor: Executor, *, nonfinite: str, transactional: bool, reset_moments: bool = False,
-                 buffers: Sequence[str] = ()):
+                 buffers: Sequence[str] = (), agree: Callable[[bool], bool] | None = None):
         self.executor = executor
+        self.agree = agree  # data parallel: (this rank's loss is non-finite) -> whether any rank's is
         self.nonfinite = nonfinite
         self.transactional = transactional
         self.reset_moments = reset_moments
@@ -130,8 +133,22 @@ class StepGuard:
 
     # ---- called from inside the lowered graph -----------------------------------------------------
     def on_loss(self, loss: torch.Tensor) -> None:
-        if self.nonfinite != "ignore" and not (math.isfinite(loss.item()) if loss.numel() == 1
-                                               else bool(torch.isfinite(loss).all())):
+        if self.nonfinite == "ignore":
+            return
+        bad = not (math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all()))
+        if bad:
+            raise_it = True
+            if self.agree is not None:
+                self.agree(True)  # the other ranks learn it before anyone leaves the step
+        else:
+            raise_it = self.agree is not None and self.agree(False)
+            if raise_it:
+                raise NonFiniteError(where_what_got("Trainer.step", "a finite loss on every rank of the process group",
+                                                    "a non-finite loss on another rank (this rank's is finite)",
+                                                    "check that rank's batch for NaN/inf values or lower the learning "
+                                                    "rate"), what="loss (on another rank)",
+                                     before_updates=self.applied == 0)
+        if raise_it:
             raise NonFiniteError(where_what_got("Trainer.step", "a finite loss", f"loss {loss.item()}",
                                                 "check the batch for NaN/inf values or lower the learning rate"),
                                  what="loss", before_updates=self.applied == 0)

@@ -604,3 +604,38 @@ def test_auto_shard_plans_the_least_sharding_that_fits_before_lossy_levers():
     assert max(r["peak_bytes"] for r in p.ranks) <= tight
     with pytest.raises(memfit.BudgetError, match="sharded"):
         memfit.plan(model, shard="auto", budget=peak["params"] // 20, **kw)
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank():
+    """Rank 1's batch holds a NaN: both ranks skip that step (rank 0 told by the vote on the loss, not left
+    waiting in the backward's all-reduces), their weights unchanged; the next step trains on both alike."""
+    code = (
+        "import datetime, warnings, torch, torch.distributed as dist, torch.nn.functional as F, memfit\n"
+        "from memfit.models import build_mlp\n"
+        "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=20))\n"
+        "r = dist.get_rank()\n"
+        "torch.manual_seed(0)\n"
+        "m = build_mlp()\n"
+        "x, y = torch.randn(4, 32, generator=torch.Generator().manual_seed(r)), torch.randint(0, 10, (4,))\n"
+        "t = memfit.optimize(m, example_inputs=(x, y), loss_fn=F.cross_entropy, process_group='world')\n"
+        "before = {k: v.clone() for k, v in m.state_dict().items()}\n"
+        "bad = x.clone()\n"
+        "if r == 1:\n"
+        "    bad[0, 0] = float('nan')\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    first = t.step(bad, y)\n"
+        "same = all(torch.equal(before[k], v) for k, v in m.state_dict().items())\n"
+        "second = float(t.step(x, y))\n"
+        "total = torch.cat([p.detach().flatten() for p in m.parameters()]).sum()\n"
+        "sums = [None, None]\n"
+        "dist.all_gather_object(sums, float(total))\n"
+        "print('RESULT', r, float(first), same, t.skipped_steps, str(w[0].message) if w else '', second, "
+        "sums[0] == sums[1])\n"
+    )
+    logs = _ranks(code)
+    for r, log in enumerate(logs):
+        line = next((x for x in log.splitlines() if x.startswith("RESULT")), log[-3000:])
+        assert line.startswith(f"RESULT {r} nan True 1 "), line
+        assert ("non-finite loss (on another rank)" if r == 0 else "non-finite loss;") in line, line
+        assert line.endswith("True") and "nan True 1" in line and line.split()[-2] != "nan", line
