@@ -391,11 +391,14 @@ class Trainer:
 
         if self._dp_flag is None:
             self._dp_flag = torch.zeros(1, device=self.device)
+        from torch.utils._python_dispatch import _disable_current_modes
+
         flag, pg = self._dp_flag, _resolve_process_group(self._dp_group[0])
-        flag.fill_(1.0 if here else 0.0)
-        _collective("all_reduce (is a loss non-finite?)", "the loss", self._dp_group[0],
-                    lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg))
-        return bool(flag.item() > 0)
+        with _disable_current_modes():  # the flag is the Trainer's, made before the step: not step memory
+            flag.fill_(1.0 if here else 0.0)
+            _collective("all_reduce (is a loss non-finite?)", "the loss", self._dp_group[0],
+                        lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg))
+            return bool(flag.item() > 0)
 
     def accumulate(self, *batch: Any, lr: float | None = None) -> torch.Tensor:
         """Feed one micro-batch of the current optimizer step (loops that hand micro-batches over one at a

@@ -947,14 +947,14 @@ def run_broadcast_(t, src, group, name=""):
 
 # ---- bucketed, overlapped all-reduce (data_parallel bucket_bytes > 0) --------------------------------------
 
-_PENDING: dict[int, tuple] = {}  # a started bucket's data_ptr -> (its async work, its name, the group's name)
+_PENDING: dict[int, tuple] = {}  # a started bucket's data_ptr -> (its async works, its name, the group's name)
 
 
 @torch.library.custom_op(f"{_LIB}::all_reduce_start", mutates_args=())
 def all_reduce_start(grads: list[torch.Tensor], group: str, world: int, name: str = "") -> torch.Tensor:
     """A bucket: ``grads`` (one dtype) copied one after another into a new flat tensor, whose all-reduce (sum)
     over process group ``group`` is started and left running (``async_op``) while the step goes on; the
-    bucket is returned at once and must not be read before ``all_reduce_wait`` on it. Reading each gradient
+    bucket is returned at once and must not be read before ``bucket_wait`` on it. Reading each gradient
     back is a view of the bucket (``reduced = bucket[offset:offset + numel].view(shape)``)."""
     return run_all_reduce_start(grads, group, world, name)
 
@@ -976,32 +976,135 @@ def run_all_reduce_start(grads, group, world, name=""):
     work = _collective("all_reduce_start", name, group,
                        lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=_resolve_process_group(group),
                                                async_op=True))
-    _PENDING[flat.data_ptr()] = (work, name, group)
+    _PENDING[flat.data_ptr()] = ([work], name, group)
     COMMUNICATED["all_reduce_bytes"] += flat.numel() * flat.element_size()
     COMMUNICATED["calls"] += 1
     return flat
 
 
-@torch.library.custom_op(f"{_LIB}::all_reduce_wait", mutates_args=("bucket",))
-def all_reduce_wait(bucket: torch.Tensor, world: int) -> None:
-    """The end of ``all_reduce_start``'s all-reduce of ``bucket``: waits for it, then divides by ``world``
-    in place, so the bucket holds the mean of every rank's gradients."""
-    run_all_reduce_wait(bucket, world)
+@torch.library.custom_op(f"{_LIB}::reduce_start", mutates_args=())
+def reduce_start(grads: list[torch.Tensor], owners: list[int], group: str, world: int, name: str = "") -> torch.Tensor:
+    """A bucket of sharded gradients: ``grads`` (one dtype, ordered so that each owner's are contiguous;
+    ``owners[i]`` is the group rank owning ``grads[i]``) copied into a new flat tensor, and for each owner a
+    ``torch.distributed.reduce`` (sum) of its run onto it started and left running. After ``bucket_wait`` an
+    owner's run holds the group's mean; the rest of the bucket is scratch."""
+    return run_reduce_start(grads, owners, group, world, name)
 
 
-@all_reduce_wait.register_fake
+@reduce_start.register_fake
+def _(grads, owners, group, world, name=""):
+    return grads[0].new_empty((sum(g.numel() for g in grads),))
+
+
+def run_reduce_start(grads, owners, group, world, name=""):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(group)
+    flat = grads[0].new_empty((sum(g.numel() for g in grads),))
+    runs, at = [], 0
+    for g, o in zip(grads, owners, strict=True):
+        flat[at:at + g.numel()].view(g.shape).copy_(g)
+        if runs and runs[-1][0] == o:
+            runs[-1][2] = at + g.numel()
+        else:
+            runs.append([o, at, at + g.numel()])
+        at += g.numel()
+    works = [_collective("reduce_start", name, group,
+                         lambda o=o, a=a, b=b: dist.reduce(flat[a:b], dst=dist.get_global_rank(pg, o),
+                                                           op=dist.ReduceOp.SUM, group=pg, async_op=True))
+             for o, a, b in runs]
+    _PENDING[flat.data_ptr()] = (works, name, group)
+    COMMUNICATED["reduce_bytes"] += flat.numel() * flat.element_size()
+    COMMUNICATED["calls"] += len(runs)
+    return flat
+
+
+@torch.library.custom_op(f"{_LIB}::bucket_wait", mutates_args=("bucket",))
+def bucket_wait(bucket: torch.Tensor, world: int) -> None:
+    """The end of a bucket's collectives (``all_reduce_start``'s all-reduce, ``reduce_start``'s reduces):
+    waits for them, then divides the bucket by ``world`` in place, so it holds the mean of every rank's
+    gradients (a reduced bucket: where this rank owns them)."""
+    run_bucket_wait(bucket, world)
+
+
+@bucket_wait.register_fake
 def _(bucket, world):
     return None
 
 
-def run_all_reduce_wait(bucket, world):
+def run_bucket_wait(bucket, world):
     pending = _PENDING.pop(bucket.data_ptr(), None)
     if pending is None:
-        raise RuntimeError("memfit::all_reduce_wait: no all-reduce was started on this bucket "
-                           "(all_reduce_start must run first, on the same step)")
-    work, name, group = pending
-    _collective("all_reduce_wait", name, group, work.wait)  # the bucket lives on (its views are read): no settle
+        raise RuntimeError("memfit::bucket_wait: no collective was started on this bucket "
+                           "(all_reduce_start or reduce_start must run first, on the same step)")
+    works, name, group = pending
+    for work in works:
+        _collective("bucket_wait", name, group, work.wait)
+    del works, pending
+    _calm(bucket)  # the process group's thread lets go of the bucket: it may die right after this
     bucket.div_(world)
+
+
+def _calm(t: torch.Tensor) -> None:
+    """Wait (at most about 10 ms) until ``t``'s reference count has stopped falling: a finished collective's
+    worker thread drops its references to the buffers a moment after the work completes."""
+    import time
+
+    if not hasattr(t, "_use_count"):
+        return
+    deadline, last, calm = time.perf_counter() + 0.01, t._use_count(), 0
+    while calm < 3 and time.perf_counter() < deadline:
+        time.sleep(0)
+        now = t._use_count()
+        calm, last = (calm + 1, now) if now == last else (0, now)
+
+
+_BROADCASTS: dict[str, list] = {}  # a process group's name -> its broadcasts started and not yet waited for
+
+
+@torch.library.custom_op(f"{_LIB}::broadcast_start_", mutates_args=("t",))
+def broadcast_start_(t: torch.Tensor, src: int, group: str, name: str = "") -> None:
+    """``broadcast_`` left running: ``t`` (a parameter its owner, group rank ``src``, just updated) is sent
+    to, or received by, this rank while the step goes on; ``broadcasts_wait`` at the step's end finishes
+    every one. Nothing reads or writes ``t`` in between (the next reads are the next step's)."""
+    run_broadcast_start_(t, src, group, name)
+
+
+@broadcast_start_.register_fake
+def _(t, src, group, name=""):
+    return None
+
+
+def run_broadcast_start_(t, src, group, name=""):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(group)
+    work = _collective("broadcast_start_", name, group,
+                       lambda: dist.broadcast(t, src=dist.get_global_rank(pg, src), group=pg, async_op=True))
+    _BROADCASTS.setdefault(group, []).append((work, name))
+    if dist.get_rank(pg) == src:
+        COMMUNICATED["broadcast_bytes"] += t.numel() * t.element_size()
+    COMMUNICATED["calls"] += 1
+
+
+@torch.library.custom_op(f"{_LIB}::broadcasts_wait", mutates_args=("ts",))
+def broadcasts_wait(ts: list[torch.Tensor], group: str) -> None:
+    """Every ``broadcast_start_`` of process group ``group`` finished: ``ts`` are the tensors they wrote
+    (named so that the graph orders this after them)."""
+    run_broadcasts_wait(ts, group)
+
+
+@broadcasts_wait.register_fake
+def _(ts, group):
+    return None
+
+
+def run_broadcasts_wait(ts, group):
+    pending = _BROADCASTS.pop(group, [])
+    for work, name in pending:
+        _collective("broadcasts_wait", name, group, work.wait)
 
 
 def communicated_bytes() -> int:
@@ -1043,7 +1146,7 @@ def run_fetch_param(shape, dtype, device, src, group, name=""):
 # Every rank must issue the collectives in the same order: to fx they have side effects, so dead-code
 # elimination keeps them and the schedule (``sink``) never moves them.
 for _op in (all_reduce_mean, all_gather_cat, all_reduce_accumulated, all_reduce_projected, reduce_mean, reduce_send_,
-            broadcast_, fetch_param, all_reduce_start, all_reduce_wait):
+            broadcast_, fetch_param, all_reduce_start, reduce_start, bucket_wait, broadcast_start_, broadcasts_wait):
     torch.fx.node.has_side_effect(_op._opoverload)
 
 

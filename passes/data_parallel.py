@@ -9,7 +9,7 @@ Buckets, overlapped (``bucket_bytes``, by default an eighth of the gradients' by
 gradients are packed in the order the backward completes them into buckets (one dtype each).
 ``memfit::all_reduce_start`` copies a bucket's gradients into one flat tensor, where they die, and starts its
 all-reduce asynchronously; the backward runs on, and only when the next bucket starts does
-``memfit::all_reduce_wait`` finish this one, its updates then running on views of it (the last bucket is
+``memfit::bucket_wait`` finish this one, its updates then running on views of it (the last bucket is
 waited on at once). So communication overlaps the backward as in DDP, at the price the plan counts: a
 bucket lives from its start until its last update, about two buckets more than one gradient at a time.
 ``bucket_bytes=0`` all-reduces each gradient alone and synchronously (``memfit::all_reduce_mean``) where the
@@ -227,20 +227,13 @@ class DataParallel(Pass):
         total = sum(_nbytes(args_of(u).grad) for u in g.updates.values() if args_of(u).grad is not None)
         return min(max(total // 8, 64 << 10), 25 << 20)
 
-    def _bucket(self, g: TrainGraph, plain: list) -> list[list[str]]:
-        """All-reduce the gradients of ``plain`` (fqn, update) in buckets, overlapped with the backward.
-
-        Gradients are taken in the order the backward completes them and packed into buckets of at most
-        ``bucket_cap`` bytes (one dtype each). Each bucket's ``memfit::all_reduce_start`` copies its gradients
-        into one flat tensor (the gradients die there) and starts the all-reduce; the backward runs on until
-        the next bucket starts, and only then does ``memfit::all_reduce_wait`` finish this one and its updates
-        run, each reading its gradient as a view of the bucket. The last bucket is waited on at once. ``plain``
-        holds only updates nothing reads after (``_movable``): they may run later."""
+    def _groups(self, g: TrainGraph, items: list) -> list[list]:
+        """``items`` (fqn, update) in the order the backward completes their gradients, packed into buckets
+        of at most ``bucket_cap`` bytes, one dtype and device each."""
         cap = self.bucket_cap(g)
         order = {n: i for i, n in enumerate(g.graph.nodes)}
-        items = sorted(plain, key=lambda fu: order[args_of(fu[1]).grad])
         groups, cur, size = [], [], 0
-        for f, upd in items:
+        for f, upd in sorted(items, key=lambda fu: order[args_of(fu[1]).grad]):
             grad = args_of(upd).grad
             b, kind = _nbytes(grad), (grad.meta["val"].dtype, grad.meta["val"].device)
             if cur and (size + b > cap or kind != cur[-1][2]):
@@ -249,44 +242,76 @@ class DataParallel(Pass):
             cur.append((f, upd, kind))
             size += b
         groups.append(cur)
+        return [[(f, u) for f, u, _ in grp] for grp in groups]
+
+    def _start_buckets(self, g: TrainGraph, groups: list[list], op, **extra) -> list:
+        """One ``op`` (``all_reduce_start`` or ``reduce_start``) per bucket, right after its last gradient is
+        complete; ``extra(group) -> dict`` adds its arguments. Returns the start nodes."""
+        order = {n: i for i, n in enumerate(g.graph.nodes)}
         starts = []
         for grp in groups:
-            grads = [args_of(u).grad for _, u, _ in grp]
+            grads = [args_of(u).grad for _, u in grp]
             last = max(grads, key=order.__getitem__)
-            names = [f for f, _, _ in grp]
+            names = [f for f, _ in grp]
             label = f"the gradient of {names[0]}" if len(names) == 1 else \
                 f"a bucket of {len(names)} gradients ({names[0]} .. {names[-1]})"
             with g.graph.inserting_after(last):
-                start = op_call(g.graph, torch.ops.memfit.all_reduce_start.default, grads=grads,
-                                group=self.process_group, world=self.world, name=label)
+                start = op_call(g.graph, op, grads=grads, group=self.process_group, world=self.world, name=label,
+                                **{k: fn(grp) for k, fn in extra.items()})
             start.meta["val"] = grads[0].meta["val"].new_empty((sum(x.meta["val"].numel() for x in grads),))
             starts.append(start)
+        return starts
+
+    def _wait_after_next(self, g: TrainGraph, starts: list, k: int):
+        """Bucket ``k``'s ``bucket_wait``, right after the next bucket's start (the last: after its own)."""
+        anchor = starts[k + 1] if k + 1 < len(starts) else starts[k]
+        with g.graph.inserting_after(anchor):
+            wait = op_call(g.graph, torch.ops.memfit.bucket_wait.default, bucket=starts[k], world=self.world)
+        wait.meta["val"] = None
+        return wait
+
+    @staticmethod
+    def _read_from(g: TrainGraph, bucket, at, upd, off: int) -> int:
+        """``upd`` moved to just after ``at``, reading its gradient as the view of ``bucket`` at ``off``;
+        returns the offset after it."""
+        val = args_of(upd).grad.meta["val"]
+        with g.graph.inserting_after(at):
+            piece = g.graph.call_function(torch.ops.aten.slice.Tensor, (bucket, 0, off, off + val.numel()))
+        with g.graph.inserting_after(piece):
+            view = g.graph.call_function(torch.ops.aten.view.default, (piece, list(val.shape)))
+        piece.meta["val"] = bucket.meta["val"][off:off + val.numel()]
+        view.meta["val"] = piece.meta["val"].view(val.shape)
+        upd.args, upd.kwargs = replace_args(upd, grad=view)
+        view.append(upd)
+        return off + val.numel()
+
+    def _bucket(self, g: TrainGraph, plain: list) -> list[list[str]]:
+        """All-reduce the gradients of ``plain`` (fqn, update) in buckets, overlapped with the backward.
+
+        Gradients are taken in the order the backward completes them and packed into buckets of at most
+        ``bucket_cap`` bytes (one dtype each). Each bucket's ``memfit::all_reduce_start`` copies its gradients
+        into one flat tensor (the gradients die there) and starts the all-reduce; the backward runs on until
+        the next bucket starts, and only then does ``memfit::bucket_wait`` finish this one and its updates
+        run, each reading its gradient as a view of the bucket. The last bucket is waited on at once. ``plain``
+        holds only updates nothing reads after (``_movable``): they may run later."""
+        groups = self._groups(g, plain)
+        starts = self._start_buckets(g, groups, torch.ops.memfit.all_reduce_start.default)
         for k, (grp, start) in enumerate(zip(groups, starts, strict=True)):
-            anchor = starts[k + 1] if k + 1 < len(starts) else start  # wait after the next bucket has started
-            with g.graph.inserting_after(anchor):
-                wait = op_call(g.graph, torch.ops.memfit.all_reduce_wait.default, bucket=start, world=self.world)
-            wait.meta["val"] = None
-            at, off = wait, 0
-            for _, upd, _ in grp:
-                grad = args_of(upd).grad
-                val = grad.meta["val"]
-                with g.graph.inserting_after(at):
-                    piece = g.graph.call_function(torch.ops.aten.slice.Tensor, (start, 0, off, off + val.numel()))
-                with g.graph.inserting_after(piece):
-                    view = g.graph.call_function(torch.ops.aten.view.default, (piece, list(val.shape)))
-                piece.meta["val"] = start.meta["val"][off:off + val.numel()]
-                view.meta["val"] = piece.meta["val"].view(val.shape)
-                off += val.numel()
-                upd.args, upd.kwargs = replace_args(upd, grad=view)
-                view.append(upd)
+            at, off = self._wait_after_next(g, starts, k), 0
+            for _, upd in grp:
+                off = self._read_from(g, start, at, upd, off)
                 at = upd
-        return [[f for f, _, _ in grp] for grp in groups]
+        return [[f for f, _ in grp] for grp in groups]
 
     def _shard_state(self, g: TrainGraph, broadcast: bool = True) -> dict:
         """Each update runs on its parameter's owner only; the rest reduce onto it and (``broadcast``) receive
         the result."""
         owners = owner_table(g, self.world)
         kinds = {f: str(upd.target) for f, upd in g.updates.items()}  # every rank's, before its own are dropped
+        items = [(f, upd) for f, upd in g.updates.items() if args_of(upd).grad is not None]
+        order = {n: i for i, n in enumerate(g.graph.nodes)}
+        if self.bucket_bytes != 0 and items and all(_movable(u, order) for _, u in items):
+            return self._shard_buckets(g, items, owners, kinds, broadcast)
         sent = 0
         mine_state, all_state = 0, 0
         for f, upd in list(g.updates.items()):
@@ -329,6 +354,62 @@ class DataParallel(Pass):
                         g.remove_state(s.meta[NAME_KEY])
         return {"owners": owners, "update_ops": kinds, "state_bytes_here": mine_state, "state_bytes_all": all_state,
                 "broadcast_bytes_per_step": sent}
+
+    def _shard_buckets(self, g: TrainGraph, items: list, owners: dict, kinds: dict, broadcast: bool) -> dict:
+        """``_shard_state`` with buckets, overlapped: in backward order, each bucket's gradients (grouped by
+        owner) are reduced onto their owners by ``memfit::reduce_start`` (one async reduce per owner's run),
+        waited for (``memfit::bucket_wait``) once the next bucket has started; the owner's updates then run
+        on views of the bucket, and (``broadcast``) every parameter tensor they wrote is broadcast from its
+        owner with ``memfit::broadcast_start_``, left running until ``memfit::broadcasts_wait`` at the end
+        of the step. Every rank issues the same collectives in the same order (the buckets, then each
+        bucket's broadcasts in its order)."""
+        groups = [sorted(grp, key=lambda fu: owners[fu[0]]) for grp in self._groups(g, items)]
+        starts = self._start_buckets(g, groups, torch.ops.memfit.reduce_start.default,
+                                     owners=lambda grp: [owners[f] for f, _ in grp])
+        sent = mine_state = all_state = 0
+        sent_params: list = []
+        for k, (grp, start) in enumerate(zip(groups, starts, strict=True)):
+            at, off = self._wait_after_next(g, starts, k), 0
+            for f, upd in grp:
+                owner, state = owners[f], _state_of(g, upd)
+                state_bytes = sum(_nbytes(x) for x in state)
+                all_state += state_bytes
+                written = _written_params(g, upd)
+                if not broadcast and written != [g.params.get(f)]:
+                    raise ConfigError(where_what_got(f"{_WHERE}.shard", "updates that write their own parameter "
+                                                     "only for shard='params'", f"the update of {f} writes "
+                                                     f"{[w.meta[NAME_KEY] for w in written]}",
+                                                     "use shard='state' with encoded weights or channel subsets"))
+                written = written if broadcast else []
+                if owner == self.group_rank:
+                    mine_state += state_bytes
+                    off = self._read_from(g, start, at, upd, off)
+                    at = upd
+                    sent += sum(_nbytes(x) for x in written)
+                else:
+                    off += args_of(upd).grad.meta["val"].numel()
+                for x in written:
+                    with g.graph.inserting_after(at):
+                        at = op_call(g.graph, torch.ops.memfit.broadcast_start_.default, t=x, src=owner,
+                                     group=self.process_group, name=f"the parameter {x.meta[NAME_KEY]}")
+                    sent_params.append(x)
+                g.updates[f] = at  # what writes the parameter last here: its broadcast, else the owner's update
+                if owner != self.group_rank:
+                    g.graph.erase_node(upd)
+                    for x in state:
+                        if not x.users:
+                            g.remove_state(x.meta[NAME_KEY])
+        if sent_params:
+            out = next(n for n in reversed(g.graph.nodes) if n.op == "output")
+            with g.graph.inserting_before(out):
+                done = op_call(g.graph, torch.ops.memfit.broadcasts_wait.default, ts=sent_params,
+                               group=self.process_group)
+            done.meta["val"] = None
+            for f, upd in list(g.updates.items()):  # what writes a broadcast parameter last: the final wait
+                if upd.target is torch.ops.memfit.broadcast_start_.default:
+                    g.updates[f] = done
+        return {"owners": owners, "update_ops": kinds, "state_bytes_here": mine_state, "state_bytes_all": all_state,
+                "broadcast_bytes_per_step": sent, "buckets": len(groups), "bucketed": len(items)}
 
 
     def _shard_params(self, g: TrainGraph, owners: dict[str, int]) -> dict:

@@ -49,7 +49,8 @@ def main(out: str, configs: str) -> None:
         dist.all_gather_object(ranks, mem)
         results[name] = {"losses": losses, "bytes_per_step": sent, "bytes_total": total,
                          "declared": t.graph.info["data_parallel"], "peak": t.plan.peak_bytes,
-                         "measured": mem["measured"], "ranks": ranks}
+                         "measured": mem["measured"], "ranks": ranks, "recomputed_flops": int(
+                             t.graph.info.get("pass_stats", {}).get("remat", {}).get("recomputed_flops", 0))}
     if rank == 0:
         with open(f"{out}.json", "w") as fh:
             json.dump(results, fh)

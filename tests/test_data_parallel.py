@@ -38,6 +38,10 @@ SHARDED = {f"{name}/sharded": (*spec, {"shard": "state"}) for name, spec in CONF
 # parameters sharded too (FSDP-style): each fetched from its owner before its first read in the forward and
 # again in the backward (recomputations included)
 SHARDED["adamw/params-sharded"] = (None, STEPS, PER_RANK, {"shard": "params"})
+# with every saved activation recomputed that can be (remat's budget mode, asked to free everything): the
+# backward's recomputations read fetched weights too
+SHARDED["adamw/params-sharded-remat"] = (["fused_cross_entropy", ["remat", {"mode": "budget", "free_bytes": 1 << 40}],
+                                          "fused_update"], 8, PER_RANK, {"shard": "params"})
 # sharded state with weights the update writes as INT8 codes and scales, and with LoRA over an NF4 base
 COMPOSED = {"int8-weights": (["remat", "fused_update", ["quantize_weights", {}]], 5, PER_RANK),
             "qlora": ([["lora", {"base": "nf4", "rank": 4}], "remat", "fused_update"], 5, PER_RANK)}
@@ -182,6 +186,23 @@ def test_sharded_parameters_train_as_replicated_fetched_in_forward_and_backward(
     print(f"params sharded: peak per rank {[r['measured'] for r in got['ranks']]} vs state sharded "
           f"{[r['measured'] for r in state['ranks']]} vs replicated {[r['measured'] for r in plain['ranks']]}; "
           f"{declared['fetches']} fetches on rank 0")
+
+
+def test_sharded_parameters_compose_with_recomputation(launched):
+    """shard="params" under remat's budget mode (everything recomputable recomputed): the recomputed forward
+    ops in the backward read weights fetched there; 8 steps equal the replicated run bit for bit, the plan
+    is exact and below the same sharding with remat's default."""
+    results, _, _ = launched
+    got, plain, default = results["adamw/params-sharded-remat"], results["adamw"], results["adamw/params-sharded"]
+    assert got["losses"] == plain["losses"][:8]
+    assert got["recomputed_flops"] > default["recomputed_flops"]
+    for r, d in zip(got["ranks"], default["ranks"], strict=True):
+        assert r["measured"] == r["peak"] < d["peak"], (r, d)
+    assert got["declared"]["fetches"] >= default["declared"]["fetches"]
+    print(f"params sharded + recompute everything: peak per rank {[r['measured'] for r in got['ranks']]} vs "
+          f"{[r['measured'] for r in default['ranks']]} with remat's default ({got['recomputed_flops']} FLOPs "
+          f"recomputed, was {default['recomputed_flops']}); fetches on rank 0 "
+          f"{got['declared']['fetches']} vs {default['declared']['fetches']}")
 
 
 def test_sharded_state_composes_with_int8_weights_and_qlora(launched):
@@ -334,21 +355,23 @@ def test_batchnorm_buffers_follow_pytorch_ddp():
 @pytest.mark.parametrize("model,first", [
     ("build_llama('tiny-llama', num_hidden_layers=1); x = torch.randint(0, 256, (2, 16)); y = x; lf = lm_loss",
      "broadcast (buffers, before the step) of the buffer "),
-    ("build_mlp(); x = torch.randn(4, 32); y = torch.randint(0, 10, (4,)); lf = F.cross_entropy",
-     ("all_reduce_wait of a bucket of ", "all_reduce_start of a bucket of ")),
+    # nonfinite="ignore": no vote on the loss, so the first collective is a bucket of gradients
+    ("build_mlp(); x = torch.randn(4, 32); y = torch.randint(0, 10, (4,)); lf = F.cross_entropy; "
+     "kw = dict(nonfinite='ignore')",
+     ("bucket_wait of a bucket of ", "all_reduce_start of a bucket of ")),
 ], ids=["buffers-first", "gradients-first"])
 def test_a_rank_that_stops_is_a_collective_error_naming_the_value(model, first):
     """Rank 1 compiles the step and leaves; rank 0's step fails in its first collective (the buffers'
-    broadcast, then the gradients' all-reduces) with an error naming the op and the value it waited on, and
-    changes nothing."""
+    broadcast; without buffers or the vote on the loss, a bucket of gradients) with an error naming the op
+    and the value it waited on, and changes nothing."""
     code = (
         "import datetime, torch, torch.distributed as dist, torch.nn.functional as F, memfit\n"
         "from memfit.models import build_llama, build_mlp, lm_loss\n"
         "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=20))\n"
         "r = dist.get_rank()\n"
         "torch.manual_seed(0)\n"
-        f"m = {model}\n"
-        "t = memfit.optimize(m, example_inputs=(x, y), loss_fn=lf, process_group='world')\n"
+        f"kw = {{}}; m = {model}\n"
+        "t = memfit.optimize(m, example_inputs=(x, y), loss_fn=lf, process_group='world', **kw)\n"
         "if r == 1:\n"
         "    dist.destroy_process_group()\n"
         "    raise SystemExit(0)\n"
@@ -553,7 +576,7 @@ def test_bucketed_all_reduces_overlap_the_backward_and_are_planned():
     nodes = list(g.graph.nodes)
     at = {n: i for i, n in enumerate(nodes)}
     starts = [n for n in nodes if n.target is ops.all_reduce_start.default]
-    waits = {n.args[0]: n for n in nodes if n.target is ops.all_reduce_wait.default}
+    waits = {n.args[0]: n for n in nodes if n.target is ops.bucket_wait.default}
     info = g.info["data_parallel"]
     assert len(starts) == info["buckets"] > 2 and info["bucketed"] == len(g.updates) == sum(len(s.args[0])
                                                                                            for s in starts)
@@ -561,7 +584,7 @@ def test_bucketed_all_reduces_overlap_the_backward_and_are_planned():
         wait = waits[start]
         assert at[max(start.args[0], key=at.__getitem__)] < at[start] < at[wait]
         between = [n for n in nodes[at[start] + 1:at[wait]] if n.op == "call_function"
-                   and n.target not in (ops.all_reduce_start.default, ops.all_reduce_wait.default)]
+                   and n.target not in (ops.all_reduce_start.default, ops.bucket_wait.default)]
         if k + 1 < len(starts):  # the backward goes on while the bucket is on the wire
             assert at[starts[k + 1]] < at[wait] and any(n in g.backward_nodes() for n in between)
         readers = [u for v in start.users if v is not wait for w in v.users for u in w.users]
@@ -639,3 +662,39 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank():
         assert line.startswith(f"RESULT {r} nan True 1 "), line
         assert ("non-finite loss (on another rank)" if r == 0 else "non-finite loss;") in line, line
         assert line.endswith("True") and "nan True 1" in line and line.split()[-2] != "nan", line
+
+
+@pytest.mark.parametrize("shard", ["state", "params"])
+def test_sharded_buckets_issue_the_same_collectives_in_the_same_order_on_every_rank(shard):
+    """Sharded, the gradients go out in buckets too (one async reduce per owner's run, waited for after the
+    next bucket started; with shard="state" each owner's broadcasts left running until the step's end): each
+    rank's step differs (its own updates and state only) but issues the same collectives in the same order,
+    which is what keeps gloo and NCCL from waiting forever; the owner's updates read views of the bucket."""
+    from memfit.api import build_graph
+
+    model = build_llama("tiny-llama", num_hidden_layers=2)
+    x = torch.randint(0, 256, (2, 32))
+    ops = torch.ops.memfit
+    kinds = (ops.reduce_start.default, ops.bucket_wait.default, ops.broadcast_start_.default,
+             ops.broadcasts_wait.default, ops.fetch_param.default, ops.broadcast_.default)
+    seqs, owned = [], []
+    for rank in range(2):
+        g, _ = build_graph(model, (x, x), loss_fn=lm_loss, group=("plan", 2), group_rank=rank, shard=shard)
+        info = g.info["data_parallel"]
+        nodes = list(g.graph.nodes)
+        starts = [n for n in nodes if n.target is ops.reduce_start.default]
+        assert len(starts) == info["buckets"] > 2 and info["bucketed"] == len(info["owners"])
+        assert not any(n.target in (ops.reduce_mean.default, ops.reduce_send_.default) for n in nodes)
+        if shard == "state":
+            assert nodes[-2].target is ops.broadcasts_wait.default  # the broadcasts end with the step
+        mine = [f for f, o in info["owners"].items() if o == rank]
+        updates = [n for n in nodes if n.target is ops.adamw_update.default]
+        assert len(updates) == len(mine)
+        assert all(args_of(u).grad.args[0].args[0] in starts for u in updates)  # views of a bucket
+        pair = {ops.fetch_param.default: "broadcast", ops.broadcast_.default: "broadcast"}  # the two ends of one
+        seqs.append([(pair.get(n.target, str(n.target)), n.kwargs.get("name", ""),
+                      n.args[1:] if n.target is ops.reduce_start.default else ())
+                     for n in nodes if n.target in kinds and n.target is not ops.bucket_wait.default])
+        owned.append(mine)
+    assert seqs[0] == seqs[1] and len(seqs[0]) > 2 * len(starts)
+    assert owned[0] and owned[1] and not set(owned[0]) & set(owned[1])
