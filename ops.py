@@ -935,14 +935,23 @@ def _(t, src, group, name=""):
 
 
 def run_broadcast_(t, src, group, name=""):
+
+    _broadcast(t, src, group, name, "broadcast_", wait=True)
+
+
+def _broadcast(t, src, group, name, op, wait):
+    """``t`` broadcast from group rank ``src`` of ``group``: finished (``wait``) or left running (its work
+    returned); the bytes counted on the sender."""
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     pg = _resolve_process_group(group)
-    _collective("broadcast_", name, group, lambda: dist.broadcast(t, src=dist.get_global_rank(pg, src), group=pg))
+    work = _collective(op, name, group, lambda: dist.broadcast(t, src=dist.get_global_rank(pg, src), group=pg,
+                                                               async_op=not wait))
     if dist.get_rank(pg) == src:
         COMMUNICATED["broadcast_bytes"] += t.numel() * t.element_size()
     COMMUNICATED["calls"] += 1
+    return work
 
 
 # ---- bucketed, overlapped all-reduce (data_parallel bucket_bytes > 0) --------------------------------------
@@ -1077,16 +1086,7 @@ def _(t, src, group, name=""):
 
 
 def run_broadcast_start_(t, src, group, name=""):
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    pg = _resolve_process_group(group)
-    work = _collective("broadcast_start_", name, group,
-                       lambda: dist.broadcast(t, src=dist.get_global_rank(pg, src), group=pg, async_op=True))
-    _BROADCASTS.setdefault(group, []).append((work, name))
-    if dist.get_rank(pg) == src:
-        COMMUNICATED["broadcast_bytes"] += t.numel() * t.element_size()
-    COMMUNICATED["calls"] += 1
+    _BROADCASTS.setdefault(group, []).append((_broadcast(t, src, group, name, "broadcast_start_", wait=False), name))
 
 
 @torch.library.custom_op(f"{_LIB}::broadcasts_wait", mutates_args=("ts",))

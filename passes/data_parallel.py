@@ -318,16 +318,8 @@ class DataParallel(Pass):
             a = args_of(upd)
             if a.grad is None:
                 continue
-            owner, state = owners[f], _state_of(g, upd)
-            state_bytes = sum(_nbytes(s) for s in state)
+            owner, (state, state_bytes, written) = owners[f], _sharded_update(g, f, upd, broadcast)
             all_state += state_bytes
-            written = _written_params(g, upd)
-            if not broadcast and written != [g.params.get(f)]:
-                raise ConfigError(where_what_got(f"{_WHERE}.shard", "updates that write their own parameter only "
-                                                 "for shard='params'", f"the update of {f} writes "
-                                                 f"{[w.meta[NAME_KEY] for w in written]}",
-                                                 "use shard='state' with encoded weights or channel subsets"))
-            written = written if broadcast else []
             if owner == self.group_rank:
                 mine_state += state_bytes
                 with g.graph.inserting_before(upd):
@@ -371,16 +363,8 @@ class DataParallel(Pass):
         for k, (grp, start) in enumerate(zip(groups, starts, strict=True)):
             at, off = self._wait_after_next(g, starts, k), 0
             for f, upd in grp:
-                owner, state = owners[f], _state_of(g, upd)
-                state_bytes = sum(_nbytes(x) for x in state)
+                owner, (state, state_bytes, written) = owners[f], _sharded_update(g, f, upd, broadcast)
                 all_state += state_bytes
-                written = _written_params(g, upd)
-                if not broadcast and written != [g.params.get(f)]:
-                    raise ConfigError(where_what_got(f"{_WHERE}.shard", "updates that write their own parameter "
-                                                     "only for shard='params'", f"the update of {f} writes "
-                                                     f"{[w.meta[NAME_KEY] for w in written]}",
-                                                     "use shard='state' with encoded weights or channel subsets"))
-                written = written if broadcast else []
                 if owner == self.group_rank:
                     mine_state += state_bytes
                     off = self._read_from(g, start, at, upd, off)
@@ -495,6 +479,19 @@ def _rebuild_views(g: TrainGraph, src, views: list, order: dict, at_loss: int) -
         c = copy_of(v)
         for w in late:
             w.replace_input_with(v, c)
+
+
+def _sharded_update(g: TrainGraph, f: str, upd, broadcast: bool) -> tuple[list, int, list]:
+    """An update in a sharded step: its optimizer state, that state's bytes, and the weights its owner
+    broadcasts after it (none without ``broadcast``, where it must write its own parameter only)."""
+    state = _state_of(g, upd)
+    written = _written_params(g, upd)
+    if not broadcast and written != [g.params.get(f)]:
+        raise ConfigError(where_what_got(f"{_WHERE}.shard", "updates that write their own parameter only for "
+                                         "shard='params'", f"the update of {f} writes "
+                                         f"{[w.meta[NAME_KEY] for w in written]}",
+                                         "use shard='state' with encoded weights or channel subsets"))
+    return state, sum(_nbytes(x) for x in state), written if broadcast else []
 
 
 def _movable(upd, order: dict) -> bool:
