@@ -42,17 +42,23 @@ default.
 
 Sharded optimizer state (``shard="state"``, ZeRO stages 1 and 2): every parameter is owned by one rank
 (greedy by optimizer-state bytes, largest first, to the least-loaded rank; every rank computes the same
-table from the same step). A gradient is reduced onto its owner only (``memfit::reduce_mean`` there,
-``memfit::reduce_send_`` elsewhere: in place on the gradient, its last use); the owner runs the update op,
-with its state, unchanged; then every parameter tensor the update wrote is broadcast from the owner
-(``memfit::broadcast_``, in place). The other ranks hold neither the state nor the update: their state
-placeholders are gone from their step, so each rank's plan counts only its own shard. With the fused update
-a gradient already dies at its update, so sharding gradients (ZeRO-2) costs nothing more than sharding the
-state (ZeRO-1): the reduced gradient exists on the owner alone. Whole parameters are the unit, so the update
-(8-bit blocks, GaLore's SVD, APOLLO's projection, INT8 weights) is the one-process update bit for bit; the
-price is balance, bounded below by the largest parameter's state. Micro-steps and clipping are refused
-with it (every rank would need every gradient). ``group_rank`` is this rank's place in the group
-(``memfit plan --world-size`` plans any rank without a group).
+table from the same step). Gradients are reduced onto their owners in the same buckets, overlapped the same
+way: ``memfit::reduce_start`` copies a bucket's gradients (grouped by owner) into a flat tensor and starts
+one asynchronous ``reduce`` per owner's run, ``memfit::bucket_wait`` finishes them once the next bucket has
+started; the owner runs each update op, with its state, unchanged, on its view of the bucket; then every
+parameter tensor the update wrote is broadcast from the owner with ``memfit::broadcast_start_`` (in place,
+left running), all of them finished by one ``memfit::broadcasts_wait`` at the end of the step. Every rank
+issues the same collectives in the same order: the buckets in backward order, each bucket's broadcasts in
+its order. (``bucket_bytes=0``: ``memfit::reduce_mean`` on the owner, ``memfit::reduce_send_`` elsewhere,
+``memfit::broadcast_`` after the update, one parameter at a time, synchronously.) The other ranks hold
+neither the state nor the update: their state placeholders are gone from their step, so each rank's plan
+counts only its own shard. With the fused update a gradient already dies at its update, so sharding
+gradients (ZeRO-2) costs nothing more than sharding the state (ZeRO-1) beyond the buckets in flight.
+Whole parameters are the unit, so the update (8-bit blocks, GaLore's SVD, APOLLO's projection, INT8
+weights) is the one-process update bit for bit; the price is balance, bounded below by the largest
+parameter's state. Micro-steps and clipping are refused with it (every rank would need every gradient).
+``group_rank`` is this rank's place in the group (``memfit plan --world-size`` plans any rank without a
+group).
 
 Needs ``fused_update``; runs after every lever (``last``), on the updates they chose. ``process_group`` is the
 process group's name, ``world`` its size.
