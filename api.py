@@ -793,14 +793,20 @@ def _auto_shard(base: TrainGraph, budget_bytes: int | None, device, world: int, 
             return choice.graph, choice.plan, choice
         raise _budget_error(best[0], budget_bytes, f"with the passes given, sharded ({best[2]!r})")
     shard, saved = best[2], free.plan.peak_bytes - _top(best[0])
-    last = best[0]
+    most, last = saved, best[0]
     for attempt in range(4):  # the saving lowered by twice each miss; the last try counts none (as replicated)
         saved = saved if attempt < 3 else 0
         try:
             choice = choose(base, budget_bytes + saved, levers=levers, **common)
-        except BudgetError:
-            if saved == 0:
-                break
+        except BudgetError as e:
+            floor = e.smallest_peak_bytes
+            if saved == 0 or (floor is not None and floor - most > budget_bytes):  # no sharding saves that much
+                raise BudgetError(where_what_got(
+                    f"memfit planner (shard='auto', {world} ranks)", f"a step that fits the budget "
+                    f"{fmt_bytes(budget_bytes)} on every rank", f"a smallest replicated peak of "
+                    f"{fmt_bytes(floor or 0)} with levers up to {levers!r}, and sharding ({shard!r}) saving "
+                    f"{fmt_bytes(most)} per rank on the lossless step", "raise the budget, shrink the batch, add "
+                    "ranks, or freeze parameters (frozen=...)"), plan=last, budget_bytes=budget_bytes) from e
             saved = saved // 2
             continue
         got = None
