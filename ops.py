@@ -1107,6 +1107,62 @@ def run_broadcasts_wait(ts, group):
         _collective("broadcasts_wait", name, group, work.wait)
 
 
+_LENT: dict[int, list] = {}  # a fetched or lent parameter's data_ptr -> its broadcasts in flight, oldest first
+
+
+@torch.library.custom_op(f"{_LIB}::fetch_start", mutates_args=())
+def fetch_start(shape: list[int], dtype: torch.dtype, device: torch.device, src: int, group: str,
+                name: str = "") -> torch.Tensor:
+    """``fetch_param`` left running: a new tensor the owner (group rank ``src``, calling ``lend_start_`` in
+    the same place) broadcasts into while the step goes on; ``fetch_wait_`` on it before it is read."""
+    return run_fetch_start(shape, dtype, device, src, group, name)
+
+
+@fetch_start.register_fake
+def _(shape, dtype, device, src, group, name=""):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def run_fetch_start(shape, dtype, device, src, group, name=""):
+    out = torch.empty(shape, dtype=dtype, device=device)
+    _LENT.setdefault(out.data_ptr(), []).append((_broadcast(out, src, group, name, "fetch_start", wait=False),
+                                                 name, group))
+    return out
+
+
+@torch.library.custom_op(f"{_LIB}::lend_start_", mutates_args=("t",))
+def lend_start_(t: torch.Tensor, src: int, group: str, name: str = "") -> None:
+    """The owner's end of ``fetch_start``: its parameter ``t`` broadcast from this rank (group rank ``src``),
+    left running; ``fetch_wait_`` on it finishes it (before anything writes it)."""
+    _LENT.setdefault(t.data_ptr(), []).append((_broadcast(t, src, group, name, "lend_start_", wait=False), name,
+                                               group))
+
+
+@lend_start_.register_fake
+def _(t, src, group, name=""):
+    return None
+
+
+@torch.library.custom_op(f"{_LIB}::fetch_wait_", mutates_args=("t",))
+def fetch_wait_(t: torch.Tensor) -> None:
+    """The oldest broadcast in flight on ``t`` (``fetch_start``'s result, or a parameter ``lend_start_`` sent)
+    finished: ``t`` may be read."""
+    pending = _LENT.get(t.data_ptr())
+    if not pending:
+        raise RuntimeError("memfit::fetch_wait_: no fetch_start or lend_start_ is in flight on this tensor")
+    work, name, group = pending.pop(0)
+    if not pending:
+        del _LENT[t.data_ptr()]
+    _collective("fetch_wait_", name, group, work.wait)
+    del work
+    _calm(t)  # a fetched copy may die right after its reader: the process group's thread lets go of it first
+
+
+@fetch_wait_.register_fake
+def _(t):
+    return None
+
+
 def communicated_bytes() -> int:
     """Bytes this rank has put into memfit's collectives since ``COMMUNICATED`` was last reset: all-reduced and
     reduced gradients, gathered factors, and the parameters it broadcast as their owner."""
@@ -1146,7 +1202,8 @@ def run_fetch_param(shape, dtype, device, src, group, name=""):
 # Every rank must issue the collectives in the same order: to fx they have side effects, so dead-code
 # elimination keeps them and the schedule (``sink``) never moves them.
 for _op in (all_reduce_mean, all_gather_cat, all_reduce_accumulated, all_reduce_projected, reduce_mean, reduce_send_,
-            broadcast_, fetch_param, all_reduce_start, reduce_start, bucket_wait, broadcast_start_, broadcasts_wait):
+            broadcast_, fetch_param, all_reduce_start, reduce_start, bucket_wait, broadcast_start_, broadcasts_wait,
+            fetch_start, lend_start_, fetch_wait_):
     torch.fx.node.has_side_effect(_op._opoverload)
 
 

@@ -90,6 +90,7 @@ class DataParallel(Pass):
     shard: str = "none"  # "none": every rank updates every parameter; "state": one owner per parameter
     projected: bool = True  # GaLore's gradients all-reduced in their subspace between refreshes
     bucket_bytes: int = -1  # gradients per all-reduce bucket: -1 the rule (bucket_cap), 0 one synchronous each
+    prefetch: bool = True  # shard="params": each weight's fetch started one fetch ahead of its first reader
 
     requires = ("fused_update",)
     keeps_meta = True
@@ -107,6 +108,9 @@ class DataParallel(Pass):
             raise ConfigError(where_what_got(f"{_WHERE}.bucket_bytes", "an int: bytes per bucket, 0 for none, "
                                              "-1 for the default rule", repr(self.bucket_bytes),
                                              "e.g. bucket_bytes=25 * 2**20 (DDP's bucket_cap_mb=25)"))
+        if not isinstance(self.prefetch, bool):
+            raise ConfigError(where_what_got(f"{_WHERE}.prefetch", "True or False", repr(self.prefetch),
+                                             "False fetches each sharded weight where it is read"))
         if isinstance(self.group_rank, bool) or not isinstance(self.group_rank, int) or \
                 not 0 <= self.group_rank < self.world:
             raise ConfigError(where_what_got(f"{_WHERE}.group_rank", f"an int in [0, {self.world})",
@@ -403,20 +407,24 @@ class DataParallel(Pass):
 
 
     def _shard_params(self, g: TrainGraph, owners: dict[str, int]) -> dict:
-        """FSDP-style: a parameter lives on its owner only. Every other rank receives it just before its first
-        read in the forward (``memfit::fetch_param``; the owner ``memfit::broadcast_``s it in the same place)
-        and again before its first read after the loss (the backward, recomputations included); each fetched
-        copy dies after its last reader. No broadcast follows the owner's update: the next step fetches."""
+        """FSDP-style: a parameter lives on its owner only. Every other rank receives it before its first read
+        in the forward and again before its first read after the loss (the backward, recomputations included);
+        each fetched copy dies after its last reader. The fetches, in the order of their first readers, are
+        prefetched one ahead: ``memfit::fetch_start`` (the owner: ``memfit::lend_start_``, in the same place)
+        starts the broadcast before the previous fetch's wait, ``memfit::fetch_wait_`` finishes it just before
+        the first reader, so one fetch is on the wire while the step computes with the one before (the plan
+        counts the copy from its start; ``prefetch=False`` starts each where it is waited for). No broadcast
+        follows the owner's update: the next step fetches."""
         if g.tied:
             raise ConfigError(where_what_got(f"{_WHERE}.shard", "a model without tied weights for shard='params'",
                                              f"tied {sorted(g.tied)}", "use shard='state'"))
         order = {n: i for i, n in enumerate(g.graph.nodes)}
         at_loss = order[g.loss]
         fetches, fetched = 0, 0
-        for f, owner in owners.items():
-            p, mine = g.params[f], owner == self.group_rank
+        points = []  # (first reader, fqn, readers, late views to rebuild): one fetch each, in the step's order
+        for f in owners:
+            p = g.params[f]
             readers = sorted((u for u in p.users if u is not g.updates.get(f)), key=order.__getitem__)
-            val = p.meta["val"]
             early = [u for u in readers if order[u] < at_loss]
             # views made in the forward and read after the loss (t(W) for the input's gradient): the backward
             # reads a copy of the view made on the backward's fetch, so the forward's copy dies in the forward
@@ -424,29 +432,39 @@ class DataParallel(Pass):
                           if any(order[w] > at_loss for w in v.users)]
             late = sorted({*(u for u in readers if order[u] > at_loss),
                            *(w for v in late_views for w in v.users if order[w] > at_loss)}, key=order.__getitem__)
-            for half in (early, late):
-                if not half:
-                    continue
-                with g.graph.inserting_before(half[0]):
-                    if mine:
-                        op_call(g.graph, torch.ops.memfit.broadcast_.default, t=p, src=owner, group=self.process_group,
-                                name=f"the parameter {f}")
-                        continue
-                    new = op_call(g.graph, torch.ops.memfit.fetch_param.default, shape=list(val.shape),
+            points += [(half[0], f, half, views) for half, views in ((early, []), (late, late_views)) if half]
+        points.sort(key=lambda pt: order[pt[0]])  # stable: owners' order among fetches before one reader
+        waits = []
+        for first, f, half, views in points:
+            owner = owners[f]
+            p, mine, val = g.params[f], owner == self.group_rank, g.params[f].meta["val"]
+            # started one fetch ahead: before the previous fetch's wait (the first, before its own reader)
+            with g.graph.inserting_before(waits[-1] if waits and self.prefetch else first):
+                if mine:
+                    op_call(g.graph, torch.ops.memfit.lend_start_.default, t=p, src=owner, group=self.process_group,
+                            name=f"the parameter {f}")
+                    got = p
+                else:
+                    got = op_call(g.graph, torch.ops.memfit.fetch_start.default, shape=list(val.shape),
                                   dtype=val.dtype, device=val.device, src=owner, group=self.process_group,
                                   name=f"the parameter {f}")
-                new.meta["val"] = val
-                if half is late and late_views:
-                    _rebuild_views(g, new, late_views, order, at_loss)
-                for u in half:
-                    u.replace_input_with(p, new)
-                fetches += 1
-                fetched += _nbytes(p)
-            if not mine:  # neither the parameter nor its update is this rank's
+                    got.meta["val"] = val
+            with g.graph.inserting_before(first):
+                waits.append(op_call(g.graph, torch.ops.memfit.fetch_wait_.default, t=got))
+            waits[-1].meta["val"] = None
+            if mine:
+                continue
+            if views:
+                _rebuild_views(g, got, views, order, at_loss)
+            for u in half:
+                u.replace_input_with(p, got)
+            fetches += 1
+            fetched += _nbytes(p)
+        for f, owner in owners.items():
+            if owner != self.group_rank:  # neither the parameter nor its update is this rank's
                 g.updates.pop(f, None)
                 g.trainable = tuple(x for x in g.trainable if x != f)
-                del g.params[f]
-                g.graph.erase_node(p)
+                g.graph.erase_node(g.params.pop(f))
         return {"fetches": fetches, "fetched_bytes_per_step": fetched,
                 "param_bytes_here": sum(_nbytes(g.params[f]) for f, o in owners.items() if o == self.group_rank)}
 

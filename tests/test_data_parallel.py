@@ -17,6 +17,7 @@ import torch
 import memfit
 from memfit.models import build_llama, lm_loss
 from memfit.ops import args_of
+from memfit.passes.base import make_pass
 
 WORKER = Path(__file__).with_name("_dp_worker.py")
 STEPS, PER_RANK = 20, 4
@@ -601,8 +602,6 @@ def test_bucketed_all_reduces_overlap_the_backward_and_are_planned():
 
 
 def test_bucket_bytes_must_be_a_size():
-    from memfit.passes.base import make_pass
-
     with pytest.raises(memfit.ConfigError, match=r"bucket_bytes: expected an int: bytes per bucket.*got 'big'"):
         make_pass(("data_parallel", {"bucket_bytes": "big"}), process_group="0", world=2)
 
@@ -668,7 +667,8 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank():
 @pytest.mark.parametrize("shard", ["state", "params"])
 def test_sharded_buckets_issue_the_same_collectives_in_the_same_order_on_every_rank(shard):
     """Sharded, the gradients go out in buckets too (one async reduce per owner's run, waited for after the
-    next bucket started; with shard="state" each owner's broadcasts left running until the step's end): each
+    next bucket started; with shard="state" each owner's broadcasts left running until the step's end; with
+    "params" each weight's fetch started before the previous fetch is waited for): each
     rank's step differs (its own updates and state only) but issues the same collectives in the same order,
     which is what keeps gloo and NCCL from waiting forever; the owner's updates read views of the bucket."""
     from memfit.api import build_graph
@@ -677,7 +677,7 @@ def test_sharded_buckets_issue_the_same_collectives_in_the_same_order_on_every_r
     x = torch.randint(0, 256, (2, 32))
     ops = torch.ops.memfit
     kinds = (ops.reduce_start.default, ops.bucket_wait.default, ops.broadcast_start_.default,
-             ops.broadcasts_wait.default, ops.fetch_param.default, ops.broadcast_.default)
+             ops.broadcasts_wait.default, ops.fetch_start.default, ops.lend_start_.default)
     seqs, owned = [], []
     for rank in range(2):
         g, _ = build_graph(model, (x, x), loss_fn=lm_loss, group=("plan", 2), group_rank=rank, shard=shard)
@@ -692,10 +692,39 @@ def test_sharded_buckets_issue_the_same_collectives_in_the_same_order_on_every_r
         updates = [n for n in nodes if n.target is ops.adamw_update.default]
         assert len(updates) == len(mine)
         assert all(args_of(u).grad.args[0].args[0] in starts for u in updates)  # views of a bucket
-        pair = {ops.fetch_param.default: "broadcast", ops.broadcast_.default: "broadcast"}  # the two ends of one
+        pair = {ops.fetch_start.default: "broadcast", ops.lend_start_.default: "broadcast"}  # the two ends of one
+        if shard == "params":  # each weight's fetch starts one fetch ahead: S0 S1 W0 S2 W1 ... W(n-1)
+            events = "".join("S" if n.target in kinds[4:] else "W" for n in nodes
+                             if n.target in (*kinds[4:], ops.fetch_wait_.default))
+            k = events.count("S")
+            assert k > 2 and events == "S" + "SW" * (k - 1) + "W", events
         seqs.append([(pair.get(n.target, str(n.target)), n.kwargs.get("name", ""),
                       n.args[1:] if n.target is ops.reduce_start.default else ())
                      for n in nodes if n.target in kinds and n.target is not ops.bucket_wait.default])
         owned.append(mine)
     assert seqs[0] == seqs[1] and len(seqs[0]) > 2 * len(starts)
     assert owned[0] and owned[1] and not set(owned[0]) & set(owned[1])
+
+
+def test_sharded_weights_without_prefetch_fetch_where_they_are_read():
+    """prefetch=False: each fetch starts right where it is waited for, so no fetched copy lives ahead of its
+    reader: the plan's peak is no higher than with prefetching (which holds one copy more in flight)."""
+    from memfit.api import build_graph
+
+    model = build_llama("tiny-llama", num_hidden_layers=2)
+    x = torch.randint(0, 256, (2, 32))
+    ops = torch.ops.memfit
+    peaks = {}
+    for prefetch in (True, False):
+        passes = ["fused_cross_entropy", "remat", "fused_update", ("data_parallel", {"prefetch": prefetch})]
+        g, plan = build_graph(model, (x, x), loss_fn=lm_loss, group=("plan", 2), shard="params", passes=passes)
+        nodes = list(g.graph.nodes)
+        events = "".join("S" if n.target in (ops.fetch_start.default, ops.lend_start_.default) else "W"
+                         for n in nodes if n.target in (ops.fetch_start.default, ops.lend_start_.default,
+                                                        ops.fetch_wait_.default))
+        k = events.count("S")
+        assert events == ("S" + "SW" * (k - 1) + "W" if prefetch else "SW" * k), events
+        peaks[prefetch] = plan.peak_bytes
+    assert peaks[False] <= peaks[True]
+    with pytest.raises(memfit.ConfigError, match=r"prefetch: expected True or False, got 1"):
+        make_pass(("data_parallel", {"prefetch": 1}), process_group="0", world=2)
