@@ -1174,35 +1174,10 @@ def reset_communicated() -> None:
         COMMUNICATED[k] = 0
 
 
-@torch.library.custom_op(f"{_LIB}::fetch_param", mutates_args=())
-def fetch_param(shape: list[int], dtype: torch.dtype, device: torch.device, src: int, group: str,
-                name: str = "") -> torch.Tensor:
-    """A parameter this rank does not keep (``shard="params"``), received from its owner, group rank ``src``
-    (which calls ``broadcast_`` on it in the same place): a new tensor of ``shape``, ``dtype``, ``device``."""
-    return run_fetch_param(shape, dtype, device, src, group, name)
-
-
-@fetch_param.register_fake
-def _(shape, dtype, device, src, group, name=""):
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def run_fetch_param(shape, dtype, device, src, group, name=""):
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    out = torch.empty(shape, dtype=dtype, device=device)
-    pg = _resolve_process_group(group)
-    _collective("fetch_param", name, group, lambda: dist.broadcast(out, src=dist.get_global_rank(pg, src), group=pg),
-                out)
-    COMMUNICATED["calls"] += 1
-    return out
-
-
 # Every rank must issue the collectives in the same order: to fx they have side effects, so dead-code
 # elimination keeps them and the schedule (``sink``) never moves them.
 for _op in (all_reduce_mean, all_gather_cat, all_reduce_accumulated, all_reduce_projected, reduce_mean, reduce_send_,
-            broadcast_, fetch_param, all_reduce_start, reduce_start, bucket_wait, broadcast_start_, broadcasts_wait,
+            broadcast_, all_reduce_start, reduce_start, bucket_wait, broadcast_start_, broadcasts_wait,
             fetch_start, lend_start_, fetch_wait_):
     torch.fx.node.has_side_effect(_op._opoverload)
 
