@@ -620,7 +620,7 @@ def test_auto_shard_plans_the_least_sharding_that_fits_before_lossy_levers():
         p = memfit.plan(model, shard="auto", budget=budget, **kw)
         assert p.shard == want and p.peak_bytes <= budget, (want, p.shard, p.peak_bytes, budget)
         assert not {"quantize_state", "lowrank", "quantize_weights"} & set(p.passes), p.passes
-    tight = peak["params"] * 9 // 10
+    tight = peak["params"] * 7 // 10  # below what recomputation reaches on the weights-sharded step
     p = memfit.plan(model, shard="auto", budget=tight, **kw)
     assert p.shard in ("state", "params") and {"quantize_state", "lowrank", "quantize_weights"} & set(p.passes)
     assert max(r["peak_bytes"] for r in p.ranks) <= tight
