@@ -426,7 +426,8 @@ class Trainer:
             resets = isinstance(self.optimizer, AdamW) and self.optimizer.resets_before(step)
             guard = StepGuard(self.executor, nonfinite=self.nonfinite, transactional=self.transactional,
                               reset_moments=resets, buffers=self._all_mutated_buffers,
-                              agree=self._any_rank_nonfinite if self._dp_group is not None else None)
+                              agree=self._any_rank_nonfinite if self._dp_group is not None else None,
+                              owned_only=self.graph.info.get("data_parallel", {}).get("shard", "none") != "none")
             self._window = (guard, [], self._lr_at(step) if lr is None else float(lr))
         guard, losses, step_lr = self._window
         step = self.step_count + 1
@@ -436,6 +437,10 @@ class Trainer:
             out = self.executor.run(compiled, mb, {"lr": step_lr, "step": step, "micro_step": m}, guard)
         except BaseException as e:
             self._window = None
+            if self._dp_group is not None:  # collectives the step left running finish before anything is undone
+                from .ops import drain_collectives
+
+                drain_collectives()
             exact = guard.rollback()
             if not exact:
                 raise StepError(where_what_got(

@@ -1047,7 +1047,7 @@ def run_bucket_wait(bucket, world):
     if pending is None:
         raise RuntimeError("memfit::bucket_wait: no collective was started on this bucket "
                            "(all_reduce_start or reduce_start must run first, on the same step)")
-    works, name, group = pending
+    works, name, group = pending[:3]
     for work in works:
         _collective("bucket_wait", name, group, work.wait)
     del works, pending
@@ -1163,6 +1163,95 @@ def _(t):
     return None
 
 
+@torch.library.custom_op(f"{_LIB}::projected_start", mutates_args=())
+def projected_start(grad: torch.Tensor, grad_right: torch.Tensor | None, proj: torch.Tensor, sched: torch.Tensor,
+                    step: int, side: str, group: str, world: int, name: str = "") -> torch.Tensor:
+    """``all_reduce_projected`` left running: returns the (m, n) fp32 tensor the update will read. On a
+    refresh step it holds the whole gradient, all-reduced in place; otherwise its first elements hold the
+    projection ``P^T G`` (rank x n, or m x rank), all-reduced there. ``projected_wait`` finishes it (and
+    projects the mean back into the whole tensor)."""
+    return run_projected_start(grad, grad_right, proj, sched, step, side, group, world, name)
+
+
+@projected_start.register_fake
+def _(grad, grad_right, proj, sched, step, side, group, world, name=""):
+    n = grad_right.shape[1] if grad_right is not None else grad.shape[1]
+    return grad.new_empty((grad.shape[0], n), dtype=torch.float32)
+
+
+def run_projected_start(grad, grad_right, proj, sched, step, side, group, world, name=""):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(group)
+    n = grad_right.shape[1] if grad_right is not None else grad.shape[1]
+    out = grad.new_empty((grad.shape[0], n), dtype=torch.float32)
+    if projected_refresh(sched, step):
+        if grad_right is not None:
+            torch.mm(grad, grad_right, out=out)
+        else:
+            out.copy_(grad)
+        sent, shape = out, None
+        COMMUNICATED["all_reduce_bytes"] += out.numel() * out.element_size()
+    else:
+        R = pj.project((grad, grad_right) if grad_right is not None else grad, proj, side)
+        sent, shape = out.view(-1)[:R.numel()].view(R.shape), tuple(R.shape)
+        sent.copy_(R)
+        del R
+        COMMUNICATED["projected_bytes"] += sent.numel() * sent.element_size()
+    work = _collective("projected_start", name, group,
+                       lambda: dist.all_reduce(sent, op=dist.ReduceOp.SUM, group=pg, async_op=True))
+    _PENDING[out.data_ptr()] = ([work], name, group, shape)
+    COMMUNICATED["calls"] += 1
+    return out
+
+
+@torch.library.custom_op(f"{_LIB}::projected_wait", mutates_args=("out",))
+def projected_wait(out: torch.Tensor, proj: torch.Tensor, side: str, world: int) -> None:
+    """The end of ``projected_start``: waits for its all-reduce, then ``out`` becomes the mean gradient (a
+    refresh) or the mean projection projected back, ``P (P^T G)`` (through a copy of the projection)."""
+    pending = _PENDING.pop(out.data_ptr(), None)
+    if pending is None:
+        raise RuntimeError("memfit::projected_wait: no projected_start is in flight on this tensor")
+    works, name, group, shape = pending
+    for work in works:
+        _collective("projected_wait", name, group, work.wait)
+    del works, pending
+    _calm(out)
+    if shape is None:
+        out.div_(world)
+        return
+    low = out.view(-1)[:math.prod(shape)].view(shape).clone().div_(world)
+    if side == "left":
+        torch.mm(proj, low, out=out)
+    else:
+        torch.mm(low, proj.t(), out=out)
+
+
+@projected_wait.register_fake
+def _(out, proj, side, world):
+    return None
+
+
+def drain_collectives() -> int:
+    """After a step that stopped part-way (a non-finite loss or gradient, an error): finish every collective
+    it left running (buckets, broadcasts, fetches) and forget them, so that none writes a tensor after the
+    step is undone and no bucket outlives it. A collective that fails here (a rank gone) is dropped.
+    Returns how many were in flight."""
+    works = [w for entry in _PENDING.values() for w in entry[0]]
+    works += [w for entries in _BROADCASTS.values() for w, _ in entries]
+    works += [w for entries in _LENT.values() for w, _, _ in entries]
+    _PENDING.clear()
+    _BROADCASTS.clear()
+    _LENT.clear()
+    for w in works:
+        try:
+            w.wait()
+        except RuntimeError:  # the group is broken: the step's own error says so
+            pass
+    return len(works)
+
+
 def communicated_bytes() -> int:
     """Bytes this rank has put into memfit's collectives since ``COMMUNICATED`` was last reset: all-reduced and
     reduced gradients, gathered factors, and the parameters it broadcast as their owner."""
@@ -1178,7 +1267,7 @@ def reset_communicated() -> None:
 # elimination keeps them and the schedule (``sink``) never moves them.
 for _op in (all_reduce_mean, all_gather_cat, all_reduce_accumulated, all_reduce_projected, reduce_mean, reduce_send_,
             broadcast_, all_reduce_start, reduce_start, bucket_wait, broadcast_start_, broadcasts_wait,
-            fetch_start, lend_start_, fetch_wait_):
+            fetch_start, lend_start_, fetch_wait_, projected_start, projected_wait):
     torch.fx.node.has_side_effect(_op._opoverload)
 
 
@@ -1645,6 +1734,15 @@ def _op_workspace(node, triton: bool) -> int:
         m, n = g.shape[0], right.shape[1] if right is not None else g.shape[1]
         rank = a.proj.meta["val"].shape[1]
         return projected_workspace(m, n, rank, a.side, g.shape[1] if right is not None else 0)
+    if target is ops.projected_start.default:  # as all_reduce_projected: the projection, the factors' product
+        a = args_of(node)
+        g, right = a.grad.meta["val"], a.grad_right.meta["val"] if a.grad_right is not None else None
+        m, n = g.shape[0], right.shape[1] if right is not None else g.shape[1]
+        return projected_workspace(m, n, a.proj.meta["val"].shape[1], a.side, g.shape[1] if right is not None else 0)
+    if target is ops.projected_wait.default:  # the mean projection's copy, projected back into the output
+        a = args_of(node)
+        (m, n), rank = a.out.meta["val"].shape, a.proj.meta["val"].shape[1]
+        return 4 * rank * (n if a.side == "left" else m)
     if target is ops.reduce_send_.default:  # a gradient that is not contiguous goes out through a copy
         grad = node.args[0].meta["val"]
         return 0 if grad.is_contiguous() else grad.numel() * grad.element_size()

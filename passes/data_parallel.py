@@ -27,7 +27,11 @@ fp32 gradient) reads its gradient only as ``P^T G``, and every rank holds the sa
 SVD of the same reduced gradient), so the mean of the ranks' projections is the projection of the mean:
 ``memfit::all_reduce_projected`` all-reduces ``P^T G_i`` (rank x n, or m x rank) and hands the update
 ``P (P^T G)`` (``P^T P = I``); on the steps where the subspace refreshes it all-reduces the whole gradient
-instead. ``bytes_per_step`` then counts the projections, ``extra_bytes_on_refresh`` what a refresh adds.
+instead. With buckets on (``bucket_bytes`` not 0) this is overlapped like a bucket of its own:
+``memfit::projected_start`` (where the gradient is complete: the projection, or on a refresh the whole
+gradient, written into the update's (m, n) input and its all-reduce started) and ``memfit::projected_wait``
+after the next start (the mean projection projected back in place). ``bytes_per_step`` then counts the
+projections, ``extra_bytes_on_refresh`` what a refresh adds.
 APOLLO (it scales the full gradient) and Fira (it steps the residual outside the subspace) need the whole
 mean gradient: they are all-reduced as it.
 
@@ -144,6 +148,7 @@ class DataParallel(Pass):
             return PassResult(g, True, stats, meta_ok=True)
         sent, gathered, projected, refresh_bytes = 0, 0, 0, 0
         plain = []  # (fqn, update) whose whole gradient is all-reduced: bucketed after the loop
+        projected_async = []  # (fqn, update) whose projection is all-reduced, in the buckets' sequence
         order = {n: i for i, n in enumerate(g.graph.nodes)}
         for f, upd in g.updates.items():
             a = args_of(upd)
@@ -153,13 +158,16 @@ class DataParallel(Pass):
                 d = a.as_dict()
                 g_val, right = a.grad.meta["val"], a.grad_right
                 m, n = g_val.shape[0], right.meta["val"].shape[1] if right is not None else g_val.shape[1]
-                with g.graph.inserting_before(upd):
-                    mean = op_call(g.graph, torch.ops.memfit.all_reduce_projected.default, grad=a.grad,
-                                   grad_right=right, proj=a.proj, sched=a.sched, step=d["step"],
-                                   side=pj.side_of((m, n)), group=self.process_group, world=self.world,
-                                   name=f"the gradient of {f}")
-                mean.meta["val"] = g_val.new_empty((m, n))
-                upd.args, upd.kwargs = replace_args(upd, grad=mean, grad_right=None)
+                if self.bucket_bytes != 0 and _movable(upd, order):  # started and waited for as a bucket
+                    projected_async.append((f, upd))
+                else:
+                    with g.graph.inserting_before(upd):
+                        mean = op_call(g.graph, torch.ops.memfit.all_reduce_projected.default, grad=a.grad,
+                                       grad_right=right, proj=a.proj, sched=a.sched, step=d["step"],
+                                       side=pj.side_of((m, n)), group=self.process_group, world=self.world,
+                                       name=f"the gradient of {f}")
+                    mean.meta["val"] = g_val.new_empty((m, n))
+                    upd.args, upd.kwargs = replace_args(upd, grad=mean, grad_right=None)
                 low = pj.low_shape((m, n), d["rank"])
                 projected += 1
                 sent += 4 * low[0] * low[1]
@@ -216,7 +224,7 @@ class DataParallel(Pass):
                                    group=self.process_group, world=self.world, name=f"the gradient of {f}")
             mean.meta["val"] = a.grad.meta["val"]
             upd.args, upd.kwargs = replace_args(upd, grad=mean)
-        buckets = self._bucket(g, plain) if plain else []
+        buckets = self._bucket(g, plain, projected_async) if plain or projected_async else []
         stats = {"all_reduces": 0 if self.shard != "none" else len(g.updates) - gathered - projected - len(plain),
                  "buckets": len(buckets), "bucketed": len(plain), "bucket_cap": self.bucket_cap(g),
                  "factor_gathers": gathered, "projected_all_reduces": projected, "bytes_per_step": sent,
@@ -295,23 +303,52 @@ class DataParallel(Pass):
         view.append(upd)
         return off + val.numel()
 
-    def _bucket(self, g: TrainGraph, plain: list) -> list[list[str]]:
+    def _bucket(self, g: TrainGraph, plain: list, projected: list = ()) -> list[list[str]]:
         """All-reduce the gradients of ``plain`` (fqn, update) in buckets, overlapped with the backward.
 
         Gradients are taken in the order the backward completes them and packed into buckets of at most
         ``bucket_cap`` bytes (one dtype each). Each bucket's ``memfit::all_reduce_start`` copies its gradients
         into one flat tensor (the gradients die there) and starts the all-reduce; the backward runs on until
         the next bucket starts, and only then does ``memfit::bucket_wait`` finish this one and its updates
-        run, each reading its gradient as a view of the bucket. The last bucket is waited on at once. ``plain``
-        holds only updates nothing reads after (``_movable``): they may run later."""
-        groups = self._groups(g, plain)
-        starts = self._start_buckets(g, groups, torch.ops.memfit.all_reduce_start.default)
-        for k, (grp, start) in enumerate(zip(groups, starts, strict=True)):
-            at, off = self._wait_after_next(g, starts, k), 0
-            for _, upd in grp:
-                off = self._read_from(g, start, at, upd, off)
-                at = upd
-        return [[f for f, _ in grp] for grp in groups]
+        run, each reading its gradient as a view of the bucket. The last bucket is waited on at once.
+        ``projected`` (GaLore updates whose projection is all-reduced) take part in the same sequence, one each:
+        ``memfit::projected_start`` where the gradient is complete, ``memfit::projected_wait`` after the next
+        start. Both hold only updates nothing reads after (``_movable``): they may run later."""
+        groups = self._groups(g, plain) if plain else []
+        starts = self._start_buckets(g, groups, torch.ops.memfit.all_reduce_start.default) if groups else []
+        entries = list(zip(starts, groups, strict=True))
+        order = {n: i for i, n in enumerate(g.graph.nodes)}
+        for f, upd in projected:
+            a = args_of(upd)
+            d, right = a.as_dict(), a.grad_right
+            g_val = a.grad.meta["val"]
+            m, n = g_val.shape[0], right.meta["val"].shape[1] if right is not None else g_val.shape[1]
+            last = max([x for x in (a.grad, right) if x is not None], key=order.__getitem__)
+            with g.graph.inserting_after(last):
+                start = op_call(g.graph, torch.ops.memfit.projected_start.default, grad=a.grad, grad_right=right,
+                                proj=a.proj, sched=a.sched, step=d["step"], side=pj.side_of((m, n)),
+                                group=self.process_group, world=self.world, name=f"the gradient of {f}")
+            start.meta["val"] = g_val.new_empty((m, n), dtype=torch.float32)
+            entries.append((start, [(f, upd)]))
+        order = {n: i for i, n in enumerate(g.graph.nodes)}
+        entries.sort(key=lambda e: order[e[0]])
+        starts = [e[0] for e in entries]
+        for k, (start, grp) in enumerate(entries):
+            if start.target is torch.ops.memfit.all_reduce_start.default:
+                at, off = self._wait_after_next(g, starts, k), 0
+                for _, upd in grp:
+                    off = self._read_from(g, start, at, upd, off)
+                    at = upd
+                continue
+            (_, upd), = grp
+            a = args_of(upd)
+            with g.graph.inserting_after(starts[k + 1] if k + 1 < len(starts) else start):
+                wait = op_call(g.graph, torch.ops.memfit.projected_wait.default, out=start, proj=a.proj,
+                               side=args_of(start).side, world=self.world)
+            wait.meta["val"] = None
+            upd.args, upd.kwargs = replace_args(upd, grad=start, grad_right=None)
+            wait.append(upd)
+        return [[f for f, _ in grp] for _, grp in entries]
 
     def _shard_state(self, g: TrainGraph, broadcast: bool = True) -> dict:
         """Each update runs on its parameter's owner only; the rest reduce onto it and (``broadcast``) receive

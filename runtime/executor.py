@@ -16,7 +16,10 @@ step (all its micro-batches):
 * ``nonfinite="raise" | "skip"`` checks the loss right after the forward (before any update) and each
   gradient right before its update op; a non-finite one stops the step there. Data parallel, the ranks
   agree on the loss first (``agree``: one 1-element all-reduce), so all of them stop together and none
-  waits in a collective the others left; gradients need no such vote (each update reads the reduced one);
+  waits in a collective the others left; replicated, gradients need no such vote (each update reads the
+  reduced one, the same on every rank); sharded, only the owner sees a parameter's reduced gradient, so in
+  ``skip`` mode a non-finite one skips that parameter's update (its owner broadcasts it unchanged) and the
+  Trainer warns, where raising would leave the other ranks waiting;
 * ``transactional=True`` also copies what each update op is about to change (a journal), so a failure
   after updates began (a kernel error, an interrupt, a non-finite gradient deep in the backward) is
   undone exactly too, at the cost of up to one copy of the parameters and optimizer state;
@@ -115,9 +118,12 @@ class StepGuard:
     """Watches one optimizer step's update ops; undoes the step when it fails (see the module doc)."""
 
     def __init__(self, executor: Executor, *, nonfinite: str, transactional: bool, reset_moments: bool = False,
-                 buffers: Sequence[str] = (), agree: Callable[[bool], bool] | None = None):
+                 buffers: Sequence[str] = (), agree: Callable[[bool], bool] | None = None, owned_only: bool = False):
         self.executor = executor
         self.agree = agree  # data parallel: (this rank's loss is non-finite) -> whether any rank's is
+        # sharded data parallel: this rank alone sees its parameters' reduced gradients, and raising would leave
+        # the other ranks in the step's collectives: a non-finite one skips its parameter ("skip" mode)
+        self.owned_only = owned_only
         self.nonfinite = nonfinite
         self.transactional = transactional
         self.reset_moments = reset_moments
@@ -161,7 +167,8 @@ class StepGuard:
         grad = named.get("grad")
         fqn = self.executor.param_name.get(id(named.get("param")), "?")
         if self.nonfinite != "ignore" and isinstance(grad, torch.Tensor) and not all_finite(grad):
-            if self.applied == 0 or self.transactional or self.nonfinite == "raise":
+            if (self.applied == 0 or self.transactional or self.nonfinite == "raise") and not (
+                    self.owned_only and self.nonfinite == "skip"):
                 raise NonFiniteError(where_what_got(
                     "Trainer.step", f"a finite gradient of {fqn}", "NaN/inf values",
                     "check the batch, lower the learning rate, or clip gradients"),

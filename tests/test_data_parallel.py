@@ -728,3 +728,74 @@ def test_sharded_weights_without_prefetch_fetch_where_they_are_read():
     assert peaks[False] <= peaks[True]
     with pytest.raises(memfit.ConfigError, match=r"prefetch: expected True or False, got 1"):
         make_pass(("data_parallel", {"prefetch": 1}), process_group="0", world=2)
+
+
+@pytest.mark.parametrize("shard", ["none", "state"])
+def test_a_non_finite_gradient_on_one_rank_never_leaves_the_others_waiting(shard):
+    """Rank 1's batch makes every gradient NaN while both losses are finite (0 * sqrt(0) in the loss).
+    Replicated, every rank sees the same reduced NaN at its first update and skips the whole step (the
+    buckets still in flight finished first); sharded, each owner skips its own parameters' updates and
+    broadcasts them unchanged. Either way no rank waits for another, the weights are unchanged, and the
+    next step trains on both ranks alike."""
+    code = (
+        "import datetime, warnings, torch, torch.distributed as dist, torch.nn.functional as F, memfit\n"
+        "from memfit.models import build_mlp\n"
+        "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=20))\n"
+        "r = dist.get_rank()\n"
+        "torch.manual_seed(0)\n"
+        "m = build_mlp()\n"
+        "def lf(out, y):\n"
+        "    keep = (y != 0).to(out.dtype)[:, None]\n"
+        "    return F.cross_entropy(out, y) + 0.0 * torch.sqrt(out.abs() * keep).sum()\n"
+        "x = torch.randn(4, 32, generator=torch.Generator().manual_seed(r))\n"
+        "y = torch.randint(1, 10, (4,), generator=torch.Generator().manual_seed(r))\n"
+        f"t = memfit.optimize(m, example_inputs=(x, y), loss_fn=lf, process_group='world', shard={shard!r})\n"
+        "before = {k: v.clone() for k, v in m.state_dict().items()}\n"
+        "p0 = float(torch.cat([p.detach().flatten() for p in m.parameters()]).sum())\n"
+        "bad = torch.zeros_like(y) if r == 1 else y\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    first = float(t.step(x, bad))\n"
+        "t.gather_parameters()\n"
+        "same = all(torch.equal(before[k], v) for k, v in m.state_dict().items())\n"
+        "second = float(t.step(x, y))\n"
+        "t.gather_parameters()\n"
+        "total = float(torch.cat([p.detach().flatten() for p in m.parameters()]).sum())\n"
+        "sums = [None, None]\n"
+        "dist.all_gather_object(sums, total)\n"
+        "print('RESULT', r, same, len(w) > 0, second == second, sums[0] == sums[1], total != p0)\n"
+    )
+    logs = _ranks(code)
+    for r, log in enumerate(logs):
+        line = next((x for x in log.splitlines() if x.startswith("RESULT")), log[-3000:])
+        assert line == f"RESULT {r} True True True True True", line
+
+
+def test_projected_all_reduces_are_overlapped_in_the_bucket_sequence():
+    """GaLore with projected communication: each projection's all-reduce starts where its gradient is complete
+    (memfit::projected_start) and is waited for after the next start of any kind, the update reading the
+    tensor the wait projected back into; with bucket_bytes=0 it is the synchronous all_reduce_projected."""
+    from memfit.api import build_graph
+
+    model = build_llama("tiny-llama", num_hidden_layers=1)
+    x = torch.randint(0, 256, (2, 32))
+    ops = torch.ops.memfit
+    passes = ["fused_cross_entropy", "remat", "fused_update", ("lowrank", {"rank": 16, "gap": 5})]
+    g, _ = build_graph(model, (x, x), loss_fn=lm_loss, group=("plan", 2), passes=passes)
+    nodes = list(g.graph.nodes)
+    at = {n: i for i, n in enumerate(nodes)}
+    starts = [n for n in nodes if n.target in (ops.all_reduce_start.default, ops.projected_start.default)]
+    projected = [n for n in starts if n.target is ops.projected_start.default]
+    assert len(projected) == g.info["data_parallel"]["projected_all_reduces"] > 0
+    for k, start in enumerate(starts):
+        if start.target is not ops.projected_start.default:
+            continue
+        wait = next(u for u in start.users if u.target is ops.projected_wait.default)
+        upd = next(u for u in start.users if u is not wait)
+        after = starts[k + 1] if k + 1 < len(starts) else start
+        assert at[start] < at[after] < at[wait] < at[upd] if after is not start else at[start] < at[wait] < at[upd]
+        assert args_of(upd).grad is start and args_of(upd).grad_right is None
+    sync, _ = build_graph(model, (x, x), loss_fn=lm_loss, group=("plan", 2),
+                          passes=[*passes, ("data_parallel", {"bucket_bytes": 0})])
+    targets = {n.target for n in sync.graph.nodes}
+    assert ops.all_reduce_projected.default in targets and ops.projected_start.default not in targets
