@@ -629,16 +629,19 @@ def test_auto_shard_plans_the_least_sharding_that_fits_before_lossy_levers():
         memfit.plan(model, shard="auto", budget=peak["params"] // 20, **kw)
 
 
+# one rank of a 2-rank MLP run: rank r, model m, a 20 s collective timeout (a wait shows as an error, not a hang)
+_MLP_RANK = ("import datetime, warnings, torch, torch.distributed as dist, torch.nn.functional as F, memfit\n"
+             "from memfit.models import build_mlp\n"
+             "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=20))\n"
+             "r = dist.get_rank()\n"
+             "torch.manual_seed(0)\n"
+             "m = build_mlp()\n")
+
+
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank():
     """Rank 1's batch holds a NaN: both ranks skip that step (rank 0 told by the vote on the loss, not left
     waiting in the backward's all-reduces), their weights unchanged; the next step trains on both alike."""
-    code = (
-        "import datetime, warnings, torch, torch.distributed as dist, torch.nn.functional as F, memfit\n"
-        "from memfit.models import build_mlp\n"
-        "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=20))\n"
-        "r = dist.get_rank()\n"
-        "torch.manual_seed(0)\n"
-        "m = build_mlp()\n"
+    code = _MLP_RANK + (
         "x, y = torch.randn(4, 32, generator=torch.Generator().manual_seed(r)), torch.randint(0, 10, (4,))\n"
         "t = memfit.optimize(m, example_inputs=(x, y), loss_fn=F.cross_entropy, process_group='world')\n"
         "before = {k: v.clone() for k, v in m.state_dict().items()}\n"
@@ -737,13 +740,7 @@ def test_a_non_finite_gradient_on_one_rank_never_leaves_the_others_waiting(shard
     buckets still in flight finished first); sharded, each owner skips its own parameters' updates and
     broadcasts them unchanged. Either way no rank waits for another, the weights are unchanged, and the
     next step trains on both ranks alike."""
-    code = (
-        "import datetime, warnings, torch, torch.distributed as dist, torch.nn.functional as F, memfit\n"
-        "from memfit.models import build_mlp\n"
-        "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=20))\n"
-        "r = dist.get_rank()\n"
-        "torch.manual_seed(0)\n"
-        "m = build_mlp()\n"
+    code = _MLP_RANK + (
         "def lf(out, y):\n"
         "    keep = (y != 0).to(out.dtype)[:, None]\n"
         "    return F.cross_entropy(out, y) + 0.0 * torch.sqrt(out.abs() * keep).sum()\n"
