@@ -489,7 +489,10 @@ def _refresh(qk, G, shape, side, rank, projector, proj, proj_meta, dct, proj_bit
         return pj.dct_projector(Q, idx)
     if projector == "svd":
         A = pj.full(G)
-        if not (bool(torch.isfinite(A).all()) and bool(A.abs().amax() > 0)):
+        # finite and not all zero, with 0-dim temporaries only (isfinite and abs would each hold A-sized ones
+        # beyond what the refresh declares): a NaN/inf makes the sum non-finite; only then the exact check
+        finite = math.isfinite(float(A.sum())) or bool(torch.isfinite(A).all())
+        if not (finite and (bool(A.amax() > 0) or bool(A.amin() < 0))):
             # SVD of a zero / non-finite gradient is meaningless (and may not converge): keep the subspace.
             if P_old is not None:
                 return P_old
