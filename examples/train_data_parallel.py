@@ -2,7 +2,7 @@
 
 Launch one process per device with torchrun (gloo on CPU, NCCL on GPUs); every rank trains on its own
 share of each global batch. ``--shard state`` keeps each parameter's optimizer state on one rank,
-``--shard params`` its weights too, ``--shard auto --budget 20MB`` lets the planner pick the least sharding
+``--shard params`` its weights too, ``--shard auto --budget 60MiB`` lets the planner pick the least sharding
 that fits (before any lossy lever); the checkpoint written with ``--save`` loads at any world size.
 
     torchrun --nproc-per-node 2 examples/train_data_parallel.py --steps 100 --shard state --save ckpt
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: tiny-llama's)")
     ap.add_argument("--shard", choices=("none", "state", "params", "auto"), default="state")
-    ap.add_argument("--budget", default=None, help="per-rank memory budget, e.g. 20MB (with --shard auto)")
+    ap.add_argument("--budget", default=None, help="per-rank memory budget, e.g. 60MiB (with --shard auto)")
     ap.add_argument("--save", default=None, help="write a checkpoint directory here at the end")
     ap.add_argument("--resume", default=None, help="continue from a checkpoint directory (any world size)")
     args = ap.parse_args(argv)
