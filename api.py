@@ -744,7 +744,7 @@ def _per_rank(base: TrainGraph, chosen: Sequence[Pass], shard: str, ranks: Seque
     dp = next(p for p in chosen if p.name == "data_parallel")
     sched = next((p for p in chosen if p.name == SCHEDULE_PASS), None) or make_pass(SCHEDULE_PASS)
     common = Pipeline(prefix)(base.clone())
-    best: tuple[TrainGraph, MemoryPlan] | None = None
+    best: tuple[TrainGraph, MemoryPlan, int] | None = None
     rows = []
     for r in ranks:
         mine = dataclasses.replace(dp, shard=shard, group_rank=r)
@@ -756,12 +756,12 @@ def _per_rank(base: TrainGraph, chosen: Sequence[Pass], shard: str, ranks: Seque
                      "param_bytes": p.persistent.get("parameters", 0),
                      "state_bytes_all": info["state_bytes_all"], "parameters_owned":
                      sum(1 for o in info["owners"].values() if o == r)})
-        if best is None or p.peak_bytes > best[1].peak_bytes:
-            best = (g, p)
         if r == keep:
-            kept = (g, p)
-    g, p = best if keep is None else kept
-    return g, dataclasses.replace(p, ranks=tuple(rows), world=dp.world, shard=shard)
+            kept = (g, p, r)
+        if best is None or p.peak_bytes > best[1].peak_bytes:
+            best = (g, p, r)
+    g, p, r = best if keep is None else kept
+    return g, dataclasses.replace(p, ranks=tuple(rows), world=dp.world, shard=shard, rank=r)
 
 
 def _auto_shard(base: TrainGraph, budget_bytes: int | None, device, world: int, ranks: Sequence[int] | None,

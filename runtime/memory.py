@@ -53,11 +53,12 @@ class MemoryPlan:
     # what was fused: graph.info["fused_cross_entropy"] and graph.info["fuse"] of the planned graph
     fusion: dict[str, dict] = field(default_factory=dict, repr=False)
     # data parallel: the process group's size, how state is sharded, and per rank planned (sharded state):
-    # {"rank", "peak_bytes", "state_bytes", "state_bytes_all", "param_bytes", "parameters_owned"}; this plan is the
-    # highest-peak rank's
+    # {"rank", "peak_bytes", "state_bytes", "state_bytes_all", "param_bytes", "parameters_owned"}; this plan is
+    # rank ``rank``'s: the highest-peak rank's, or in optimize() the calling rank's
     world: int = 1
     shard: str = "none"
     ranks: tuple[dict, ...] = field(default=(), repr=False)
+    rank: int | None = None
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
         """Draw the memory timeline of one step to ``path`` (needs matplotlib: pip install memfit[plot])."""
@@ -103,8 +104,10 @@ class MemoryPlan:
         if not self.ranks:
             return []
         what = "optimizer state and weights" if self.shard == "params" else "optimizer state"
-        out = [f"  per rank (world size {self.world}, {what} sharded by parameter; this plan is rank "
-               f"{max(self.ranks, key=lambda r: r['peak_bytes'])['rank']}'s, the highest peak):"]
+        top = max(self.ranks, key=lambda r: r["peak_bytes"])["rank"]
+        mine = top if self.rank is None else self.rank
+        out = [f"  per rank (world size {self.world}, {what} sharded by parameter; this plan is rank {mine}'s"
+               f"{', the highest peak' if mine == top else f'; rank {top} peaks highest'}):"]
         for r in self.ranks:
             out.append(f"    rank {r['rank']}: peak {fmt_bytes(r['peak_bytes'])}, optimizer state "
                        f"{fmt_bytes(r['state_bytes'])} of {fmt_bytes(r['state_bytes_all'])} "

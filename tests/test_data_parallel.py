@@ -796,3 +796,20 @@ def test_projected_all_reduces_are_overlapped_in_the_bucket_sequence():
                           passes=[*passes, ("data_parallel", {"bucket_bytes": 0})])
     targets = {n.target for n in sync.graph.nodes}
     assert ops.all_reduce_projected.default in targets and ops.projected_start.default not in targets
+
+
+def test_a_ranks_own_auto_sharded_plan_says_whose_it_is():
+    """optimize() plans every rank under shard="auto" (their choice must agree) but keeps its own rank's graph
+    and plan: the plan says which rank it is, and which rank peaks highest when that is another."""
+    from memfit.api import build_graph
+
+    model = build_llama("tiny-llama", num_hidden_layers=1)
+    x = torch.randint(0, 256, (PER_RANK, 32))
+    _, plan = build_graph(model, (x, x), loss_fn=lm_loss, group=("plan", 2), group_rank=1, shard="auto",
+                          budget_bytes=_auto_budget())
+    assert plan.shard == "params" and plan.rank == 1 and [r["rank"] for r in plan.ranks] == [0, 1]
+    assert plan.peak_bytes == plan.ranks[1]["peak_bytes"]
+    top = max(plan.ranks, key=lambda r: r["peak_bytes"])["rank"]
+    line = plan.describe_ranks()[0]
+    assert "this plan is rank 1's" in line and (f"rank {top} peaks highest" in line if top != 1 else
+                                                 "the highest peak" in line), line
