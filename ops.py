@@ -994,6 +994,14 @@ def run_all_reduce_start(grads, group, world, name=""):
     return flat
 
 
+def _not_started(op: str, starts: str) -> RuntimeError:
+    """A wait on a tensor no start op of this process has in flight: the graph's order was broken."""
+    return RuntimeError(where_what_got(f"memfit::{op}", f"a tensor {starts} started a collective on earlier in "
+                                       "the same step", "none in flight on it",
+                                       "run the step's graph in its order (data_parallel places each start "
+                                       "before its wait); after a failed step, ops.drain_collectives()"))
+
+
 @torch.library.custom_op(f"{_LIB}::reduce_start", mutates_args=())
 def reduce_start(grads: list[torch.Tensor], owners: list[int], group: str, world: int, name: str = "") -> torch.Tensor:
     """A bucket of sharded gradients: ``grads`` (one dtype, ordered so that each owner's are contiguous;
@@ -1048,8 +1056,7 @@ def _(bucket, world):
 def run_bucket_wait(bucket, world):
     pending = _PENDING.pop(bucket.data_ptr(), None)
     if pending is None:
-        raise RuntimeError("memfit::bucket_wait: no collective was started on this bucket "
-                           "(all_reduce_start or reduce_start must run first, on the same step)")
+        raise _not_started("bucket_wait", "all_reduce_start or reduce_start")
     works, name, group = pending[:3]
     for work in works:
         _collective("bucket_wait", name, group, work.wait)
@@ -1152,7 +1159,7 @@ def fetch_wait_(t: torch.Tensor) -> None:
     finished: ``t`` may be read."""
     pending = _LENT.get(t.data_ptr())
     if not pending:
-        raise RuntimeError("memfit::fetch_wait_: no fetch_start or lend_start_ is in flight on this tensor")
+        raise _not_started("fetch_wait_", "fetch_start or lend_start_")
     work, name, group = pending.pop(0)
     if not pending:
         del _LENT[t.data_ptr()]
@@ -1215,7 +1222,7 @@ def projected_wait(out: torch.Tensor, proj: torch.Tensor, side: str, world: int)
     refresh) or the mean projection projected back, ``P (P^T G)`` (through a copy of the projection)."""
     pending = _PENDING.pop(out.data_ptr(), None)
     if pending is None:
-        raise RuntimeError("memfit::projected_wait: no projected_start is in flight on this tensor")
+        raise _not_started("projected_wait", "projected_start")
     works, name, group, shape = pending
     for work in works:
         _collective("projected_wait", name, group, work.wait)

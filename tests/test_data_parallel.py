@@ -813,3 +813,15 @@ def test_a_ranks_own_auto_sharded_plan_says_whose_it_is():
     line = plan.describe_ranks()[0]
     assert "this plan is rank 1's" in line and (f"rank {top} peaks highest" in line if top != 1 else
                                                  "the highest peak" in line), line
+
+
+@pytest.mark.parametrize("wait", ["bucket_wait", "fetch_wait_", "projected_wait"])
+def test_a_wait_without_its_start_names_the_op_and_what_to_do(wait):
+    """The waits of memfit's asynchronous collectives on a tensor nothing started a collective on: an error
+    naming the op, what it expected and what to do, the tensor unchanged (no process group needed)."""
+    t = torch.ones(4, 4)
+    args = {"bucket_wait": (t, 2), "fetch_wait_": (t,), "projected_wait": (t, torch.eye(4), "left", 2)}[wait]
+    with pytest.raises(RuntimeError, match=rf"memfit::{wait}: expected a tensor .* started a collective on .*"
+                                           r"got none in flight on it; run the step's graph in its order"):
+        getattr(torch.ops.memfit, wait)(*args)
+    assert torch.equal(t, torch.ones(4, 4))
