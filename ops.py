@@ -1294,7 +1294,7 @@ def fused(inputs: list[torch.Tensor], program: str) -> torch.Tensor:
 def _(inputs, program):
     from .kernels import pointwise as pw
 
-    return pw.evaluate(program, list(inputs))
+    return pw.evaluate_laid_out(program, list(inputs))
 
 
 def run_fused(kernel, inputs, program):
@@ -1302,6 +1302,20 @@ def run_fused(kernel, inputs, program):
     from .kernels import pointwise as pw
 
     return (kernel or pw.run_chunked)(program, list(inputs))
+
+
+def fused_layout(program: str, sig: tuple) -> tuple:
+    """(shape, dtype, strides) of a fused program's output for inputs of these (shape, dtype, strides)."""
+    from .kernels.pointwise import out_layout
+
+    return out_layout(program, sig)
+
+
+def fused_with_stride(program: str, stride: tuple[int, ...]) -> str:
+    """The program with its output laid out in these strides."""
+    from .kernels.pointwise import with_stride
+
+    return with_stride(program, stride)
 
 
 def fusible_ops() -> frozenset[str]:

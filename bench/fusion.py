@@ -67,7 +67,8 @@ def main(argv=None) -> None:
         info = runs["fused"].graph.info["fuse"]
         measured = {k: t.measure_step(*batch).peak_bytes for k, t in runs.items()}
         row = {"model": name, "method": "memfit + fuse", "groups": info["groups"], "kernels": info["kernels"],
-               "nodes_fused": info["nodes_fused"], "compute_nodes": info["compute_nodes"], "share": info["share"],
+               "nodes_fused": info["nodes_fused"], "views_fused": info["views_fused"],
+               "compute_nodes": info["compute_nodes"], "share": info["share"],
                "bytes_not_materialised": info["bytes_not_materialised"],
                "predicted_peak_bytes": runs["fused"].plan.peak_bytes, "peak_bytes": measured["fused"],
                "unfused_peak_bytes": measured["unfused"],
@@ -86,10 +87,12 @@ def main(argv=None) -> None:
         r["diff"] = f"{r['loss_rel_diff']:.1e}"
     header = (f"`fuse` on CPU: {args.steps} AdamW steps round-robin against the same model without it, "
               f"{args.threads} thread(s). Cover: nodes in fused groups of the step's non-matmul compute nodes; "
+              "views inside: view ops inside groups (index maps read through the inputs' strides); "
               "not materialised: the groups' intermediates over the whole step; step time: fused / unfused "
               "(ratio of medians, first step excluded); loss diff: relative, after the last step.")
     md = write_table("fusion", rows, [
         ("model", "model"), ("groups", "groups"), ("kernels", "kernels"), ("cover", "nodes covered"),
+        ("views_fused", "views inside"),
         ("saved", "not materialised"), ("predicted", "predicted peak"), ("measured", "measured peak"),
         ("unfused", "peak without fuse"), ("step_time_ratio", "step time vs unfused"), ("diff", "loss diff")],
         header)

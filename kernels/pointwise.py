@@ -1,7 +1,8 @@
 """Fused pointwise programs: one generated Triton kernel per program, and a chunked plain-torch evaluation.
 
 A *program* is a chain (or tree) of pointwise ATen ops over some input tensors, as the ``fuse`` pass cuts it
-from the step: a JSON string ``{"steps": [[op, args, kwargs], ...]}`` whose last step is the output. An
+from the step: a JSON string ``{"steps": [[op, args, kwargs], ...]}`` whose last step is the output, and
+optionally ``"stride"``, the output's strides (else those ATen's ops give it). An
 argument is ``["in", i]`` (input ``i``), ``["v", j]`` (step ``j``'s value), ``["dtype", name]`` or a literal.
 ``OPS`` lists the ops a program may use, each with its ATen overload and its Triton expression.
 
@@ -283,14 +284,43 @@ def run_chunked(program: str, inputs: list[torch.Tensor], out: torch.Tensor | No
 @functools.lru_cache(maxsize=4096)
 def _meta_cached(program: str, sig: tuple) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
     """(shape, dtype, strides) of the program's output for inputs of these (shape, dtype[, strides]): the
-    unfused ops' own output layout (a later view may rely on it)."""
+    unfused ops' own output layout (a later view may rely on it), or the strides the program names."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         fakes = [torch.empty_strided(s[0], s[2], dtype=s[1]) if len(s) > 2 else torch.empty(s[0], dtype=s[1])
                  for s in sig]
         r = evaluate(program, fakes)
-        return tuple(r.shape), r.dtype, tuple(r.stride())
+        stride = _stride(program)
+        return tuple(r.shape), r.dtype, stride if stride is not None else tuple(r.stride())
+
+
+def out_layout(program: str, sig: tuple) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
+    """(shape, dtype, strides) of the output for inputs of these (shape, dtype, strides)."""
+    return _meta_cached(program, sig)
+
+
+def with_stride(program: str, stride: tuple[int, ...]) -> str:
+    """``program`` whose output is laid out with these strides (the unfused op's, when the inputs' views would
+    lead ATen to another layout)."""
+    d = json.loads(program)
+    d["stride"] = list(stride)
+    return json.dumps(d, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stride(program: str) -> tuple[int, ...] | None:
+    s = json.loads(program).get("stride")
+    return None if s is None else tuple(s)
+
+
+def evaluate_laid_out(program: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``evaluate`` with the output in the strides the program names (the fake of ``memfit::fused``)."""
+    r = evaluate(program, inputs)
+    stride = _stride(program)
+    if stride is None or tuple(r.stride()) == stride:
+        return r
+    return torch.empty_strided(r.shape, stride, dtype=r.dtype, device=r.device).copy_(r)
 
 
 class _Meta:

@@ -2,14 +2,23 @@
 
 The pass walks the rewritten step backwards and grows groups: a pointwise node (one of
 ``ops.fusible_ops()``: arithmetic, activations and their backward, comparisons, ``where``, dtype casts)
-joins the group of its users when every user is in that group, its shape broadcasts to the group's output
-and it sits on the same side (forward or backward) as the group's output. A group of at least ``min_ops``
-nodes is replaced by ``memfit::fused(inputs, program)`` at its output's place: the program (JSON, see
-``memfit.kernels.pointwise``) lists the ops, the inputs are what the group reads from outside (views
-included, read through their strides). A value read outside its group ends that group (it is its output),
-so no value is computed twice. A sum or mean over listed dimensions may end a group (never sit inside one):
-its members then broadcast to the reduction's input, and the kernel reduces in registers. Views, other
-reductions, matmuls, convolutions, attention and memfit's own ops are not fused.
+joins the group of its users when every user is in that group, its shape broadcasts to what they read
+and it sits on the same side (forward or backward) as the group's output. A view (``view``, ``unsqueeze``,
+``expand``, ``permute``, ``transpose``, ``slice``, ``select``, ``squeeze``) joins the same way: it is no step
+of the program but an index map. Every member is evaluated in the output's index space, so a member read
+through views is evaluated at the indices those views map to, and the views are pushed down to the group's
+inputs, where they are graph-level views of the input (no copy) read through their strides. Each member has
+one *chain* (the views and broadcasts between it and the output) per way the output reads it; a member read
+through two chains is two steps (computed twice in registers, never stored). A view joins only when its
+chain applied to every input below it is a view (checked on the fake values: ``view`` of a broadcast input
+may not be). A group of at least ``min_ops`` compute nodes is
+replaced by ``memfit::fused(inputs, program)`` at its output's place: the program (JSON, see
+``memfit.kernels.pointwise``) lists the ops, the inputs are what the group reads from outside. A value read
+outside its group ends that group (it is its output), so no value is stored twice. A sum or mean over
+listed dimensions may end a group (never sit inside one): its members then broadcast to the reduction's
+input, and the kernel reduces in registers. Other reductions, matmuls, convolutions, attention and
+memfit's own ops are not fused. The output keeps the unfused op's strides (the program says them when its
+inputs' views would lead ATen to another layout).
 
 Memory: a group's intermediates never exist; its inputs live until the fused op runs. The plan reads the
 op's declared workspace: 0 for the generated Triton kernel; on CPU the chunked evaluation's live
@@ -32,7 +41,7 @@ from torch import fx
 
 from ..errors import ConfigError, where_what_got
 from ..graph import TrainGraph, value_nbytes
-from ..ops import fusible_ops, op_call
+from ..ops import fused_layout, fused_with_stride, fusible_ops, op_call
 from .base import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -49,6 +58,15 @@ _LIBRARY = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolut
             aten._scaled_dot_product_efficient_attention.default,
             aten._scaled_dot_product_efficient_attention_backward.default,
             aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_flash_attention_backward.default}
+# views a group may hold (index maps), and the op that re-emits each on an input (``_unsafe_view`` is no alias)
+_VIEWS = {aten.view.default: aten.view.default, aten._unsafe_view.default: aten.view.default,
+          aten.unsqueeze.default: aten.unsqueeze.default, aten.squeeze.dim: aten.squeeze.dim,
+          aten.squeeze.dims: aten.squeeze.dims, aten.squeeze.default: aten.squeeze.default,
+          aten.expand.default: aten.expand.default, aten.permute.default: aten.permute.default,
+          aten.t.default: aten.t.default, aten.transpose.int: aten.transpose.int, aten.slice.Tensor: aten.slice.Tensor,
+          aten.select.int: aten.select.int, aten.alias.default: aten.alias.default}
+_PASSIVE = aten._assert_tensor_metadata.default  # a user that checks metadata only: dropped with a fused value
+_MAX_CHAINS = 4  # ways a member may be read through views (each one more step in registers)
 _DROP = ("memory_format", "pin_memory")  # empty_like's defaults (checked in _fusible), not written to programs
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool)
 _IN_DTYPES = (*_DTYPES, torch.int64, torch.int32)
@@ -71,6 +89,7 @@ def _encodable(a) -> bool:
 
 
 _REDUCTIONS = ("sum.dim_IntList", "mean.dim")
+_REDUCTION_OPS = {aten.sum.dim_IntList, aten.mean.dim}
 
 
 def _reduction_root(n: fx.Node, names: frozenset[str]) -> bool:
@@ -122,50 +141,62 @@ class Fuse(Pass):
         order = {n: i for i, n in enumerate(nodes)}
         group_of: dict[fx.Node, fx.Node] = {}  # node -> its group's output (root)
         members: dict[fx.Node, list[fx.Node]] = {}
-        space: dict[fx.Node, tuple[int, ...]] = {}  # a group's shape: its output's, or its reduction's input's
+        chains: dict[fx.Node, set[tuple]] = {}  # member -> the view chains through which its group reads it
         for n in reversed(nodes):
             if _reduction_root(n, names):  # a reduction ends a group: it starts one, joins none
-                group_of[n], members[n] = n, [n]
-                space[n] = tuple(n.args[0].meta["val"].shape)
+                group_of[n], members[n], chains[n] = n, [n], {()}
                 continue
-            if not _fusible(n, names):
+            view = _view_step(n)
+            if view is None and not _fusible(n, names):
                 continue
-            roots = {group_of.get(u) for u in n.users}
+            roots = {group_of.get(u) for u in n.users if u.target is not _PASSIVE}
             root = roots.pop() if len(roots) == 1 else None
-            if root is not None and (root in forward) == (n in forward) and _broadcasts(n, space[root]):
+            cs = None
+            if root is not None and (root in forward) == (n in forward):
+                cs = _chains(n, view, chains)
+            if cs is not None:
                 group_of[n] = root
                 members[root].append(n)
-            else:
-                group_of[n] = n
-                members[n] = [n]
-                space[n] = tuple(n.meta["val"].shape)
+                chains[n] = cs
+            elif view is None:  # a view never starts a group
+                group_of[n], members[n], chains[n] = n, [n], {()}
         compute = [n for n in nodes if n.op == "call_function" and n.target not in _FREE
                    and n.target is not operator.getitem and n.target not in _LIBRARY
                    and getattr(n.target, "namespace", None) != "memfit"]
-        groups, programs, covered, saved = 0, set(), 0, 0
+        groups, programs, covered, views, saved = 0, set(), 0, 0, 0
+        fused_names: set[fx.Node] = set()
         for root, group in members.items():
-            if len(group) < self.min_ops:
+            ops_in = [m for m in group if m.target not in _VIEWS]
+            if len(ops_in) < self.min_ops:
                 continue
             group.sort(key=order.__getitem__)
-            program, inputs = _program(group)
+            program, slots = _program(root, set(group))
+            bases = list(dict.fromkeys(b for b, _ in slots))
             # as early as its inputs allow, not before its first member: the inputs die as soon as in the
             # unfused chain, the output lives a little longer
-            at = max([group[0], *[i for i in inputs if i.op != "placeholder"]], key=order.__getitem__)
+            at = max([group[0], *[i for i in bases if i.op != "placeholder"]], key=order.__getitem__)
             at = at if at in group else at.next
             with g.graph.inserting_before(at):
+                inputs = [_emit_chain(g.graph, b, c) for b, c in slots]
+                program = _keep_layout(program, inputs, root)
                 new = op_call(g.graph, torch.ops.memfit.fused.default, inputs=inputs, program=program)
             new.meta.update(root.meta)  # its value, its source line, its forward mark
-            new.meta["fused"] = [m.name for m in group]
+            new.meta["fused"] = [m.name for m in ops_in]
             root.replace_all_uses_with(new)
             _retarget(g, root, new)
             for m in reversed(group):
+                for u in [u for u in m.users if u.target is _PASSIVE]:
+                    g.graph.erase_node(u)
                 g.graph.erase_node(m)
             groups += 1
             programs.add(program)
-            covered += len(group)
-            saved += sum(value_nbytes(m.meta["val"]) for m in group if m is not root)
+            covered += len(ops_in)
+            views += len(group) - len(ops_in)
+            fused_names.update(ops_in)
+            saved += sum(value_nbytes(m.meta["val"]) for m in ops_in if m is not root)
+        if groups:
+            _updates_after_readers(g)
         left: dict[str, int] = {}  # compute nodes left to ATen, by the reason
-        fused_names = {m for grp in members.values() if len(grp) >= self.min_ops for m in grp}
         for n in compute:
             if n in fused_names:
                 continue
@@ -175,14 +206,92 @@ class Fuse(Pass):
                    "a dtype or argument the generator does not take")
             key = f"{_op_name(n) or n.target}: {why}"
             left[key] = left.get(key, 0) + 1
-        stats = {"groups": groups, "kernels": len(programs), "nodes_fused": covered,
+        stats = {"groups": groups, "kernels": len(programs), "nodes_fused": covered, "views_fused": views,
                  "compute_nodes": len(compute), "share": round(covered / max(1, len(compute)), 3),
                  "bytes_not_materialised": saved, "left_to_aten": left}
         g.info["fuse"] = stats
-        log.info("fuse: %d groups, %d kernels, %d of %d non-matmul compute nodes; left to ATen: %s", groups,
-                 len(programs), covered, len(compute),
+        log.info("fuse: %d groups, %d kernels, %d of %d non-matmul compute nodes (and %d views); left to ATen: %s",
+                 groups, len(programs), covered, len(compute), views,
                  ", ".join(f"{k} x{v}" for k, v in sorted(left.items(), key=lambda kv: -kv[1])) or "none")
         return PassResult(g, bool(groups), stats, meta_ok=True)
+
+
+def _freeze(a):
+    return tuple(_freeze(x) for x in a) if isinstance(a, (list, tuple)) else a
+
+
+def _view_step(n: fx.Node) -> tuple | None:
+    """A view node as one chain element (the op that re-emits it, its arguments after the tensor), when a group
+    may hold it: a view of a dimensioned tensor, with plain int arguments."""
+    if n.op != "call_function" or n.target not in _VIEWS or n.kwargs or not n.args:
+        return None
+    x, v = n.args[0], n.meta.get("val")
+    if not isinstance(x, fx.Node) or not isinstance(v, torch.Tensor) or v.dtype not in _IN_DTYPES:
+        return None
+    xv = x.meta.get("val")
+    if not isinstance(xv, torch.Tensor) or xv.dim() == 0:  # a 0-dim value's type promotion would change
+        return None
+    rest = _freeze(n.args[1:])
+    ok = all(type(a) is int or (isinstance(a, tuple) and all(type(b) is int for b in a)) for a in rest)
+    return (_VIEWS[n.target], rest) if ok else None
+
+
+def _expand(shape) -> tuple:
+    return (aten.expand.default, (tuple(shape),))
+
+
+def _operand_chain(a: fx.Node, user_shape: tuple, chain: tuple) -> tuple:
+    """The chain of ``a`` read by a pointwise member of ``user_shape`` evaluated through ``chain``. A member
+    read through no view computes its own value, so its operands broadcast implicitly as in the unfused op;
+    under a chain an operand is expanded to the member's shape first, so every step has its exact shape."""
+    shape = tuple(a.meta["val"].shape)
+    if not shape or not chain:  # 0-dim: read as itself (a scalar for type promotion, one value everywhere)
+        return ()
+    return ((_expand(user_shape),) if shape != tuple(user_shape) else ()) + chain
+
+
+def _apply(t: torch.Tensor, chain: tuple) -> torch.Tensor:
+    for op, args in chain:
+        t = op(t, *args)
+    return t
+
+
+def _viewable(a, chain: tuple) -> bool:
+    if not chain or not isinstance(a, fx.Node):
+        return True
+    try:
+        _apply(a.meta["val"], chain)
+        return True
+    except Exception:  # a view the strides do not allow: the group ends here
+        return False
+
+
+def _chains(n: fx.Node, view: tuple | None, chains: dict) -> set[tuple] | None:
+    """The chains through which ``n``'s group reads it (every user a member), or None when ``n`` may not join:
+    its shape does not broadcast to a user's, too many chains, or a chain that is no view of an input below."""
+    shape = tuple(n.meta["val"].shape)
+    cs: set[tuple] = set()
+    for u in n.users:
+        if u.target is _PASSIVE:
+            continue
+        uview = _view_step(u) if u.target in _VIEWS else None
+        for c in chains[u]:
+            if uview is not None:
+                cs.add((uview, *c))
+            else:
+                space = tuple(u.args[0].meta["val"].shape) if u.target in _REDUCTION_OPS else tuple(
+                    u.meta["val"].shape)
+                if not _broadcasts(n, space):
+                    return None
+                cs.add(_operand_chain(n, space, c))
+    if len(cs) > _MAX_CHAINS:
+        return None
+    if view is not None:
+        below = [(n.args[0], (view, *c)) for c in cs]
+    else:
+        below = [(a, _operand_chain(a, shape, c)) for a in n.all_input_nodes for c in cs
+                 if isinstance(a.meta.get("val"), torch.Tensor)]
+    return cs if all(_viewable(a, c) for a, c in below) else None
 
 
 def _broadcasts(n: fx.Node, b: tuple[int, ...]) -> bool:
@@ -193,26 +302,73 @@ def _broadcasts(n: fx.Node, b: tuple[int, ...]) -> bool:
         return False
 
 
-def _program(group: list[fx.Node]) -> tuple[str, list[fx.Node]]:
-    index = {m: j for j, m in enumerate(group)}
-    inputs: list[fx.Node] = []
+def _program(root: fx.Node, group: set[fx.Node]) -> tuple[str, list[tuple[fx.Node, tuple]]]:
+    """The group as a program: each (member, chain) one step, operands first, the root last; the inputs as
+    (node read from outside, its chain) slots."""
+    index: dict[tuple, int] = {}
+    slots: list[tuple[fx.Node, tuple]] = []
+    steps: list = []
 
-    def enc(a):
-        if isinstance(a, fx.Node):
-            if a in index:
-                return ["v", index[a]]
-            if a not in inputs:
-                inputs.append(a)
-            return ["in", inputs.index(a)]
-        if isinstance(a, torch.dtype):
-            return ["dtype", str(a).removeprefix("torch.")]
-        if isinstance(a, (list, tuple)):
-            return [enc(x) for x in a]
-        return a
+    def visit(m: fx.Node, chain: tuple) -> list:
+        """``m`` through ``chain`` as a program argument (a step, or an input slot)."""
+        if m not in group:
+            if (m, chain) not in slots:
+                slots.append((m, chain))
+            return ["in", slots.index((m, chain))]
+        if m.target in _VIEWS:  # an index map, no step: read its input through one more view
+            return visit(m.args[0], (_view_step(m), *chain))
+        if (m, chain) in index:
+            return ["v", index[(m, chain)]]
+        shape = tuple(m.meta["val"].shape)
+        space = tuple(m.args[0].meta["val"].shape) if m.target in _REDUCTION_OPS else shape
 
-    steps = [[_op_name(m), [enc(a) for a in m.args], {k: enc(v) for k, v in m.kwargs.items() if k not in _DROP}]
-             for m in group]
-    return json.dumps({"steps": steps}, separators=(",", ":")), inputs
+        def enc(a):
+            if isinstance(a, fx.Node):
+                return visit(a, () if m.target in _REDUCTION_OPS else _operand_chain(a, space, chain))
+            if isinstance(a, torch.dtype):
+                return ["dtype", str(a).removeprefix("torch.")]
+            if isinstance(a, (list, tuple)):
+                return [enc(x) for x in a]
+            return a
+
+        step = [_op_name(m), [enc(a) for a in m.args], {k: enc(v) for k, v in m.kwargs.items() if k not in _DROP}]
+        index[(m, chain)] = len(steps)
+        steps.append(step)
+        return ["v", index[(m, chain)]]
+
+    visit(root, ())
+    return json.dumps({"steps": steps}, separators=(",", ":")), slots
+
+
+def _emit_chain(graph: fx.Graph, base: fx.Node, chain: tuple) -> fx.Node:
+    """``base`` read through ``chain``: graph-level view nodes (aliases, no bytes)."""
+    node = base
+    for op, args in chain:
+        val = op(node.meta["val"], *args)
+        node = graph.call_function(op, (node, *[list(a) if isinstance(a, tuple) else a for a in args]))
+        node.meta["val"] = val
+    return node
+
+
+def _keep_layout(program: str, inputs: list[fx.Node], root: fx.Node) -> str:
+    """``program`` with the root's strides written in when its inputs' views would give ATen another layout."""
+    want = root.meta["val"]
+    sig = tuple((tuple(x.meta["val"].shape), x.meta["val"].dtype, tuple(x.meta["val"].stride())) for x in inputs)
+    if fused_layout(program, sig)[2] == tuple(want.stride()):
+        return program
+    return fused_with_stride(program, tuple(want.stride()))
+
+
+def _updates_after_readers(g: TrainGraph) -> None:
+    """A fused op sits at its group's inputs' latest, which may follow an in-place update of a weight one of its
+    early members read: such an update moves to just after its last reader."""
+    order = {n: i for i, n in enumerate(g.graph.nodes)}
+    for fqn, upd in g.updates.items():
+        readers = [u for u in g.param_readers(fqn) if u is not upd]
+        last = max(readers, key=order.__getitem__, default=None)
+        if last is not None and order[last] > order[upd]:
+            last.append(upd)
+            order = {n: i for i, n in enumerate(g.graph.nodes)}
 
 
 def _retarget(g: TrainGraph, old: fx.Node, new: fx.Node) -> None:

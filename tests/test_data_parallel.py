@@ -469,8 +469,9 @@ def test_sharded_checkpoint_resumes_bit_identically_and_loads_on_one_process(tmp
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_compile_door_under_ddp_and_fsdp2_matches_the_default_backend(wrapper):
     """torch.compile(backend="memfit") on a model wrapped by PyTorch's DDP, or sharded by FSDP2's
-    ``fully_shard`` (per layer and whole), trains as the same wrapper compiled with the default backend
-    (Inductor): 3 steps of torch AdamW on 2 ranks, losses within 1e-5 relative; memfit compiled graphs of
+    ``fully_shard`` (per layer and whole), trains as the same wrapper under Dynamo with the ``eager`` backend
+    (the same graph breaks, PyTorch's own kernels; Inductor's C++ builds would double the test's time for no
+    other check): 3 steps of torch AdamW on 2 ranks, losses within 1e-6 relative; memfit compiled graphs of
     the step (Dynamo runs FSDP2's hooks eagerly: the graphs between them are memfit's)."""
     code = (
         "import copy, torch, torch.distributed as dist, memfit\n"
@@ -492,7 +493,7 @@ def test_compile_door_under_ddp_and_fsdp2_matches_the_default_backend(wrapper):
         "        fully_shard(layer, mesh=mesh)\n"
         "    return fully_shard(m, mesh=mesh)\n"
         "out = {}\n"
-        "for backend in ('inductor', 'memfit'):\n"
+        "for backend in ('eager', 'memfit'):\n"
         "    torch._dynamo.reset()\n"
         "    m = wrap(copy.deepcopy(base))\n"
         "    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)\n"
@@ -502,7 +503,7 @@ def test_compile_door_under_ddp_and_fsdp2_matches_the_default_backend(wrapper):
         "        loss = lm_loss(c(x), torch.roll(x, -1, 1))\n"
         "        loss.backward(); opt.step(); opt.zero_grad()\n"
         "        out[backend].append(float(loss))\n"
-        "rel = max(abs(a - b) / abs(b) for a, b in zip(out['memfit'], out['inductor']))\n"
+        "rel = max(abs(a - b) / abs(b) for a, b in zip(out['memfit'], out['eager']))\n"
         "print('RESULT', r, rel, dynamo.TOTALS['memfit_graphs'], dynamo.TOTALS['eager_frames'], out)\n"
     )
     logs = _ranks(code)
@@ -511,7 +512,7 @@ def test_compile_door_under_ddp_and_fsdp2_matches_the_default_backend(wrapper):
         assert line.startswith("RESULT"), line
         _, _, rel, graphs, _, _ = line.split(" ", 5)
         print(wrapper, line)
-        assert float(rel) <= 1e-5 and int(graphs) >= 1, line
+        assert float(rel) <= 1e-6 and int(graphs) >= 1, line
 
 
 def test_shard_without_a_process_group_or_unknown_is_a_config_error():

@@ -5,6 +5,7 @@ the Triton interpreter as the CPU evaluation does."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 import memfit
 from memfit.errors import ConfigError
+from memfit.graph import storage_root
 from memfit.models import build_gpt2_small, build_llama, build_mobilenet_tiny, lm_loss
 
 BASE = ["remat", "fused_update"]
@@ -105,3 +107,68 @@ def test_what_stays_on_aten_is_logged_with_the_reason(caplog):
     # RMSNorm's mean of squares and the norm weights' gradient sums end fused groups
     programs = [n.args[1] for n in t.graph.graph.nodes if n.target is torch.ops.memfit.fused.default]
     assert any('"mean.dim"' in p for p in programs) and any('"sum.dim_IntList"' in p for p in programs)
+
+
+class _Views(torch.nn.Module):
+    """Pointwise chains with views between their ops (none saved for the backward): two slices of one value
+    (read through two chains, so computed twice in registers), a transpose, an unsqueeze and an expand in a
+    chain that ends in a sum; and a ``view`` of a sum with a broadcast parameter, which may not be pushed to
+    that parameter (the view joins, the sum does not)."""
+
+    def __init__(self, h=12, s=6):
+        super().__init__()
+        self.lin = torch.nn.Linear(h, 2 * h)
+        self.gain = torch.nn.Parameter(torch.randn(h))
+        self.scale = torch.nn.Parameter(torch.randn(2 * h))
+        self.head = torch.nn.Linear(h * s, 10)
+
+    def forward(self, x):
+        y = self.lin(x)  # (b, s, 2h)
+        p = y * 0.5
+        z = p[..., : y.shape[-1] // 2] - p[..., y.shape[-1] // 2:]  # (b, s, h)
+        t = (z * 2).transpose(1, 2)  # (b, h, s)
+        u = (t.unsqueeze(-1).expand(*t.shape, 3) + self.gain[:, None, None]).sum(-1)  # (b, h, s)
+        m = ((y + self.scale).view(y.shape[0], -1) * 3 - 1)[:, : u[0].numel()]
+        return self.head(torch.tanh(u).transpose(1, 2).reshape(x.shape[0], -1) + m)
+
+
+def test_views_join_groups_and_the_step_is_unchanged(monkeypatch):
+    torch.manual_seed(0)
+    model = _Views()
+    batch = (torch.randn(4, 6, 12), torch.randint(0, 10, (4,)))
+    runs = {}
+    for label, extra in (("unfused", []), ("fused", ["fuse"])):
+        runs[label] = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=F.cross_entropy,
+                                      passes=[*BASE, *extra], optimizer=memfit.SGD(lr=0.1))
+    info = runs["fused"].graph.info["fuse"]
+    fused = [n for n in runs["fused"].graph.graph.nodes if n.target is torch.ops.memfit.fused.default]
+    # the forward's chain from the linear layer's output to the sum: one group, p computed through both slices
+    # (two steps), the linear layer's output read through two views of it
+    chain = next(n for n in fused if "sum" in {m.split("_")[0] for m in n.meta["fused"]} and "sub" in
+                 {m.split("_")[0] for m in n.meta["fused"]})
+    steps = json.loads(chain.args[1])["steps"]
+    assert [s[0] for s in steps].count("mul.Tensor") == 3  # y * 0.5 twice (one per slice), then z * 2
+    roots = [storage_root(i).target for i in chain.args[0]]
+    assert roots.count(torch.ops.aten.addmm.default) == 2  # two views of the linear layer's output
+    # view(y + scale): the view joins its users' group; the sum with the broadcast scale does not, and is read
+    # through the view (and the slice after it)
+    view_group = next(n for n in fused if any(storage_root(i).target is torch.ops.aten.add.Tensor
+                                              for i in n.args[0]))
+    assert {s[0] for s in json.loads(view_group.args[1])["steps"]} >= {"mul.Tensor", "sub.Tensor"}
+    assert info["views_fused"] >= 6
+    for _ in range(3):
+        assert float(runs["fused"].step(*batch)) == float(runs["unfused"].step(*batch))
+    for f, p in runs["unfused"].executor.params.items():
+        torch.testing.assert_close(runs["fused"].executor.params[f], p, rtol=0, atol=0)
+    assert runs["fused"].measure_step(*batch).peak_bytes == runs["fused"].plan.peak_bytes
+    # the generated kernels (under the interpreter on CPU) read the views through their strides alike
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MEMFIT_TRITON_INTERPRET", "1")
+    tri = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=F.cross_entropy,
+                          passes=[*BASE, "fuse"], optimizer=memfit.SGD(lr=0.1))
+    ref = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=F.cross_entropy, passes=BASE,
+                          optimizer=memfit.SGD(lr=0.1))
+    assert all(tri.lowered.kernels[n] == "triton" for n in tri.lowered.kernels if n.startswith("fused"))
+    for _ in range(2):
+        torch.testing.assert_close(tri.step(*batch), ref.step(*batch), rtol=2e-6, atol=2e-6)

@@ -129,3 +129,21 @@ def test_chunked_workspace_is_what_it_holds(shapes, reduce):
 def test_bad_program_is_a_kernel_error(program, match):
     with pytest.raises(KernelError, match=match):
         pw.run_triton(program, [torch.randn(3), torch.randn(3)])
+
+
+@pytest.mark.parametrize("runner", ["chunked", "triton"])
+def test_a_program_that_names_its_strides_writes_them(runner, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 3, 7).transpose(0, 2), torch.randn(7, 3, 1)  # a's ops would give a's permuted layout
+    program = json.dumps({"steps": [["mul.Tensor", [A, B], {}], ["exp.default", [["v", 0]], {}]]})
+    assert pw.out_layout(program, ((a.shape, a.dtype, a.stride()), (b.shape, b.dtype, b.stride())))[2] == a.stride()
+    laid = pw.with_stride(program, (15, 5, 1))
+    out = (pw.run_chunked if runner == "chunked" else pw.run_triton)(laid, [a, b])
+    assert out.stride() == (15, 5, 1) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.exp(a * b), **TOL[torch.float32])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = pw.evaluate_laid_out(laid, [mode.from_tensor(a), mode.from_tensor(b)])
+        assert fake.stride() == (15, 5, 1)

@@ -78,8 +78,9 @@ def test_explicit_passes_are_respected_not_changed():
 
 def test_state_levers_fit_below_the_fp32_adam_floor():
     """Below parameters + fp32 AdamW state, 8-bit moments fit first; below the smallest peak 8-bit
-    moments reach (with any recomputation), low-rank projection."""
-    model, batch, loss_fn = _case("llama")
+    moments reach (with any recomputation), low-rank projection. Two layers: the levers' order is the same."""
+    _, batch, loss_fn = _case("llama")
+    model = models.build_llama(num_hidden_layers=2)
     plan = memfit.plan(model, example_inputs=batch, loss_fn=loss_fn)
     params = plan.persistent["parameters"]
     floor = sum(plan.persistent.values())
