@@ -84,11 +84,17 @@ def _accumulated(grad: torch.Tensor, grad_acc: torch.Tensor | None, micro_step: 
     return grad_acc, 1.0 / micro_steps
 
 
+# the schemas are written out: an optional tensor list (``grad_inputs``) is beyond schema inference
 @torch.library.custom_op(f"{_LIB}::adamw_update",
-                         mutates_args=("param", "exp_avg", "exp_avg_sq", "grad_acc", "wscale"))
+                         mutates_args=("param", "exp_avg", "exp_avg_sq", "grad_acc", "wscale"), schema=(
+                             "(Tensor(a0!) param, Tensor? grad, Tensor(a2!) exp_avg, Tensor(a3!) exp_avg_sq, "
+                             "Tensor(a4!)? grad_acc, float lr, SymInt step, SymInt micro_step, float beta1, "
+                             "float beta2, float eps, float weight_decay, SymInt micro_steps=1, "
+                             "float spike_threshold=0., Tensor(a14!)? wscale=None, SymInt wgroup=0, SymInt wseed=0, "
+                             'str wround="stochastic", str grad_program="", Tensor[]? grad_inputs=None) -> ()'))
 def adamw_update(
     param: torch.Tensor,
-    grad: torch.Tensor,
+    grad: torch.Tensor | None,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     grad_acc: torch.Tensor | None,
@@ -105,9 +111,12 @@ def adamw_update(
     wgroup: int = 0,
     wseed: int = 0,
     wround: str = "stochastic",
+    grad_program: str = "",
+    grad_inputs: list[torch.Tensor] | None = None,
 ) -> None:
     run_adamw_update(adamw_ref, param, grad, exp_avg, exp_avg_sq, grad_acc, lr, step, micro_step,
-                     beta1, beta2, eps, weight_decay, micro_steps, spike_threshold, wscale, wgroup, wseed, wround)
+                     beta1, beta2, eps, weight_decay, micro_steps, spike_threshold, wscale, wgroup, wseed, wround,
+                     grad_program, grad_inputs)
 
 
 @adamw_update.register_fake
@@ -117,11 +126,20 @@ def _(*args, **kwargs):
 
 def run_adamw_update(kernel, param, grad, exp_avg, exp_avg_sq, grad_acc, lr, step, micro_step,
                      beta1, beta2, eps, weight_decay, micro_steps=1, spike_threshold=0.0, wscale=None, wgroup=0,
-                     wseed=0, wround="stochastic", *, wk: WeightKernels | None = None):
+                     wseed=0, wround="stochastic", grad_program="", grad_inputs=None, *,
+                     wk: WeightKernels | None = None, fused=None):
     """Body of ``memfit::adamw_update`` with the elementwise step supplied (Triton launcher or reference).
 
     ``spike_threshold > 0`` is SPAM's spike-aware clipping, applied inside the step (passed as a keyword
-    argument on the graph node, so the positional layout the other passes read is unchanged)."""
+    argument on the graph node, so the positional layout the other passes read is unchanged). With
+    ``grad_program`` the gradient is that pointwise program of ``grad_inputs``, made one chunk at a time
+    (``prologue_parts``; ``fused`` runs it, None: the chunked CPU evaluation) and stepped at once."""
+    if grad_program:
+        for box, g in prologue_parts(grad_program, grad_inputs, param, fused):
+            run_adamw_update(kernel, _box(param, box), g, _box(exp_avg, box), _box(exp_avg_sq, box),
+                             _box(grad_acc, box), lr, step, micro_step, beta1, beta2, eps, weight_decay, micro_steps,
+                             spike_threshold, wk=wk)
+        return
     g, scale = _accumulated(grad, grad_acc, micro_step, micro_steps)
     if g is None:
         return
@@ -139,10 +157,15 @@ def run_adamw_update(kernel, param, grad, exp_avg, exp_avg_sq, grad_acc, lr, ste
         grad_acc.zero_()
 
 
-@torch.library.custom_op(f"{_LIB}::sgd_update", mutates_args=("param", "momentum_buffer", "grad_acc", "wscale"))
+@torch.library.custom_op(f"{_LIB}::sgd_update", mutates_args=("param", "momentum_buffer", "grad_acc", "wscale"),
+                         schema=("(Tensor(a0!) param, Tensor? grad, Tensor(a2!)? momentum_buffer, "
+                                 "Tensor(a3!)? grad_acc, float lr, SymInt step, SymInt micro_step, float momentum, "
+                                 "float dampening, bool nesterov, float weight_decay, SymInt micro_steps=1, "
+                                 "Tensor(a12!)? wscale=None, SymInt wgroup=0, SymInt wseed=0, "
+                                 'str wround="stochastic", str grad_program="", Tensor[]? grad_inputs=None) -> ()'))
 def sgd_update(
     param: torch.Tensor,
-    grad: torch.Tensor,
+    grad: torch.Tensor | None,
     momentum_buffer: torch.Tensor | None,
     grad_acc: torch.Tensor | None,
     lr: float,
@@ -157,9 +180,11 @@ def sgd_update(
     wgroup: int = 0,
     wseed: int = 0,
     wround: str = "stochastic",
+    grad_program: str = "",
+    grad_inputs: list[torch.Tensor] | None = None,
 ) -> None:
     run_sgd_update(sgd_ref, param, grad, momentum_buffer, grad_acc, lr, step, micro_step, momentum, dampening,
-                   nesterov, weight_decay, micro_steps, wscale, wgroup, wseed, wround)
+                   nesterov, weight_decay, micro_steps, wscale, wgroup, wseed, wround, grad_program, grad_inputs)
 
 
 @sgd_update.register_fake
@@ -168,9 +193,15 @@ def _(*args, **kwargs):
 
 
 def run_sgd_update(kernel, param, grad, momentum_buffer, grad_acc, lr, step, micro_step, momentum, dampening,
-                   nesterov, weight_decay, micro_steps=1, wscale=None, wgroup=0, wseed=0, wround="stochastic", *,
-                   wk: WeightKernels | None = None):
-    """Body of ``memfit::sgd_update`` with the elementwise step supplied (Triton launcher or reference)."""
+                   nesterov, weight_decay, micro_steps=1, wscale=None, wgroup=0, wseed=0, wround="stochastic",
+                   grad_program="", grad_inputs=None, *, wk: WeightKernels | None = None, fused=None):
+    """Body of ``memfit::sgd_update`` with the elementwise step supplied (Triton launcher or reference); a
+    ``grad_program`` makes the gradient chunk by chunk, as in ``run_adamw_update``."""
+    if grad_program:
+        for box, g in prologue_parts(grad_program, grad_inputs, param, fused):
+            run_sgd_update(kernel, _box(param, box), g, _box(momentum_buffer, box), _box(grad_acc, box), lr, step,
+                           micro_step, momentum, dampening, nesterov, weight_decay, micro_steps, wk=wk)
+        return
     g, scale = _accumulated(grad, grad_acc, micro_step, micro_steps)
     if g is None:
         return
@@ -182,6 +213,72 @@ def run_sgd_update(kernel, param, grad, momentum_buffer, grad_acc, lr, step, mic
     if grad_acc is not None and micro_steps > 1:
         grad_acc.zero_()
 
+
+
+# ---- a pointwise prologue inside an update op (fuse) ------------------------------------------------------
+# AdamW's and SGD's updates walk the gradient with the weight, its moments and its accumulator element by
+# element, so a pointwise program may make the gradient inside the op, one chunk of the weight's elements at a
+# time: ``fuse`` folds a group whose one reader is such an op's gradient (a clipped gradient's ``g * coef``,
+# say) into the op's ``grad_program`` / ``grad_inputs``, and the gradient never exists whole. The op and the
+# tensors it walks with the gradient (all of the weight's shape, contiguous):
+PROLOGUE_OPS = {"adamw_update": ("param", "exp_avg", "exp_avg_sq", "grad_acc"),
+                "sgd_update": ("param", "momentum_buffer", "grad_acc")}
+
+
+def prologue_boxes(shape: tuple[int, ...]) -> list[tuple]:
+    """The chunks of a weight a prologue is made in: the fused programs' chunks (``kernels.pointwise``), each
+    a contiguous block of a contiguous weight, the first the largest."""
+    from .kernels.pointwise import _chunks
+
+    return list(_chunks(tuple(shape)))
+
+
+def _box(t: torch.Tensor | None, box: tuple) -> torch.Tensor | None:
+    return None if t is None else t[tuple(slice(lo, hi) for lo, hi in box)]
+
+
+def prologue_parts(program: str, inputs: list[torch.Tensor], param: torch.Tensor, fused=None):
+    """Yield ``(box, gradient chunk)`` over ``prologue_boxes(param.shape)``: the program on the inputs' slices
+    (each broadcast to the weight's shape), written into one contiguous buffer of the largest chunk, reused."""
+    from .kernels import pointwise as pw
+
+    shape = tuple(param.shape)
+    boxes = prologue_boxes(shape)
+    if not boxes or not math.prod(shape):
+        return
+    dtype = pw.out_layout(program, tuple((tuple(x.shape), x.dtype, tuple(x.stride())) for x in inputs))[1]
+    buf = torch.empty(math.prod(hi - lo for lo, hi in boxes[0]), dtype=dtype, device=param.device)
+    for box in boxes:
+        dims = tuple(hi - lo for lo, hi in box)
+        part = buf[:math.prod(dims)].view(dims)
+        (fused or pw.run_chunked)(program, [pw._slice(x, len(shape), box) for x in inputs], out=part)
+        yield box, part
+
+
+def prologue_workspace(node, a: OpArgs, triton: bool) -> int:
+    """An update op with a ``grad_program``: the chunk buffer, with the program's chunk intermediates on the CPU
+    (none in the generated kernel) and then the update's own workspace for one chunk."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .kernels import pointwise as pw
+
+    param = a.param.meta["val"]
+    shape = tuple(param.shape)
+    first = prologue_boxes(shape)[0]
+    numel = math.prod(hi - lo for lo, hi in first)
+    sigs = [(tuple(x.meta["val"].shape), x.meta["val"].dtype, tuple(x.meta["val"].stride())) for x in a.grad_inputs]
+    with FakeTensorMode():
+        parts = [pw._slice(torch.empty_strided(s, st, dtype=dt), len(shape), first) for s, dt, st in sigs]
+        sliced = [(tuple(x.shape), x.dtype, tuple(x.stride())) for x in parts]
+    dtype = pw.out_layout(a.grad_program, tuple(sigs))[1]
+    evaluate = 0 if triton else pw.chunked_workspace(a.grad_program, sliced)
+    low = param.dtype != torch.float32
+    if node.target is torch.ops.memfit.adamw_update.default:
+        own = adamw_workspace(numel, low, 0, a.micro_steps, triton, spike=(a.spike_threshold or 0) > 0)
+    else:
+        owns = a.micro_steps > 1 or a.weight_decay != 0 or (a.momentum != 0 and a.nesterov)
+        own = sgd_workspace(numel, low, 0, a.micro_steps, triton, owns)
+    return numel * dtype.itemsize + max(evaluate, own, FINITE_CHECK_BYTES)
 
 
 # ---- low-rank projected update (GaLore / APOLLO / Fira / FRUGAL, Q-GaLore options) -----------------
@@ -1811,6 +1908,8 @@ def _op_workspace(node, triton: bool) -> int:
     a = args_of(node)
     if a.wscale is not None:
         return _int8_weight_workspace(node, a, triton)
+    if target in (ops.adamw_update.default, ops.sgd_update.default) and a.grad_program:
+        return prologue_workspace(node, a, triton)
     return _update_workspace(node, a, triton)
 
 

@@ -430,7 +430,7 @@ def generate_source(program: str, in_dtypes: tuple[torch.dtype, ...], out_dtype:
                 lines.append(f"    rem = rem // d{k}")
     env_in = []
     for i, dt in enumerate(in_dtypes):
-        off = " + ".join(f"i{k} * s{i}_{k}" for k in range(rank)) or "0"
+        off = " + ".join(f"i{k} * s{i}_{k}" for k in range(rank)) or ("0" if reduce else "offs * 0")  # a block
         load = f"tl.load(in{i} + ({off}), mask=mask"
         if _kind(dt) == "f":
             lines.append(f"{pad}x{i} = {load}, other=0.0).to(tl.float32)")
@@ -466,7 +466,7 @@ def generate_source(program: str, in_dtypes: tuple[torch.dtype, ...], out_dtype:
         lines.append("    mask = True")
     else:
         lines.append(f"    r = v{len(steps) - 1}")
-        lines.append(f"    out_off = {' + '.join(f'i{k} * so_{k}' for k in range(rank)) or '0'}")
+        lines.append(f"    out_off = {' + '.join(f'i{k} * so_{k}' for k in range(rank)) or 'offs * 0'}")
     if out_dtype == torch.bool:
         lines.append("    tl.store(out_ptr + out_off, r.to(tl.int1), mask=mask)")
     elif out_dtype == torch.bfloat16:

@@ -20,6 +20,11 @@ input, and the kernel reduces in registers. Other reductions, matmuls, convoluti
 memfit's own ops are not fused. The output keeps the unfused op's strides (the program says them when its
 inputs' views would lead ATen to another layout).
 
+A group whose one reader is an AdamW or SGD update's gradient (``ops.PROLOGUE_OPS``) becomes that op's
+prologue instead, even a group of one op (clipping's ``g * coef``): the op gets ``grad=None`` and the program
+with its inputs (``grad_program``, ``grad_inputs``), and makes the gradient chunk by chunk as it steps the
+weight (``ops.prologue_parts``), so the gradient never exists whole.
+
 Memory: a group's intermediates never exist; its inputs live until the fused op runs. The plan reads the
 op's declared workspace: 0 for the generated Triton kernel; on CPU the chunked evaluation's live
 intermediates of one chunk (``kernels.pointwise.chunked_workspace``, exact). ``graph.info["fuse"]`` counts
@@ -41,7 +46,7 @@ from torch import fx
 
 from ..errors import ConfigError, where_what_got
 from ..graph import TrainGraph, value_nbytes
-from ..ops import fused_layout, fused_with_stride, fusible_ops, op_call
+from ..ops import PROLOGUE_OPS, args_of, fused_layout, fused_with_stride, fusible_ops, op_call, replace_args
 from .base import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -163,38 +168,44 @@ class Fuse(Pass):
         compute = [n for n in nodes if n.op == "call_function" and n.target not in _FREE
                    and n.target is not operator.getitem and n.target not in _LIBRARY
                    and getattr(n.target, "namespace", None) != "memfit"]
-        groups, programs, covered, views, saved = 0, set(), 0, 0, 0
+        groups, prologues, programs, covered, views, saved = 0, 0, set(), 0, 0, 0
         fused_names: set[fx.Node] = set()
         for root, group in members.items():
             ops_in = [m for m in group if m.target not in _VIEWS]
-            if len(ops_in) < self.min_ops:
+            update = _prologue_of(root)
+            if len(ops_in) < self.min_ops and update is None:
                 continue
             group.sort(key=order.__getitem__)
             program, slots = _program(root, set(group))
-            bases = list(dict.fromkeys(b for b, _ in slots))
-            # as early as its inputs allow, not before its first member: the inputs die as soon as in the
-            # unfused chain, the output lives a little longer
-            at = max([group[0], *[i for i in bases if i.op != "placeholder"]], key=order.__getitem__)
-            at = at if at in group else at.next
-            with g.graph.inserting_before(at):
-                inputs = [_emit_chain(g.graph, b, c) for b, c in slots]
-                program = _keep_layout(program, inputs, root)
-                new = op_call(g.graph, torch.ops.memfit.fused.default, inputs=inputs, program=program)
-            new.meta.update(root.meta)  # its value, its source line, its forward mark
-            new.meta["fused"] = [m.name for m in ops_in]
-            root.replace_all_uses_with(new)
-            _retarget(g, root, new)
-            for m in reversed(group):
-                for u in [u for u in m.users if u.target is _PASSIVE]:
-                    g.graph.erase_node(u)
-                g.graph.erase_node(m)
-            groups += 1
+            if update is not None:  # the update op makes its gradient itself, chunk by chunk (root included)
+                with g.graph.inserting_before(update):
+                    inputs = [_emit_chain(g.graph, b, c) for b, c in slots]
+                update.args, update.kwargs = replace_args(update, grad=None, grad_program=program,
+                                                          grad_inputs=inputs)
+                update.meta["fused"] = [m.name for m in ops_in]
+                prologues += 1
+            else:
+                bases = list(dict.fromkeys(b for b, _ in slots))
+                # as early as its inputs allow, not before its first member: the inputs die as soon as in the
+                # unfused chain, the output lives a little longer
+                at = max([group[0], *[i for i in bases if i.op != "placeholder"]], key=order.__getitem__)
+                at = at if at in group else at.next
+                with g.graph.inserting_before(at):
+                    inputs = [_emit_chain(g.graph, b, c) for b, c in slots]
+                    program = _keep_layout(program, inputs, root)
+                    new = op_call(g.graph, torch.ops.memfit.fused.default, inputs=inputs, program=program)
+                new.meta.update(root.meta)  # its value, its source line, its forward mark
+                new.meta["fused"] = [m.name for m in ops_in]
+                root.replace_all_uses_with(new)
+                _retarget(g, root, new)
+                groups += 1
+            _erase(g, group)
             programs.add(program)
             covered += len(ops_in)
             views += len(group) - len(ops_in)
             fused_names.update(ops_in)
-            saved += sum(value_nbytes(m.meta["val"]) for m in ops_in if m is not root)
-        if groups:
+            saved += sum(value_nbytes(m.meta["val"]) for m in ops_in if update is not None or m is not root)
+        if groups or prologues:
             _updates_after_readers(g)
         left: dict[str, int] = {}  # compute nodes left to ATen, by the reason
         for n in compute:
@@ -206,14 +217,45 @@ class Fuse(Pass):
                    "a dtype or argument the generator does not take")
             key = f"{_op_name(n) or n.target}: {why}"
             left[key] = left.get(key, 0) + 1
-        stats = {"groups": groups, "kernels": len(programs), "nodes_fused": covered, "views_fused": views,
+        stats = {"groups": groups, "prologues": prologues, "kernels": len(programs), "nodes_fused": covered,
+                 "views_fused": views,
                  "compute_nodes": len(compute), "share": round(covered / max(1, len(compute)), 3),
                  "bytes_not_materialised": saved, "left_to_aten": left}
         g.info["fuse"] = stats
-        log.info("fuse: %d groups, %d kernels, %d of %d non-matmul compute nodes (and %d views); left to ATen: %s",
-                 groups, len(programs), covered, len(compute), views,
+        log.info("fuse: %d groups and %d update prologues, %d kernels, %d of %d non-matmul compute nodes (and %d "
+                 "views); left to ATen: %s", groups, prologues, len(programs), covered, len(compute), views,
                  ", ".join(f"{k} x{v}" for k, v in sorted(left.items(), key=lambda kv: -kv[1])) or "none")
-        return PassResult(g, bool(groups), stats, meta_ok=True)
+        return PassResult(g, bool(groups or prologues), stats, meta_ok=True)
+
+
+def _erase(g: TrainGraph, group: list[fx.Node]) -> None:
+    """Erase a fused group's members (last first), with the metadata checks that read them."""
+    for m in reversed(group):
+        for u in [u for u in m.users if u.target is _PASSIVE]:
+            g.graph.erase_node(u)
+        g.graph.erase_node(m)
+
+
+def _prologue_of(root: fx.Node) -> fx.Node | None:
+    """The update op whose gradient ``root`` is, when that op may make it itself chunk by chunk
+    (``ops.PROLOGUE_OPS``): its only reader, the gradient of the weight's shape, every tensor the op walks
+    with it contiguous, the weight not an encoded one; else None."""
+    users = [u for u in root.users if u.target is not _PASSIVE]
+    if len(users) != 1 or root.target in _REDUCTION_OPS:
+        return None
+    u = users[0]
+    target = u.target
+    if getattr(target, "namespace", None) != "memfit" or target._opname not in PROLOGUE_OPS:
+        return None
+    a = args_of(u)
+    if a.grad is not root or a.wscale is not None or a.grad_program:
+        return None
+    if sum(x is root for x in torch.utils._pytree.tree_leaves((u.args, u.kwargs))) != 1:  # read once: as grad
+        return None
+    if tuple(root.meta["val"].shape) != tuple(a.param.meta["val"].shape):
+        return None
+    walked = [getattr(a, name) for name in PROLOGUE_OPS[target._opname]]
+    return u if all(t is None or t.meta["val"].is_contiguous() for t in walked) else None
 
 
 def _freeze(a):

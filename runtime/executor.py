@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import ops as memfit_ops
 from ..errors import NonFiniteError, UnsupportedGraph, where_what_got
 from ..graph import NAME_KEY, ROLE_KEY, StateSpec, TrainGraph
-from .lower import Lowered, step_hook
+from .lower import Lowered, step_hook, use_triton
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
 
@@ -164,9 +165,8 @@ class StepGuard:
         named = _named_args(op, args, kwargs)
         micro, micro_steps = named.get("micro_step", 0), named.get("micro_steps", 1)
         applying = micro_steps <= 1 or micro >= micro_steps - 1
-        grad = named.get("grad")
         fqn = self.executor.param_name.get(id(named.get("param")), "?")
-        if self.nonfinite != "ignore" and isinstance(grad, torch.Tensor) and not all_finite(grad):
+        if self.nonfinite != "ignore" and not _gradient_finite(named):
             if (self.applied == 0 or self.transactional or self.nonfinite == "raise") and not (
                     self.owned_only and self.nonfinite == "skip"):
                 raise NonFiniteError(where_what_got(
@@ -222,6 +222,22 @@ def all_finite(t: torch.Tensor) -> bool:
     if math.isfinite((t.sum(dtype=torch.float32) if t.is_floating_point() else t.sum()).item()):
         return True
     return bool(torch.isfinite(t).all())
+
+
+def _gradient_finite(named: dict) -> bool:
+    """Whether an update op's gradient is finite: the tensor, or the chunks its ``grad_program`` makes (the
+    same chunks, buffer and kernel the op then makes them with, so the check holds no more than the op)."""
+    grad = named.get("grad")
+    if isinstance(grad, torch.Tensor):
+        return all_finite(grad)
+    if not named.get("grad_program"):
+        return True
+    from ..kernels.pointwise import run_triton
+
+    param = named["param"]
+    fused = run_triton if use_triton(param.device) else None
+    return all(all_finite(part) for _, part in memfit_ops.prologue_parts(named["grad_program"], named["grad_inputs"],
+                                                                         param, fused))
 
 
 def _named_args(op, args: tuple, kwargs: dict) -> dict:

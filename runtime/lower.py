@@ -76,8 +76,9 @@ def _kernel_impls(triton: bool) -> dict:
     ops = torch.ops.memfit
     return {
         ops.adamw_update.default: (_bind(memfit_ops.run_adamw_update, label, ops.adamw_update.default, adamw,
-                                         wk=wk), label),
-        ops.sgd_update.default: (_bind(memfit_ops.run_sgd_update, label, ops.sgd_update.default, sgd, wk=wk), label),
+                                         wk=wk, fused=fused_kernel), label),
+        ops.sgd_update.default: (_bind(memfit_ops.run_sgd_update, label, ops.sgd_update.default, sgd, wk=wk,
+                                       fused=fused_kernel), label),
         ops.adam8bit_update.default: (_bind(memfit_ops.run_adam8bit_update, label, ops.adam8bit_update.default,
                                             adam8bit, quant, wk=wk), label),
         ops.lowrank_update.default: (_bind(memfit_ops.run_lowrank_update, label, ops.lowrank_update.default,

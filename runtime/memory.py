@@ -126,8 +126,9 @@ class MemoryPlan:
             out.append(f"  cross-entropy left unfused: {reason}")
         f = self.fusion.get("fuse")
         if f:
-            out.append(f"  fused pointwise: {f['groups']} groups, {f['kernels']} generated kernels, {f['nodes_fused']} "
-                       f"of {f['compute_nodes']} non-matmul nodes ({f['share']:.0%}); "
+            pro = f" and {f['prologues']} update prologues" if f.get("prologues") else ""
+            out.append(f"  fused pointwise: {f['groups']} groups{pro}, {f['kernels']} generated kernels, "
+                       f"{f['nodes_fused']} of {f['compute_nodes']} non-matmul nodes ({f['share']:.0%}); "
                        f"{fmt_bytes(f['bytes_not_materialised'])} of intermediates never materialised"
                        + (" (in the captured layers)" if self.replicated else ""))
         return out

@@ -136,8 +136,11 @@ def test_nonfinite_raise_undoes_and_raises():
     _assert_same(before, _snapshot(tr))
 
 
-def test_nonfinite_gradient_with_a_finite_loss_is_caught_before_its_update():
-    """sqrt(|out - y|) at out == y: the loss is 0, its gradient NaN."""
+@pytest.mark.parametrize(("prologue", "nonfinite"), [(False, "raise"), (True, "raise"), (True, "skip")],
+                         ids=["grad", "prologue-raise", "prologue-skip"])
+def test_nonfinite_gradient_with_a_finite_loss_is_caught_before_its_update(prologue, nonfinite):
+    """sqrt(|out - y|) at out == y: the loss is 0, its gradient NaN. With ``prologue`` the gradient is clipped
+    inside its update (``fuse``): the step hook checks the chunks the op would step, so nothing changes."""
     model = torch.nn.Linear(4, 1)
     with torch.no_grad():
         model.weight.zero_()
@@ -147,12 +150,19 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught_before_its_update():
         return torch.sqrt((out.squeeze(-1) - y).abs()).sum()
 
     x, y = torch.ones(2, 4), torch.zeros(2)
+    extra = {"clip_grad_norm": 1.0, "clip": "per_param", "fuse": True} if prologue else {}
     tr = memfit.optimize(model, example_inputs=(x, y), loss_fn=loss_fn, optimizer=memfit.AdamW(lr=0.1),
-                         nonfinite="raise")
+                         nonfinite=nonfinite, **extra)
+    updates = [n for n in tr.graph.graph.nodes if n.target is torch.ops.memfit.adamw_update.default]
+    assert all(bool(n.kwargs.get("grad_program")) == prologue for n in updates)
     before = _snapshot(tr)
-    with pytest.raises(memfit.NonFiniteError, match=r"expected a finite gradient of (weight|bias)") as info:
-        tr.step(x, y)
-    assert info.value.before_updates
+    if nonfinite == "raise":
+        with pytest.raises(memfit.NonFiniteError, match=r"expected a finite gradient of (weight|bias)") as info:
+            tr.step(x, y)
+        assert info.value.before_updates
+    else:
+        with pytest.warns(UserWarning, match="non-finite"):
+            tr.step(x, y)
     _assert_same(before, _snapshot(tr))
 
 

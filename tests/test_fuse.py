@@ -39,10 +39,14 @@ def test_fused_step_trains_as_unfused_and_plans_exactly(name):
     t = memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=loss_fn, passes=[*BASE, "fuse"],
                         optimizer=memfit.SGD(lr=0.1))
     info = t.graph.info["fuse"]
-    assert info["groups"] >= 1 and info["kernels"] <= info["groups"] and 0 < info["share"] <= 1
+    assert info["groups"] >= 1 and info["kernels"] <= info["groups"] + info["prologues"] and 0 < info["share"] <= 1
     assert info["bytes_not_materialised"] > 0
     fused = [n for n in t.graph.graph.nodes if n.target is torch.ops.memfit.fused.default]
-    assert len(fused) == info["groups"] and sum(len(n.meta["fused"]) for n in fused) == info["nodes_fused"]
+    prologues = [n for n in _updates(t) if n.kwargs.get("grad_program")]
+    assert len(fused) == info["groups"] and len(prologues) == info["prologues"]
+    assert sum(len(n.meta["fused"]) for n in fused + prologues) == info["nodes_fused"]
+    if name == "gpt2":  # the tied embedding's two gradients are summed inside its update
+        assert [p for p in prologues if '"add.Tensor"' in p.kwargs["grad_program"]]
     for _ in range(3):
         assert float(t.step(*batch)) == pytest.approx(float(ref.step(*batch)), rel=1e-6)
     for f, p in ref.executor.params.items():
@@ -172,3 +176,58 @@ def test_views_join_groups_and_the_step_is_unchanged(monkeypatch):
     assert all(tri.lowered.kernels[n] == "triton" for n in tri.lowered.kernels if n.startswith("fused"))
     for _ in range(2):
         torch.testing.assert_close(tri.step(*batch), ref.step(*batch), rtol=2e-6, atol=2e-6)
+
+
+def _updates(t):
+    ops = (torch.ops.memfit.adamw_update.default, torch.ops.memfit.sgd_update.default)
+    return [n for n in t.graph.graph.nodes if n.target in ops]
+
+
+@pytest.mark.parametrize(("clip", "opt"), [("global", "adamw"), ("per_param", "sgd")])
+def test_a_clipped_gradient_is_made_inside_its_update(clip, opt):
+    """clip_grad_norm's ``g * coef`` is the pointwise prologue of each update: folded into the op, which makes
+    the clipped gradient chunk by chunk (never whole) and steps each chunk; the same training as unfused (as
+    the fused groups: to the last ulp on a few elements, which AdamW's ``m / sqrt(v)`` may then carry), an
+    exact plan, and per parameter the peak (at a clipped copy) falls."""
+    model, batch, loss_fn = _case("llama")
+
+    def make(fuse):
+        o = memfit.AdamW(lr=1e-3) if opt == "adamw" else memfit.SGD(lr=0.1, momentum=0.9)
+        return memfit.optimize(copy.deepcopy(model), example_inputs=batch, loss_fn=loss_fn, optimizer=o,
+                               clip_grad_norm=0.5, clip=clip, fuse=fuse)
+
+    runs = {fuse: make(fuse) for fuse in (False, True)}
+    ups = _updates(runs[True])
+    assert ups and all(n.kwargs.get("grad_program") and n.args[1] is None for n in ups)
+    assert runs[True].graph.info["fuse"]["prologues"] == len(ups)
+    for _ in range(3):
+        assert float(runs[True].step(*batch)) == pytest.approx(float(runs[False].step(*batch)), rel=1e-6)
+    if opt == "sgd":
+        for f, p in runs[False].executor.params.items():
+            torch.testing.assert_close(runs[True].executor.params[f], p, rtol=1e-5, atol=1e-6)
+    assert runs[True].measure_step(*batch).peak_bytes == runs[True].plan.peak_bytes
+    if clip == "per_param":
+        assert runs[True].plan.peak_bytes < runs[False].plan.peak_bytes
+
+
+def test_the_generated_prologue_kernel_steps_as_the_cpu_evaluation(monkeypatch):
+    """SGD with momentum and a clipped gradient on the MLP: the prologue run by its generated kernel (under
+    the interpreter on CPU) and by the chunked evaluation give the same weights."""
+    from memfit.models import build_mlp
+
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+    opt = memfit.SGD(lr=0.1, momentum=0.9)
+    ref = memfit.optimize(build_mlp(seed=0), example_inputs=batch, loss_fn=F.cross_entropy, optimizer=opt,
+                          clip_grad_norm=0.1, clip="per_param", fuse=True)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MEMFIT_TRITON_INTERPRET", "1")
+    tri = memfit.optimize(build_mlp(seed=0), example_inputs=batch, loss_fn=F.cross_entropy, optimizer=opt,
+                          clip_grad_norm=0.1, clip="per_param", fuse=True)
+    assert all(n.kwargs.get("grad_program") for n in _updates(tri))
+    assert all(tri.lowered.kernels[n.name] == "triton" for n in _updates(tri))
+    for _ in range(2):
+        torch.testing.assert_close(tri.step(*batch), ref.step(*batch), rtol=2e-6, atol=2e-6)
+    for f, p in ref.executor.params.items():
+        torch.testing.assert_close(tri.executor.params[f], p, rtol=1e-6, atol=1e-7)

@@ -147,3 +147,17 @@ def test_a_program_that_names_its_strides_writes_them(runner, monkeypatch):
     with FakeTensorMode() as mode:
         fake = pw.evaluate_laid_out(laid, [mode.from_tensor(a), mode.from_tensor(b)])
         assert fake.stride() == (15, 5, 1)
+
+
+def test_a_program_over_0_dim_values_runs_as_one_element(monkeypatch):
+    """clip_grad_norm's coefficient, min(max_norm / (norm + 1e-6), 1), made from a 0-dim norm: the generated
+    kernel's offsets are blocks even with no dimension to index."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    program = json.dumps({"steps": [["add.Tensor", [A, 1e-6], {}], ["reciprocal.default", [["v", 0]], {}],
+                                    ["mul.Tensor", [["v", 1], 0.5], {}], ["clamp_max.default", [["v", 2], 1.0], {}]]})
+    norm = torch.tensor(3.0)
+    want = torch.clamp(0.5 / (norm + 1e-6), max=1.0)
+    for run in (pw.run_triton, pw.run_chunked):
+        got = run(program, [norm])
+        assert got.shape == () and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
