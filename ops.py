@@ -225,12 +225,12 @@ PROLOGUE_OPS = {"adamw_update": ("param", "exp_avg", "exp_avg_sq", "grad_acc"),
                 "sgd_update": ("param", "momentum_buffer", "grad_acc")}
 
 
-def prologue_boxes(shape: tuple[int, ...]) -> list[tuple]:
-    """The chunks of a weight a prologue is made in: the fused programs' chunks (``kernels.pointwise``), each
+def prologue_boxes(shape: tuple[int, ...], program: str) -> list[tuple]:
+    """The chunks of a weight a prologue is made in: the program's CPU chunks (``kernels.pointwise``), each
     a contiguous block of a contiguous weight, the first the largest."""
-    from .kernels.pointwise import _chunks
+    from .kernels.pointwise import _chunks, chunk_of
 
-    return list(_chunks(tuple(shape)))
+    return list(_chunks(tuple(shape), (), chunk_of(program)))
 
 
 def _box(t: torch.Tensor | None, box: tuple) -> torch.Tensor | None:
@@ -243,7 +243,7 @@ def prologue_parts(program: str, inputs: list[torch.Tensor], param: torch.Tensor
     from .kernels import pointwise as pw
 
     shape = tuple(param.shape)
-    boxes = prologue_boxes(shape)
+    boxes = prologue_boxes(shape, program)
     if not boxes or not math.prod(shape):
         return
     dtype = pw.out_layout(program, tuple((tuple(x.shape), x.dtype, tuple(x.stride())) for x in inputs))[1]
@@ -264,7 +264,7 @@ def prologue_workspace(node, a: OpArgs, triton: bool) -> int:
 
     param = a.param.meta["val"]
     shape = tuple(param.shape)
-    first = prologue_boxes(shape)[0]
+    first = prologue_boxes(shape, a.grad_program)[0]
     numel = math.prod(hi - lo for lo, hi in first)
     sigs = [(tuple(x.meta["val"].shape), x.meta["val"].dtype, tuple(x.meta["val"].stride())) for x in a.grad_inputs]
     with FakeTensorMode():
@@ -1413,6 +1413,20 @@ def fused_with_stride(program: str, stride: tuple[int, ...]) -> str:
     from .kernels.pointwise import with_stride
 
     return with_stride(program, stride)
+
+
+def fused_chunk(program: str) -> int:
+    """Elements per chunk of a fused program's CPU evaluation."""
+    from .kernels.pointwise import chunk_of
+
+    return chunk_of(program)
+
+
+def fused_with_chunk(program: str, chunk: int) -> str:
+    """The program with its CPU evaluation in chunks of ``chunk`` elements."""
+    from .kernels.pointwise import with_chunk
+
+    return with_chunk(program, chunk)
 
 
 def fusible_ops() -> frozenset[str]:

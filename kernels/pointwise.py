@@ -2,7 +2,8 @@
 
 A *program* is a chain (or tree) of pointwise ATen ops over some input tensors, as the ``fuse`` pass cuts it
 from the step: a JSON string ``{"steps": [[op, args, kwargs], ...]}`` whose last step is the output, and
-optionally ``"stride"``, the output's strides (else those ATen's ops give it). An
+optionally ``"stride"``, the output's strides (else those ATen's ops give it), and ``"chunk"``, the CPU
+evaluation's chunk (else ``CHUNK_ELEMENTS``). An
 argument is ``["in", i]`` (input ``i``), ``["v", j]`` (step ``j``'s value), ``["dtype", name]`` or a literal.
 ``OPS`` lists the ops a program may use, each with its ATen overload and its Triton expression.
 
@@ -230,11 +231,12 @@ def evaluate(program: str, inputs: list[torch.Tensor]) -> torch.Tensor:
     return vals[len(steps) - 1]
 
 
-def _chunks(shape: tuple[int, ...], whole: tuple[int, ...] = ()):
+def _chunks(shape: tuple[int, ...], whole: tuple[int, ...] = (), chunk: int | None = None):
     """Chunks of ``shape`` as per-dimension (start, stop) tuples: the ``whole`` dimensions (a reduction's)
     entire in every chunk; of the others, every index of those before the split dimension ``j`` alone and
-    ``j`` in runs of as many rows as fit ``CHUNK_ELEMENTS``. ``j`` is the first free dimension whose row
-    (the dimensions after it and the whole ones) holds at most ``CHUNK_ELEMENTS`` elements."""
+    ``j`` in runs of as many rows as fit ``chunk`` elements (default ``CHUNK_ELEMENTS``). ``j`` is the first
+    free dimension whose row (the dimensions after it and the whole ones) holds at most that many."""
+    chunk = chunk or CHUNK_ELEMENTS
     rank = len(shape)
     free = [k for k in range(rank) if k not in whole]
     if not free:
@@ -244,8 +246,8 @@ def _chunks(shape: tuple[int, ...], whole: tuple[int, ...] = ()):
     def row(j: int) -> int:
         return math.prod(shape[k] for k in range(rank) if k > j or k in whole)
 
-    j = next((k for k in free if row(k) <= CHUNK_ELEMENTS), free[-1])
-    rows = max(1, CHUNK_ELEMENTS // max(1, row(j)))
+    j = next((k for k in free if row(k) <= chunk), free[-1])
+    rows = max(1, chunk // max(1, row(j)))
     lead = [k for k in free if k < j]
     for index in itertools.product(*[range(shape[k]) for k in lead]):
         at = dict(zip(lead, index, strict=True))
@@ -277,7 +279,7 @@ def run_chunked(program: str, inputs: list[torch.Tensor], out: torch.Tensor | No
         return out
     red = _space(parse(program), inputs)
     space, dims, keepdim = red if red else (tuple(out.shape), (), False)
-    for box in _chunks(space, dims):
+    for box in _chunks(space, dims, chunk_of(program)):
         part = evaluate(program, [_slice(x, len(space), box) for x in inputs])
         _slice(out, out.dim(), _out_box(box, dims, keepdim) if red else box).copy_(part)
         del part  # not alive while the next chunk is made
@@ -309,6 +311,19 @@ def with_stride(program: str, stride: tuple[int, ...]) -> str:
     d = json.loads(program)
     d["stride"] = list(stride)
     return json.dumps(d, separators=(",", ":"))
+
+
+def with_chunk(program: str, chunk: int) -> str:
+    """``program`` evaluated on CPU in chunks of ``chunk`` output elements (else ``CHUNK_ELEMENTS``)."""
+    d = json.loads(program)
+    d["chunk"] = int(chunk)
+    return json.dumps(d, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=4096)
+def chunk_of(program: str) -> int:
+    """The elements per chunk of the CPU evaluation of ``program``."""
+    return int(json.loads(program).get("chunk") or CHUNK_ELEMENTS)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -354,7 +369,7 @@ def chunked_workspace(program: str, shapes: list[tuple]) -> int:
         red = _space(steps, ins)
         space, dims = (red[0], red[1]) if red else (out_shape, ())
         if math.prod(out_shape):
-            box = next(_chunks(space, dims))  # the first chunk is the largest
+            box = next(_chunks(space, dims, chunk_of(program)))  # the first chunk is the largest
             ins = [_slice(x, len(space), box) for x in ins]
         vals, sizes, live, peak = {}, {}, 0, 0
         for j, (op, args, kwargs) in enumerate(steps):

@@ -27,9 +27,11 @@ weight (``ops.prologue_parts``), so the gradient never exists whole.
 
 Memory: a group's intermediates never exist; its inputs live until the fused op runs. The plan reads the
 op's declared workspace: 0 for the generated Triton kernel; on CPU the chunked evaluation's live
-intermediates of one chunk (``kernels.pointwise.chunked_workspace``, exact). ``graph.info["fuse"]`` counts
-the groups, distinct kernels, nodes covered (and their share of the step's non-matmul compute nodes) and
-the bytes no longer materialised.
+intermediates of one chunk (``kernels.pointwise.chunked_workspace``, exact). The chunk (``chunk`` elements,
+0: ``CHUNK_ELEMENTS``) is written into each program; when a budget is missed with the peak at a fused op,
+``refine`` quarters it (down to 1024 elements): a lossless lever of FLOPs 0, the same values.
+``graph.info["fuse"]`` counts the groups, distinct kernels, nodes covered (and their share of the step's
+non-matmul compute nodes) and the bytes no longer materialised.
 
 Runs after every other rewrite (``last``), before the schedule.
 """
@@ -46,7 +48,17 @@ from torch import fx
 
 from ..errors import ConfigError, where_what_got
 from ..graph import TrainGraph, value_nbytes
-from ..ops import PROLOGUE_OPS, args_of, fused_layout, fused_with_stride, fusible_ops, op_call, replace_args
+from ..ops import (
+    PROLOGUE_OPS,
+    args_of,
+    fused_chunk,
+    fused_layout,
+    fused_with_chunk,
+    fused_with_stride,
+    fusible_ops,
+    op_call,
+    replace_args,
+)
 from .base import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -130,6 +142,7 @@ def _fusible(n: fx.Node, names: frozenset[str]) -> bool:
 @dataclass(frozen=True)
 class Fuse(Pass):
     min_ops: int = 2  # smaller groups are left as their one ATen op
+    chunk: int = 0  # elements per chunk of the CPU evaluation; 0: the kernels' default (CHUNK_ELEMENTS)
 
     last = True
     keeps_meta = True
@@ -138,6 +151,21 @@ class Fuse(Pass):
         if isinstance(self.min_ops, bool) or not isinstance(self.min_ops, int) or self.min_ops < 2:
             raise ConfigError(where_what_got(f"{_WHERE}.min_ops", "an int >= 2 (ops per fused kernel at least)",
                                              self.min_ops, "e.g. min_ops=2"))
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 0:
+            raise ConfigError(where_what_got(f"{_WHERE}.chunk", "an int >= 0 (elements per CPU chunk; 0: the "
+                                             "default)", self.chunk, "e.g. chunk=16384"))
+
+    def refine(self, g: TrainGraph, peak_node: str) -> Fuse | None:
+        """When the step peaks at a fused op (or an update making its gradient): a quarter of the CPU chunk,
+        whose intermediates are the op's workspace (the same values); None elsewhere or below 1024 elements."""
+        node = next((n for n in g.graph.nodes if n.name == peak_node), None)
+        if node is None:
+            return None
+        program = node.args[1] if node.target is torch.ops.memfit.fused.default else node.kwargs.get("grad_program")
+        if not program:
+            return None
+        chunk = fused_chunk(program) // 4
+        return Fuse(min_ops=self.min_ops, chunk=chunk) if chunk >= 1024 else None
 
     def run(self, g: TrainGraph) -> PassResult:
         names = fusible_ops()
@@ -177,6 +205,8 @@ class Fuse(Pass):
                 continue
             group.sort(key=order.__getitem__)
             program, slots = _program(root, set(group))
+            if self.chunk:
+                program = fused_with_chunk(program, self.chunk)
             if update is not None:  # the update op makes its gradient itself, chunk by chunk (root included)
                 with g.graph.inserting_before(update):
                     inputs = [_emit_chain(g.graph, b, c) for b, c in slots]
