@@ -47,7 +47,7 @@ import torch
 from torch import fx
 
 from ..errors import ConfigError, where_what_got
-from ..graph import TrainGraph, value_nbytes
+from ..graph import TrainGraph, storage_root, value_nbytes
 from ..ops import (
     PROLOGUE_OPS,
     args_of,
@@ -205,6 +205,10 @@ class Fuse(Pass):
                 continue
             group.sort(key=order.__getitem__)
             program, slots = _program(root, set(group))
+            if update is not None and _reads_what_it_writes(update, slots):
+                update = None  # chunk k's gradient could read a weight element an earlier chunk stepped
+                if len(ops_in) < self.min_ops:
+                    continue
             if self.chunk:
                 program = fused_with_chunk(program, self.chunk)
             if update is not None:  # the update op makes its gradient itself, chunk by chunk (root included)
@@ -286,6 +290,14 @@ def _prologue_of(root: fx.Node) -> fx.Node | None:
         return None
     walked = [getattr(a, name) for name in PROLOGUE_OPS[target._opname]]
     return u if all(t is None or t.meta["val"].is_contiguous() for t in walked) else None
+
+
+def _reads_what_it_writes(update: fx.Node, slots: list[tuple[fx.Node, tuple]]) -> bool:
+    """Whether a prologue would read a tensor its update op writes (the weight, a moment, the accumulator)."""
+    a = args_of(update)
+    written = {storage_root(t) for t in (getattr(a, name) for name in PROLOGUE_OPS[update.target._opname])
+               if t is not None}
+    return any(storage_root(b) in written for b, _ in slots)
 
 
 def _freeze(a):

@@ -260,3 +260,32 @@ def test_bad_chunk_is_a_config_error():
     model, batch, loss_fn = _case("cnn")
     with pytest.raises(ConfigError, match="elements per CPU chunk"):
         memfit.optimize(model, example_inputs=batch, loss_fn=loss_fn, passes=[*BASE, ("fuse", {"chunk": -1})])
+
+
+def test_a_gradient_that_reads_its_own_weight_is_no_prologue():
+    """An L2 penalty on a weight: its gradient reads the weight. Made inside the update, chunk k could read an
+    element an earlier chunk already stepped (through a view), so the group stays a fused op of its own before
+    the update; the step trains as unfused."""
+
+    class Penalized(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.lin(x), self.lin.weight.pow(2).sum()
+
+    def loss_fn(out, y):
+        return F.cross_entropy(out[0], y) + 1e-3 * out[1]
+
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+    runs = {fuse: memfit.optimize(Penalized(), example_inputs=batch, loss_fn=loss_fn, fuse=fuse,
+                                  optimizer=memfit.SGD(lr=0.1)) for fuse in (False, True)}
+    ups = _updates(runs[True])
+    assert len(ups) == 2 and not any(n.kwargs.get("grad_program") for n in ups)
+    fused = [n for n in runs[True].graph.graph.nodes if n.target is torch.ops.memfit.fused.default]
+    assert any(i.op == "placeholder" and i in runs[True].graph.params.values() for n in fused for i in n.args[0])
+    for _ in range(3):
+        assert float(runs[True].step(*batch)) == pytest.approx(float(runs[False].step(*batch)), rel=1e-6)
