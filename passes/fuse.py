@@ -11,8 +11,8 @@ inputs, where they are graph-level views of the input (no copy) read through the
 one *chain* (the views and broadcasts between it and the output) per way the output reads it; a member read
 through two chains is two steps (computed twice in registers, never stored). A view joins only when its
 chain applied to every input below it is a view (checked on the fake values: ``view`` of a broadcast input
-may not be). A group of at least ``min_ops`` compute nodes is
-replaced by ``memfit::fused(inputs, program)`` at its output's place: the program (JSON, see
+may not be). A group of at least ``min_ops`` compute nodes is replaced by
+``memfit::fused(inputs, program)`` at its output's place: the program (JSON, see
 ``memfit.kernels.pointwise``) lists the ops, the inputs are what the group reads from outside. A value read
 outside its group ends that group (it is its output), so no value is stored twice. A sum or mean over
 listed dimensions may end a group (never sit inside one): its members then broadcast to the reduction's
@@ -23,7 +23,9 @@ inputs' views would lead ATen to another layout).
 A group whose one reader is an AdamW or SGD update's gradient (``ops.PROLOGUE_OPS``) becomes that op's
 prologue instead, even a group of one op (clipping's ``g * coef``): the op gets ``grad=None`` and the program
 with its inputs (``grad_program``, ``grad_inputs``), and makes the gradient chunk by chunk as it steps the
-weight (``ops.prologue_parts``), so the gradient never exists whole.
+weight (``ops.prologue_parts``), so the gradient never exists whole. Not when the program reads a tensor the
+op writes (an L2 penalty's gradient reads the weight): chunk k could read an element an earlier chunk stepped,
+so such a group stays a fused op before the update.
 
 Memory: a group's intermediates never exist; its inputs live until the fused op runs. The plan reads the
 op's declared workspace: 0 for the generated Triton kernel; on CPU the chunked evaluation's live
